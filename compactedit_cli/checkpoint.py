@@ -1,0 +1,354 @@
+"""A checkpoint folder in the published diffusers layout: what it must hold, and loading it component by component.
+
+``model_index.json`` names five components. The transformer entry points at the reference's own module
+(``vibe.transformer.vibe_sana_editing``), which is never imported: the class name is checked and the weights are
+loaded into :class:`VibeEditingTransformer`. Only safetensors are read, and no code from the checkpoint runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import CheckpointError
+from .models.transformer import EditHeadSpec, VibeEditingTransformer
+from .processor import load_processor
+
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+
+# component -> (library, accepted class names); None accepts any library (the transformer's custom module path).
+EXPECTED_CLASSES: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "tokenizer": ("transformers", ("Qwen3VLProcessor",)),
+    "text_encoder": ("transformers", ("Qwen3VLForConditionalGeneration",)),
+    "transformer": (None, ("VIBESanaEditingModel",)),
+    "vae": ("diffusers", ("AutoencoderDC",)),
+    "scheduler": ("diffusers", ("DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler")),
+}
+
+# Weight files per component: (single file, sharded index).
+WEIGHT_FILES = {
+    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+    "transformer": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+}
+CONFIG_FILES = {
+    "scheduler": "scheduler_config.json",
+    "text_encoder": "config.json",
+    "transformer": "config.json",
+    "vae": "config.json",
+}
+
+# Config fields the reference class adds to Sana's; they are read here, not passed to the DiT.
+VIBE_FIELDS = frozenset(
+    {"input_condition_type", "edit_head_input_dim", "edit_head_stacks_num", "num_meta_queries", "meta_queries_dim"}
+)
+SANA_FIELDS = frozenset(inspect.signature(SanaTransformer2DModel.__init__).parameters) - {"self"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or a CheckpointError that names the file."""
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
+
+
+def read_model_index(root: Path) -> dict[str, Any]:
+    """``model_index.json``, checked to describe a VIBE editing pipeline."""
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {root}")
+    index = read_json(root / "model_index.json")
+    missing = [name for name in COMPONENTS if name not in index]
+    if missing:
+        raise CheckpointError(
+            f"{root} is not a VIBE editing checkpoint: model_index.json has no {', '.join(missing)} entry"
+        )
+    for name, (library, classes) in EXPECTED_CLASSES.items():
+        entry = index[name]
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise CheckpointError(f"model_index.json: {name} must be [library, class], got {entry!r}")
+        lib, cls = entry
+        if cls not in classes or (library is not None and lib != library):
+            raise CheckpointError(
+                f"{root} is not a VIBE editing checkpoint: {name} is {lib}.{cls}, expected {' or '.join(classes)}"
+            )
+    return index
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of one component, following a shard index when there is one."""
+    single, index_name = WEIGHT_FILES[folder.name]
+    if (folder / single).is_file():
+        return [folder / single]
+    if (folder / index_name).is_file():
+        weight_map = read_json(folder / index_name).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{folder / index_name} has no weight_map")
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.ckpt")):
+        raise CheckpointError(f"{folder} has only pickle weights; compactedit loads safetensors only")
+    raise CheckpointError(f"missing file: {folder / single}")
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The processor files that must exist in ``tokenizer/`` (either transformers layout)."""
+    image_config = folder / "preprocessor_config.json"
+    if not image_config.is_file() and (folder / "processor_config.json").is_file():
+        image_config = folder / "processor_config.json"
+    vocab = [folder / "tokenizer.json"]
+    if not vocab[0].is_file() and (folder / "vocab.json").is_file():
+        vocab = [folder / "vocab.json", folder / "merges.txt"]
+    return [image_config, folder / "tokenizer_config.json", *vocab]
+
+
+def implied_files(root: Path) -> list[Path]:
+    """Every file ``model_index.json`` implies: configs, processor files and all weight shards."""
+    read_model_index(root)
+    files = [root / "model_index.json"]
+    files += [root / name / config for name, config in CONFIG_FILES.items()]
+    files += tokenizer_files(root / "tokenizer")
+    for name in WEIGHT_FILES:
+        files += weight_files(root / name)
+    return files
+
+
+def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors file, read from its header without loading data."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def verify_folder(root: Path) -> list[Path]:
+    """Check a checkpoint is complete before loading: every implied file exists and each header reads.
+
+    Also checks each safetensors file is as long as its header says, which catches truncated downloads.
+    """
+    files = implied_files(root)
+    missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {root} is incomplete: missing {', '.join(missing)}")
+    for path in files:
+        if path.suffix == ".safetensors":
+            _check_safetensors_length(path)
+    return files
+
+
+def _check_safetensors_length(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise CheckpointError(f"{path} is truncated or corrupt (header claims {header_len} bytes, file {size})")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has a corrupt header ({exc})") from exc
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, expected {expected}")
+
+
+def state_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes over all shards of a component."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        shapes.update(read_header(path))
+    return shapes
+
+
+def _normalise_qk_norm(value: Any, shapes: dict[str, tuple[int, ...]], inner_dim: int) -> str | None:
+    """``qk_norm`` as diffusers' Attention takes it: a string or None.
+
+    Legacy checkpoints store a boolean. ``True`` is resolved from the weights: a norm as wide as the whole
+    projection is ``rms_norm_across_heads``, one head wide is ``rms_norm``.
+    """
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        return value
+    if value is True:
+        shape = shapes.get("transformer_blocks.0.attn1.norm_q.weight")
+        return "rms_norm_across_heads" if shape and shape[0] == inner_dim else "rms_norm"
+    raise CheckpointError(f"transformer config: qk_norm must be a string, null or a boolean, got {value!r}")
+
+
+def _require(config: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in config:
+        raise CheckpointError(f"{path}: missing field {key!r}")
+    return config[key]
+
+
+def build_transformer(folder: Path) -> tuple[VibeEditingTransformer, list[Path]]:
+    """The transformer on the meta device, sized from its config and the one width only the weights record."""
+    config_path = folder / "config.json"
+    config = read_json(config_path)
+    files = weight_files(folder)
+    shapes = state_shapes(files)
+    condition = config.get("input_condition_type", "channel_cat")
+    if condition != "channel_cat":
+        raise CheckpointError(f"{config_path}: input_condition_type {condition!r} is not supported (channel_cat only)")
+    if config.get("guidance_embeds"):
+        raise CheckpointError(f"{config_path}: guidance_embeds is not supported by the VIBE pipeline")
+    if "edit_head.input_proj.weight" not in shapes or "meta_queries" not in shapes:
+        raise CheckpointError(f"{folder} is not a VIBE editing transformer: no edit_head / meta_queries tensors")
+    sana = {key: value for key, value in config.items() if key in SANA_FIELDS}
+    inner_dim = _require(config, "num_attention_heads", config_path) * _require(config, "attention_head_dim", config_path)
+    sana["qk_norm"] = _normalise_qk_norm(config.get("qk_norm"), shapes, inner_dim)
+    # Sana's default out_channels is in_channels, which here would double the latent width.
+    sana["out_channels"] = _require(config, "out_channels", config_path)
+    head = EditHeadSpec(
+        num_meta_queries=_require(config, "num_meta_queries", config_path),
+        meta_queries_dim=_require(config, "meta_queries_dim", config_path),
+        input_dim=_require(config, "edit_head_input_dim", config_path),
+        hidden_dim=shapes["edit_head.input_proj.weight"][0],
+        depth=_require(config, "edit_head_stacks_num", config_path),
+    )
+    with torch.device("meta"):
+        model = VibeEditingTransformer(sana, head, cfg_distilled=bool(config.get("cfg_distilled", False)))
+    check_state_shapes(model, shapes, folder)
+    return model, files
+
+
+def check_state_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
+    """Strict comparison of a model's state dict with a checkpoint's tensors; the error names what differs."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(shapes) if expected[n] != shapes[n])
+    if missing:
+        problems.append("missing tensor(s) " + _few(missing))
+    if unexpected:
+        problems.append("unexpected tensor(s) " + _few(unexpected))
+    if wrong:
+        problems.append(
+            "wrong shape for " + _few([f"{n} (file {list(shapes[n])}, model {list(expected[n])})" for n in wrong])
+        )
+    if problems:
+        raise CheckpointError(f"{folder}: " + "; ".join(problems))
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Materialise a meta-device model from safetensors, in ``dtype`` on ``device`` (shapes already checked)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {path} ({exc}); re-download the model") from exc
+        state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def build_vae(folder: Path) -> tuple[AutoencoderDC, list[Path]]:
+    """The DC-AE on the meta device, from its config; weights checked strictly like the transformer's."""
+    config = read_json(folder / "config.json")
+    files = weight_files(folder)
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderDC.from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: cannot build the VAE ({exc})") from exc
+    check_state_shapes(vae, state_shapes(files), folder)
+    return vae, files
+
+
+def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Qwen3-VL through transformers (it converts older key layouts), refusing any missing or stray tensor."""
+    from transformers import Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    weight_files(folder)  # safetensors only, before transformers looks for anything else
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = Qwen3VLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the text encoder in {folder}: {exc}") from exc
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head."))
+    problems = [f"{label} {_few(sorted(info[key]))}" for key, label in
+                (("unexpected_keys", "unexpected tensor(s)"), ("mismatched_keys", "wrong shape for")) if info[key]]
+    if missing:
+        problems.insert(0, "missing tensor(s) " + _few(missing))
+    if problems:
+        raise CheckpointError(f"{folder}: " + "; ".join(problems))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler(folder: Path, class_name: str) -> Any:
+    """The scheduler named in model_index.json, from its config (no weights, no code)."""
+    import diffusers
+
+    config = read_json(folder / CONFIG_FILES["scheduler"])
+    return getattr(diffusers, class_name).from_config(config)
+
+
+@dataclass
+class Components:
+    """Everything a checkpoint folder holds, loaded and checked against each other."""
+
+    processor: Any
+    text_encoder: nn.Module
+    transformer: VibeEditingTransformer
+    vae: AutoencoderDC
+    scheduler: Any
+
+
+def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Components:
+    """Load all five components of a checkpoint folder onto ``device`` in ``dtype``."""
+    index = read_model_index(root)
+    transformer, transformer_files = build_transformer(root / "transformer")
+    vae, vae_files = build_vae(root / "vae")
+    _check_compatible(transformer, vae, root)
+    processor = load_processor(root / "tokenizer")
+    text_encoder = load_text_encoder(root / "text_encoder", device, dtype)
+    hidden = text_encoder.config.text_config.hidden_size
+    if transformer.head_spec.meta_queries_dim != hidden or transformer.head_spec.input_dim != hidden:
+        raise CheckpointError(
+            f"{root}: meta queries ({transformer.head_spec.meta_queries_dim}) and edit head input "
+            f"({transformer.head_spec.input_dim}) must match the VLM hidden size {hidden}"
+        )
+    return Components(
+        processor=processor,
+        text_encoder=text_encoder,
+        transformer=load_weights(transformer, transformer_files, device, dtype),
+        vae=load_weights(vae, vae_files, device, dtype),
+        scheduler=load_scheduler(root / "scheduler", index["scheduler"][1]),
+    )
+
+
+def _check_compatible(transformer: VibeEditingTransformer, vae: AutoencoderDC, root: Path) -> None:
+    latent = vae.config.latent_channels
+    if transformer.config.in_channels != 2 * latent or transformer.config.out_channels != latent:
+        raise CheckpointError(
+            f"{root}: the transformer takes {transformer.config.in_channels} channels and predicts "
+            f"{transformer.config.out_channels}; with {latent} VAE latent channels it must be {2 * latent} and {latent}"
+        )

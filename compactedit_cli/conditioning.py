@@ -1,0 +1,161 @@
+"""Conditioning: (image, instructions) -> the DiT's cross-attention context, through Qwen3-VL.
+
+The flow, as in the reference pipeline:
+
+1. Each instruction is wrapped in the edit template and one user turn (image first, then text) and rendered with
+   the checkpoint's chat template; the processor resizes the image to the VLM pixel budget.
+2. Token embeddings get the vision features scattered into the ``<|image_pad|>`` slots.
+3. The N learned meta queries are inserted right after each row's valid tokens (right padding), counted as text.
+4. M-RoPE positions are computed for the extended sequence, so the queries continue the text positions.
+5. One causal pass of the language model, with the DeepStack features added after its first layers.
+6. The final-norm hidden states at the N meta positions go through the edit head: that is the ``cond`` context.
+   The ``null`` context is the edit head applied to zero states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+EDIT_TEMPLATE = "what will this image be like if {instruction}"
+
+# The reference's VLM pixel budget (352² to 672²): 121 to 441 image tokens with Qwen3-VL-2B.
+VLM_MIN_PIXELS = 352 * 352
+VLM_MAX_PIXELS = 672 * 672
+
+
+@dataclass
+class VLMBatch:
+    """The processor's output for one image and B instructions (right-padded)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+
+@dataclass
+class MetaInputs:
+    """The language-model inputs once the meta queries are in place."""
+
+    inputs_embeds: torch.Tensor  # (B, L + N, D)
+    attention_mask: torch.Tensor  # (B, L + N) bool
+    position_ids: torch.Tensor  # (3, B, L + N)
+    visual_pos_masks: torch.Tensor  # (B, L + N) bool
+    deepstack_embeds: list[torch.Tensor]
+    valid_lengths: list[int]  # valid prompt tokens per row, before the queries
+
+
+@dataclass
+class Conditioning:
+    """The cross-attention contexts for B instructions, and the VLM states they came from."""
+
+    cond: torch.Tensor  # (B, N, caption_channels)
+    null: torch.Tensor  # (B, N, caption_channels)
+    meta_states: torch.Tensor  # (B, N, VLM hidden)
+    meta_inputs: MetaInputs
+
+
+def render_prompts(processor, instructions: Sequence[str]) -> list[str]:
+    """The chat texts the VLM reads, one per instruction."""
+    texts = []
+    for instruction in instructions:
+        content = [
+            {"type": "image", "image": None},
+            {"type": "text", "text": EDIT_TEMPLATE.format(instruction=instruction.strip())},
+        ]
+        message = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(message, tokenize=False, add_generation_prompt=False))
+    return texts
+
+
+class VLMConditioner:
+    """Runs Qwen3-VL over (image, instructions) and the edit head over its meta-token states."""
+
+    def __init__(
+        self, processor, text_encoder, transformer, min_pixels: int = VLM_MIN_PIXELS, max_pixels: int = VLM_MAX_PIXELS
+    ) -> None:
+        self.processor = processor
+        self.text_encoder = text_encoder
+        self.transformer = transformer
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.get_input_embeddings().weight.device
+
+    def prepare(self, image: Image.Image, instructions: Sequence[str]) -> VLMBatch:
+        """Tokenise the prompts and patchify the image once per instruction, as the reference does."""
+        texts = render_prompts(self.processor, instructions)
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        out = self.processor(text=texts, images=[image] * len(texts), padding=True, return_tensors="pt", size=size)
+        return VLMBatch(
+            input_ids=out["input_ids"],
+            attention_mask=out["attention_mask"],
+            mm_token_type_ids=out["mm_token_type_ids"],
+            pixel_values=out["pixel_values"],
+            image_grid_thw=out["image_grid_thw"],
+        )
+
+    def meta_inputs(self, batch: VLMBatch) -> MetaInputs:
+        """Embed the prompt, scatter in the vision features and insert the meta queries after the valid tokens."""
+        vlm = self.text_encoder.model
+        device = self.device
+        input_ids = batch.input_ids.to(device)
+        mask = batch.attention_mask.to(device).bool()
+        grid = batch.image_grid_thw.to(device)
+
+        embeds = vlm.get_input_embeddings()(input_ids)
+        features = vlm.get_image_features(batch.pixel_values.to(device), grid)
+        image_embeds = torch.cat(features.pooler_output).to(embeds.dtype)
+        deepstack = [torch.cat(level) for level in features.deepstack_features]
+        image_mask = input_ids == self.text_encoder.config.image_token_id
+        embeds = embeds.masked_scatter(image_mask[..., None], image_embeds)
+
+        queries = self.transformer.meta_queries.to(device=device, dtype=embeds.dtype)
+        num_queries = queries.shape[0]
+        valid_lengths = mask.sum(dim=1).tolist()
+
+        def insert(row: torch.Tensor, valid: int, filler: torch.Tensor) -> torch.Tensor:
+            return torch.cat([row[:valid], filler, row[valid:]])
+
+        ones = torch.ones(num_queries, dtype=torch.bool, device=device)
+        zeros_bool = torch.zeros_like(ones)
+        zeros_type = torch.zeros(num_queries, dtype=batch.mm_token_type_ids.dtype, device=device)
+        rows = list(zip(valid_lengths, embeds, mask, image_mask, batch.mm_token_type_ids.to(device), strict=True))
+        new_embeds = torch.stack([insert(e, n, queries) for n, e, _, _, _ in rows])
+        new_mask = torch.stack([insert(m, n, ones) for n, _, m, _, _ in rows])
+        new_visual = torch.stack([insert(v, n, zeros_bool) for n, _, _, v, _ in rows])
+        new_types = torch.stack([insert(t, n, zeros_type) for n, _, _, _, t in rows])
+
+        # The ids only fix the length here; the modality of each slot comes from the token types.
+        placeholder_ids = torch.full((input_ids.shape[0], num_queries), -1, dtype=input_ids.dtype, device=device)
+        rope_ids = torch.cat([input_ids, placeholder_ids], dim=1)
+        position_ids, _ = vlm.get_rope_index(rope_ids, new_types, grid, None, attention_mask=new_mask)
+        return MetaInputs(new_embeds, new_mask, position_ids, new_visual, deepstack, valid_lengths)
+
+    def meta_states(self, inputs: MetaInputs) -> torch.Tensor:
+        """Final-norm hidden states of the language model at each row's N meta positions."""
+        hidden = self.text_encoder.model.language_model(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            visual_pos_masks=inputs.visual_pos_masks,
+            deepstack_visual_embeds=inputs.deepstack_embeds,
+            use_cache=False,
+        ).last_hidden_state
+        num_queries = self.transformer.meta_queries.shape[0]
+        return torch.stack([row[n : n + num_queries] for row, n in zip(hidden, inputs.valid_lengths, strict=True)])
+
+    @torch.inference_mode()
+    def encode(self, image: Image.Image, instructions: Sequence[str]) -> Conditioning:
+        """The (cond, null) contexts for one RGB image and B instructions."""
+        meta_inputs = self.meta_inputs(self.prepare(image, instructions))
+        states = self.meta_states(meta_inputs)
+        cond, null = self.transformer.edit_context(states)
+        return Conditioning(cond=cond, null=null, meta_states=states, meta_inputs=meta_inputs)

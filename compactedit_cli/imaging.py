@@ -1,0 +1,153 @@
+"""Images in and out: decode and normalise the source, map it to model pixels, and map the result back.
+
+The geometry contract: the model runs at a binned size reached by a plain (non-uniform) resize of the whole image,
+and its output is resized straight back to the input's exact size. Stretch and inverse stretch cancel, so content
+stays aligned with the input, with no letterbox offset or zoom.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import InputImageError
+
+# Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
+DEFAULT_MAX_PIXELS = 120_000_000
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def max_pixels_limit() -> int:
+    """The decompression-bomb limit in pixels (env ``COMPACTEDIT_MAX_PIXELS`` overrides the default)."""
+    value = os.environ.get("COMPACTEDIT_MAX_PIXELS")
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise InputImageError(f"COMPACTEDIT_MAX_PIXELS must be an integer, got {value!r}") from None
+    if limit <= 0:
+        raise InputImageError(f"COMPACTEDIT_MAX_PIXELS must be positive, got {limit}")
+    return limit
+
+
+@dataclass
+class SourceImage:
+    """An input image made ready for the model: upright RGB, with any alpha kept aside."""
+
+    rgb: Image.Image
+    alpha: Image.Image | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the upright image: the size the output will have."""
+        return self.rgb.size
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale ("I;16", "I", "F") scaled to 8 bits; Pillow's own convert would clip at 255."""
+    values = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+
+
+def normalise(image: Image.Image) -> SourceImage:
+    """EXIF orientation applied; greyscale, palette, CMYK and 16-bit made RGB; alpha split off; first frame only."""
+    notes = []
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+        notes.append(f"animated image with {image.n_frames} frames: only the first frame is edited")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        alpha = image.getchannel("A")
+        return SourceImage(image.convert("RGB"), alpha if alpha.getextrema() != (255, 255) else None, notes)
+    return SourceImage(image.convert("RGB") if image.mode != "RGB" else image, None, notes)
+
+
+def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> SourceImage:
+    """Decode a file (or bytes) into a :class:`SourceImage`; every failure is a one-line InputImageError."""
+    limit = max_pixels or max_pixels_limit()
+    if isinstance(source, bytes):
+        name, handle = "<stdin>", io.BytesIO(source)
+        if not source:
+            raise InputImageError("the image on stdin is empty")
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.exists():
+            raise InputImageError(f"no such file: {name}")
+        if path.is_dir():
+            raise InputImageError(f"{name} is a directory, not an image")
+        if path.stat().st_size == 0:
+            raise InputImageError(f"{name} is empty")
+        handle = io.BytesIO(path.read_bytes())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(handle)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+    except Image.UnidentifiedImageError:
+        raise InputImageError(f"{name} is not a recognised image file") from None
+    except OSError as exc:
+        raise InputImageError(f"cannot read {name}: {exc}") from None
+    width, height = image.size
+    if width * height > limit:
+        raise InputImageError(
+            f"{name} is {width}x{height} ({width * height:,} pixels), over the limit of {limit:,}",
+            hint="raise it with COMPACTEDIT_MAX_PIXELS if the file is trusted",
+        )
+    try:
+        image.load()
+        return normalise(image)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputImageError(f"{name} is truncated or corrupt ({exc})") from None
+
+
+def as_source(image: Image.Image | SourceImage | str | Path) -> SourceImage:
+    """Accept what the Python API accepts: a path, a PIL image, or an already normalised image."""
+    if isinstance(image, SourceImage):
+        return image
+    if isinstance(image, Image.Image):
+        return normalise(image)
+    return open_image(image)
+
+
+def to_model_pixels(rgb: Image.Image, height: int, width: int) -> torch.Tensor:
+    """(1, 3, height, width) float32 in [-1, 1]: LANCZOS resize to the bin, as the reference's preprocessing."""
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(rgb, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def to_pil(decoded: torch.Tensor) -> list[Image.Image]:
+    """VAE output (B, 3, H, W) in [-1, 1] -> 8-bit RGB images, rounded as the reference rounds."""
+    array = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.rint(a * 255).astype(np.uint8)) for a in array]
+
+
+def restore_geometry(edited: Image.Image, source: SourceImage) -> Image.Image:
+    """The model's output at the source's exact size, with the source's alpha put back."""
+    if edited.size != source.size:
+        edited = edited.resize(source.size, resample=Image.Resampling.LANCZOS)
+    if source.alpha is not None:
+        edited = edited.convert("RGB")
+        edited.putalpha(source.alpha)
+    return edited

@@ -1,0 +1,363 @@
+"""The editing pipeline: binning, conditioning, image latents, the guided denoise loop, and decoding.
+
+Usable from Python without the CLI::
+
+    pipe = EditPipeline.from_pretrained("path/to/VIBE-Image-Edit")
+    result = pipe(Image.open("street.jpg"), "remove the car")
+    result.images[0].save("out.png")
+
+Each stage is a public method (``encode_prompt``, ``encode_image``, ``initial_noise``, ``denoise``, ``decode``),
+so benchmarks can time them one by one and tests can check them against the reference's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .binning import closest_bin
+from .checkpoint import Components, load_components
+from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
+from .errors import UsageError
+from .guidance import Guidance
+from .imaging import SourceImage, as_source, restore_geometry, to_model_pixels, to_pil
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 4.5
+DEFAULT_IMAGE_GUIDANCE = 1.2
+DEFAULT_SEED = 42
+MAX_SEED = 2**31 - 1
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (what the weights were trained and shipped in), float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def random_seed() -> int:
+    """A fresh seed in the reference's range (0 … int32 max)."""
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+@dataclass
+class StepState:
+    """What one denoising step saw and produced; handed to the step callback (references, not copies)."""
+
+    index: int
+    total: int
+    timestep: torch.Tensor
+    model_input: torch.Tensor
+    context: torch.Tensor
+    model_timestep: torch.Tensor
+    noise_pred_raw: torch.Tensor
+    noise_pred: torch.Tensor
+    latents: torch.Tensor
+
+
+@dataclass
+class EditParameters:
+    """Every parameter an edit actually ran with: enough to reproduce it."""
+
+    instructions: list[str]
+    num_inference_steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    guidance_branches: int
+    seed: int | None
+    num_images_per_prompt: int
+    resolution_binning: bool
+    height: int
+    width: int
+    output_width: int
+    output_height: int
+    vlm_min_pixels: int
+    vlm_max_pixels: int
+    scheduler: str
+    dtype: str
+    device: str
+    model: str
+    compactedit_version: str = __version__
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EditResult:
+    """The edited images (at the source's size) or the final latents, and the parameters used."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor | None
+    parameters: EditParameters
+
+
+def _check_scale(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _instructions(instruction: str | Sequence[str]) -> list[str]:
+    items = [instruction] if isinstance(instruction, str) else list(instruction)
+    if not items:
+        raise UsageError("no instruction given")
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise UsageError("the instruction is empty")
+    return items
+
+
+class EditPipeline:
+    """VIBE instruction-based editing on one device and dtype."""
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_name: str = "",
+        vlm_min_pixels: int = VLM_MIN_PIXELS,
+        vlm_max_pixels: int = VLM_MAX_PIXELS,
+    ) -> None:
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.model_name = model_name
+        self.conditioner = VLMConditioner(
+            components.processor, components.text_encoder, components.transformer, vlm_min_pixels, vlm_max_pixels
+        )
+        vae_config = components.vae.config
+        self.vae_scale_factor = 2 ** (len(vae_config.encoder_block_out_channels) - 1)
+        self.latent_channels = vae_config.latent_channels
+        self.scaling_factor = vae_config.scaling_factor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        vlm_min_pixels: int = VLM_MIN_PIXELS,
+        vlm_max_pixels: int = VLM_MAX_PIXELS,
+    ) -> EditPipeline:
+        """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.checkpoint`)."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        components = load_components(Path(path), device, dtype)
+        return cls(
+            components,
+            device=device,
+            dtype=dtype,
+            model_name=str(path),
+            vlm_min_pixels=vlm_min_pixels,
+            vlm_max_pixels=vlm_max_pixels,
+        )
+
+    @property
+    def transformer(self):
+        return self.components.transformer
+
+    @property
+    def vae(self):
+        return self.components.vae
+
+    @property
+    def scheduler(self):
+        return self.components.scheduler
+
+    @property
+    def cfg_distilled(self) -> bool:
+        """A CFG-distilled checkpoint runs unguided by default (both scales 0)."""
+        return self.transformer.cfg_distilled
+
+    def default_guidance(self) -> Guidance:
+        if self.cfg_distilled:
+            return Guidance(0.0, 0.0)
+        return Guidance(DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)
+
+    # ---- stages -------------------------------------------------------------------------------------------------
+
+    def model_size(
+        self, source_size: tuple[int, int], *, binning: bool = True, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int]:
+        """(height, width) the model runs at for a source of ``(width, height)`` ``source_size``.
+
+        With binning, the nearest aspect-ratio bin of the requested (or the source's) size. Without, the requested
+        size, which must be a multiple of the VAE factor, or the source's size rounded to the nearest multiple.
+        """
+        if (height is None) != (width is None):
+            raise UsageError("give both height and width, or neither")
+        f = self.vae_scale_factor
+        if binning:
+            src_w, src_h = source_size
+            return closest_bin(height or src_h, width or src_w)
+        if height is not None and width is not None:
+            if height <= 0 or width <= 0 or height % f or width % f:
+                raise UsageError(f"height and width must be positive multiples of {f}, got {width}x{height}")
+            return height, width
+        src_w, src_h = source_size
+        return max(f, round(src_h / f) * f), max(f, round(src_w / f) * f)
+
+    def encode_prompt(self, rgb: Image.Image, instructions: Sequence[str]) -> Conditioning:
+        """The (cond, null) contexts for one image and B instructions (one VLM pass, shared by all branches)."""
+        return self.conditioner.encode(rgb, instructions)
+
+    @torch.inference_mode()
+    def encode_image(self, rgb: Image.Image, height: int, width: int) -> torch.Tensor:
+        """Scaled source latents (1, C, height/f, width/f) of the image resized to the model size."""
+        pixels = to_model_pixels(rgb, height, width).to(self.device, self.vae.dtype)
+        return self.vae.encode(pixels).latent * self.scaling_factor
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """float32 noise from a CPU generator, so one seed gives the same start on every device."""
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        image_latents: torch.Tensor,
+        cond: torch.Tensor,
+        null: torch.Tensor,
+        guidance: Guidance,
+        num_inference_steps: int,
+        callback: Callable[[StepState], None] | None = None,
+    ) -> torch.Tensor:
+        """The guided denoise loop; the branches run as one batch, and nothing in it waits on the device."""
+        transformer = self.transformer
+        dtype = transformer.dtype
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # else the first step looks its index up with a device sync
+        context = guidance.context(cond, null).to(dtype)
+        image_in = guidance.image_latents(image_latents).to(dtype)
+        latents = latents.to(self.device)
+        timestep_scale = transformer.config.timestep_scale
+        timesteps = scheduler.timesteps
+        for index, t in enumerate(timesteps):
+            model_input = torch.cat([torch.cat([latents] * guidance.branches).to(dtype), image_in], dim=1)
+            model_timestep = t.expand(model_input.shape[0]) * timestep_scale
+            raw = transformer(
+                hidden_states=model_input, encoder_hidden_states=context, timestep=model_timestep, return_dict=False
+            )[0].float()
+            guided = guidance.combine(raw)
+            latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+            if callback is not None:
+                callback(StepState(index, len(timesteps), t, model_input, context, model_timestep, raw, guided, latents))
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode of final latents: (B, 3, H, W) in [-1, 1]."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+
+    # ---- the whole edit -----------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        image: Image.Image | SourceImage | str | Path,
+        instruction: str | Sequence[str],
+        *,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        seed: int | None = DEFAULT_SEED,
+        latents: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        resolution_binning: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        callback: Callable[[StepState], None] | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> EditResult:
+        """Edit one image with one or more instructions.
+
+        ``guidance_scale`` and ``image_guidance_scale`` default to 4.5 and 1.2, or to 0 for a CFG-distilled
+        checkpoint. ``seed=None`` draws a fresh seed (reported in the result). ``latents`` replaces the seeded noise.
+        ``output_type="latent"`` skips decoding and returns the final latents.
+        """
+        stage = on_stage or (lambda _name: None)
+        source = as_source(image)
+        instructions = _instructions(instruction)
+        if output_type not in ("pil", "latent"):
+            raise UsageError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise UsageError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise UsageError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        defaults = self.default_guidance()
+        guidance = Guidance(
+            _check_scale("guidance_scale", defaults.text_scale if guidance_scale is None else guidance_scale),
+            _check_scale(
+                "image_guidance_scale", defaults.image_scale if image_guidance_scale is None else image_guidance_scale
+            ),
+        )
+        model_h, model_w = self.model_size(source.size, binning=resolution_binning, height=height, width=width)
+        batch = len(instructions) * num_images_per_prompt
+        if latents is None:
+            seed = random_seed() if seed is None else seed
+            latents = self.initial_noise(batch, model_h, model_w, seed)
+        else:
+            seed = None
+            expected = (batch, self.latent_channels, model_h // self.vae_scale_factor, model_w // self.vae_scale_factor)
+            if tuple(latents.shape) != expected:
+                raise UsageError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+
+        stage("encode")
+        conditioning = self.encode_prompt(source.rgb, instructions)
+        cond = conditioning.cond.repeat_interleave(num_images_per_prompt, dim=0)
+        null = conditioning.null.repeat_interleave(num_images_per_prompt, dim=0)
+        image_latents = self.encode_image(source.rgb, model_h, model_w).expand(batch, -1, -1, -1)
+
+        stage("denoise")
+        final = self.denoise(latents, image_latents, cond, null, guidance, num_inference_steps, callback)
+
+        parameters = EditParameters(
+            instructions=instructions,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance.text_scale,
+            image_guidance_scale=guidance.image_scale,
+            guidance_branches=guidance.branches,
+            seed=seed,
+            num_images_per_prompt=num_images_per_prompt,
+            resolution_binning=resolution_binning,
+            height=model_h,
+            width=model_w,
+            output_width=source.size[0],
+            output_height=source.size[1],
+            vlm_min_pixels=self.conditioner.min_pixels,
+            vlm_max_pixels=self.conditioner.max_pixels,
+            scheduler=type(self.scheduler).__name__,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            model=self.model_name,
+            warnings=list(source.warnings),
+        )
+        if output_type == "latent":
+            return EditResult(images=[], latents=final, parameters=parameters)
+        stage("decode")
+        images = [restore_geometry(img, source) for img in to_pil(self.decode(final))]
+        return EditResult(images=images, latents=None, parameters=parameters)
