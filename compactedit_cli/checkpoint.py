@@ -213,7 +213,9 @@ def build_transformer(folder: Path) -> tuple[VibeEditingTransformer, list[Path]]
     if "edit_head.input_proj.weight" not in shapes or "meta_queries" not in shapes:
         raise CheckpointError(f"{folder} is not a VIBE editing transformer: no edit_head / meta_queries tensors")
     sana = {key: value for key, value in config.items() if key in SANA_FIELDS}
-    inner_dim = _require(config, "num_attention_heads", config_path) * _require(config, "attention_head_dim", config_path)
+    inner_dim = _require(config, "num_attention_heads", config_path) * _require(
+        config, "attention_head_dim", config_path
+    )
     sana["qk_norm"] = _normalise_qk_norm(config.get("qk_norm"), shapes, inner_dim)
     # Sana's default out_channels is in_channels, which here would double the latent width.
     sana["out_channels"] = _require(config, "out_channels", config_path)
@@ -294,8 +296,11 @@ def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) ->
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the text encoder in {folder}: {exc}") from exc
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head."))
-    problems = [f"{label} {_few(sorted(info[key]))}" for key, label in
-                (("unexpected_keys", "unexpected tensor(s)"), ("mismatched_keys", "wrong shape for")) if info[key]]
+    problems = [
+        f"{label} {_few(sorted(info[key]))}"
+        for key, label in (("unexpected_keys", "unexpected tensor(s)"), ("mismatched_keys", "wrong shape for"))
+        if info[key]
+    ]
     if missing:
         problems.insert(0, "missing tensor(s) " + _few(missing))
     if problems:

@@ -89,11 +89,11 @@ class VLMConditioner:
     def device(self) -> torch.device:
         return self.text_encoder.get_input_embeddings().weight.device
 
-    def prepare(self, image: Image.Image, instructions: Sequence[str]) -> VLMBatch:
-        """Tokenise the prompts and patchify the image once per instruction, as the reference does."""
+    def prepare(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> VLMBatch:
+        """Tokenise the prompts and patchify each row's image (one copy per row, as the reference does)."""
         texts = render_prompts(self.processor, instructions)
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-        out = self.processor(text=texts, images=[image] * len(texts), padding=True, return_tensors="pt", size=size)
+        out = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt", size=size)
         return VLMBatch(
             input_ids=out["input_ids"],
             attention_mask=out["attention_mask"],
@@ -153,9 +153,11 @@ class VLMConditioner:
         return torch.stack([row[n : n + num_queries] for row, n in zip(hidden, inputs.valid_lengths, strict=True)])
 
     @torch.inference_mode()
-    def encode(self, image: Image.Image, instructions: Sequence[str]) -> Conditioning:
-        """The (cond, null) contexts for one RGB image and B instructions."""
-        meta_inputs = self.meta_inputs(self.prepare(image, instructions))
+    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> Conditioning:
+        """The (cond, null) contexts for B rows of (RGB image, instruction)."""
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images for {len(instructions)} instructions")
+        meta_inputs = self.meta_inputs(self.prepare(images, instructions))
         states = self.meta_states(meta_inputs)
         cond, null = self.transformer.edit_context(states)
         return Conditioning(cond=cond, null=null, meta_states=states, meta_inputs=meta_inputs)

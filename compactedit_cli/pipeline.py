@@ -100,6 +100,25 @@ class EditParameters:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class EditSettings:
+    """The knobs shared by every row of one batched run."""
+
+    num_inference_steps: int
+    guidance: Guidance
+    num_images_per_prompt: int
+    output_type: str
+
+
+@dataclass
+class EditRequest:
+    """One item of :meth:`EditPipeline.edit_batch`: an image, one instruction, and its own seed."""
+
+    image: Image.Image | SourceImage | str | Path
+    instruction: str
+    seed: int | None = DEFAULT_SEED
+
+
 @dataclass
 class EditResult:
     """The edited images (at the source's size) or the final latents, and the parameters used."""
@@ -217,15 +236,15 @@ class EditPipeline:
         src_w, src_h = source_size
         return max(f, round(src_h / f) * f), max(f, round(src_w / f) * f)
 
-    def encode_prompt(self, rgb: Image.Image, instructions: Sequence[str]) -> Conditioning:
-        """The (cond, null) contexts for one image and B instructions (one VLM pass, shared by all branches)."""
-        return self.conditioner.encode(rgb, instructions)
+    def encode_prompt(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> Conditioning:
+        """The (cond, null) contexts for B (image, instruction) rows: one VLM pass, shared by all guidance branches."""
+        return self.conditioner.encode(images, instructions)
 
     @torch.inference_mode()
-    def encode_image(self, rgb: Image.Image, height: int, width: int) -> torch.Tensor:
-        """Scaled source latents (1, C, height/f, width/f) of the image resized to the model size."""
-        pixels = to_model_pixels(rgb, height, width).to(self.device, self.vae.dtype)
-        return self.vae.encode(pixels).latent * self.scaling_factor
+    def encode_image(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
+        """Scaled source latents (K, C, height/f, width/f) of the images resized to the model size."""
+        pixels = torch.cat([to_model_pixels(rgb, height, width) for rgb in images])
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent * self.scaling_factor
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
         """float32 noise from a CPU generator, so one seed gives the same start on every device."""
@@ -265,7 +284,9 @@ class EditPipeline:
             guided = guidance.combine(raw)
             latents = scheduler.step(guided, t, latents, return_dict=False)[0]
             if callback is not None:
-                callback(StepState(index, len(timesteps), t, model_input, context, model_timestep, raw, guided, latents))
+                callback(
+                    StepState(index, len(timesteps), t, model_input, context, model_timestep, raw, guided, latents)
+                )
         return latents
 
     @torch.inference_mode()
@@ -274,6 +295,105 @@ class EditPipeline:
         return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
 
     # ---- the whole edit -----------------------------------------------------------------------------------------
+
+    def _resolve_guidance(self, guidance_scale: float | None, image_guidance_scale: float | None) -> Guidance:
+        defaults = self.default_guidance()
+        text = defaults.text_scale if guidance_scale is None else guidance_scale
+        image = defaults.image_scale if image_guidance_scale is None else image_guidance_scale
+        return Guidance(_check_scale("guidance_scale", text), _check_scale("image_guidance_scale", image))
+
+    def _run(
+        self,
+        rows: list[tuple[SourceImage, str]],
+        noise: torch.Tensor,
+        size: tuple[int, int],
+        settings: EditSettings,
+        callback: Callable[[StepState], None] | None,
+        on_stage: Callable[[str], None] | None,
+    ) -> tuple[torch.Tensor | None, list[Image.Image]]:
+        """One batched edit of B (image, instruction) rows, ``n`` outputs each; returns latents or images."""
+        stage = on_stage or (lambda _name: None)
+        n = settings.num_images_per_prompt
+        height, width = size
+        sources: list[SourceImage] = []
+        for source, _ in rows:
+            if not any(source is s for s in sources):
+                sources.append(source)
+        stage("encode")
+        conditioning = self.encode_prompt([s.rgb for s, _ in rows], [text for _, text in rows])
+        cond = conditioning.cond.repeat_interleave(n, dim=0)
+        null = conditioning.null.repeat_interleave(n, dim=0)
+        encoded = self.encode_image([s.rgb for s in sources], height, width)
+        which = torch.tensor([next(i for i, s in enumerate(sources) if s is src) for src, _ in rows])
+        image_latents = encoded[which.to(encoded.device)].repeat_interleave(n, dim=0)
+        stage("denoise")
+        final = self.denoise(
+            noise, image_latents, cond, null, settings.guidance, settings.num_inference_steps, callback
+        )
+        if settings.output_type == "latent":
+            return final, []
+        stage("decode")
+        row_sources = [source for source, _ in rows for _ in range(n)]
+        return None, [
+            restore_geometry(img, src) for img, src in zip(to_pil(self.decode(final)), row_sources, strict=True)
+        ]
+
+    def _settings(
+        self,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float | None,
+        image_guidance_scale: float | None,
+        num_images_per_prompt: int,
+        output_type: str,
+    ) -> EditSettings:
+        if output_type not in ("pil", "latent"):
+            raise UsageError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise UsageError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
+            raise UsageError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        return EditSettings(
+            num_inference_steps,
+            self._resolve_guidance(guidance_scale, image_guidance_scale),
+            num_images_per_prompt,
+            output_type,
+        )
+
+    def _parameters(
+        self,
+        instructions: list[str],
+        seed: int | None,
+        settings: EditSettings,
+        size: tuple[int, int],
+        source: SourceImage,
+        binning: bool,
+    ) -> EditParameters:
+        return EditParameters(
+            instructions=instructions,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance.text_scale,
+            image_guidance_scale=settings.guidance.image_scale,
+            guidance_branches=settings.guidance.branches,
+            seed=seed,
+            num_images_per_prompt=settings.num_images_per_prompt,
+            resolution_binning=binning,
+            height=size[0],
+            width=size[1],
+            output_width=source.size[0],
+            output_height=source.size[1],
+            vlm_min_pixels=self.conditioner.min_pixels,
+            vlm_max_pixels=self.conditioner.max_pixels,
+            scheduler=type(self.scheduler).__name__,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            model=self.model_name,
+            warnings=list(source.warnings),
+        )
 
     def __call__(
         self,
@@ -293,71 +413,86 @@ class EditPipeline:
         callback: Callable[[StepState], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
     ) -> EditResult:
-        """Edit one image with one or more instructions.
+        """Edit one image with one or more instructions (``n`` outputs each, in instruction-major order).
 
         ``guidance_scale`` and ``image_guidance_scale`` default to 4.5 and 1.2, or to 0 for a CFG-distilled
-        checkpoint. ``seed=None`` draws a fresh seed (reported in the result). ``latents`` replaces the seeded noise.
+        checkpoint. The noise for all outputs is one draw from a CPU generator seeded with ``seed``; ``seed=None``
+        draws a fresh seed (reported in the result), and ``latents`` replaces the noise altogether.
         ``output_type="latent"`` skips decoding and returns the final latents.
         """
-        stage = on_stage or (lambda _name: None)
         source = as_source(image)
         instructions = _instructions(instruction)
-        if output_type not in ("pil", "latent"):
-            raise UsageError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise UsageError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise UsageError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        defaults = self.default_guidance()
-        guidance = Guidance(
-            _check_scale("guidance_scale", defaults.text_scale if guidance_scale is None else guidance_scale),
-            _check_scale(
-                "image_guidance_scale", defaults.image_scale if image_guidance_scale is None else image_guidance_scale
-            ),
+        settings = self._settings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
         )
-        model_h, model_w = self.model_size(source.size, binning=resolution_binning, height=height, width=width)
+        size = self.model_size(source.size, binning=resolution_binning, height=height, width=width)
         batch = len(instructions) * num_images_per_prompt
         if latents is None:
             seed = random_seed() if seed is None else seed
-            latents = self.initial_noise(batch, model_h, model_w, seed)
+            latents = self.initial_noise(batch, *size, seed)
         else:
             seed = None
-            expected = (batch, self.latent_channels, model_h // self.vae_scale_factor, model_w // self.vae_scale_factor)
-            if tuple(latents.shape) != expected:
-                raise UsageError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
-
-        stage("encode")
-        conditioning = self.encode_prompt(source.rgb, instructions)
-        cond = conditioning.cond.repeat_interleave(num_images_per_prompt, dim=0)
-        null = conditioning.null.repeat_interleave(num_images_per_prompt, dim=0)
-        image_latents = self.encode_image(source.rgb, model_h, model_w).expand(batch, -1, -1, -1)
-
-        stage("denoise")
-        final = self.denoise(latents, image_latents, cond, null, guidance, num_inference_steps, callback)
-
-        parameters = EditParameters(
-            instructions=instructions,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance.text_scale,
-            image_guidance_scale=guidance.image_scale,
-            guidance_branches=guidance.branches,
-            seed=seed,
-            num_images_per_prompt=num_images_per_prompt,
-            resolution_binning=resolution_binning,
-            height=model_h,
-            width=model_w,
-            output_width=source.size[0],
-            output_height=source.size[1],
-            vlm_min_pixels=self.conditioner.min_pixels,
-            vlm_max_pixels=self.conditioner.max_pixels,
-            scheduler=type(self.scheduler).__name__,
-            dtype=str(self.dtype).removeprefix("torch."),
-            device=str(self.device),
-            model=self.model_name,
-            warnings=list(source.warnings),
+            self._check_latents(latents, batch, size)
+        final, images = self._run(
+            [(source, text) for text in instructions], latents, size, settings, callback, on_stage
         )
-        if output_type == "latent":
-            return EditResult(images=[], latents=final, parameters=parameters)
-        stage("decode")
-        images = [restore_geometry(img, source) for img in to_pil(self.decode(final))]
-        return EditResult(images=images, latents=None, parameters=parameters)
+        parameters = self._parameters(instructions, seed, settings, size, source, resolution_binning)
+        return EditResult(images=images, latents=final, parameters=parameters)
+
+    def edit_batch(
+        self,
+        requests: Sequence[EditRequest],
+        *,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        resolution_binning: bool = True,
+        output_type: str = "pil",
+        callback: Callable[[StepState], None] | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> list[EditResult]:
+        """Several (image, instruction, seed) edits that share a model size, run as one batch.
+
+        Each request's noise comes from its own seed, so an item gives the same result batched or alone.
+        Group requests with :meth:`model_size` first; mixed sizes are refused.
+        """
+        if not requests:
+            return []
+        settings = self._settings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+        )
+        sources = [as_source(r.image) for r in requests]
+        sizes = {self.model_size(s.size, binning=resolution_binning) for s in sources}
+        if len(sizes) > 1:
+            raise UsageError(f"requests in one batch must share a model size, got {sorted(sizes)}")
+        size = sizes.pop()
+        seeds = [random_seed() if r.seed is None else r.seed for r in requests]
+        noise = torch.cat([self.initial_noise(num_images_per_prompt, *size, seed) for seed in seeds])
+        instructions = [_instructions(r.instruction)[0] for r in requests]
+        final, images = self._run(
+            list(zip(sources, instructions, strict=True)), noise, size, settings, callback, on_stage
+        )
+        n = num_images_per_prompt
+        return [
+            EditResult(
+                images=images[i * n : (i + 1) * n],
+                latents=None if final is None else final[i * n : (i + 1) * n],
+                parameters=self._parameters([text], seed, settings, size, source, resolution_binning),
+            )
+            for i, (source, text, seed) in enumerate(zip(sources, instructions, seeds, strict=True))
+        ]
+
+    def _check_latents(self, latents: torch.Tensor, batch: int, size: tuple[int, int]) -> None:
+        f = self.vae_scale_factor
+        expected = (batch, self.latent_channels, size[0] // f, size[1] // f)
+        if tuple(latents.shape) != expected:
+            raise UsageError(f"latents must have shape {expected}, got {tuple(latents.shape)}")

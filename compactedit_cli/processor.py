@@ -76,7 +76,9 @@ def _image_processor_config(folder: Path) -> dict[str, Any]:
         config = _read_json(current).get("image_processor")
         if isinstance(config, dict):
             return config
-    raise CheckpointError(f"{folder} has no preprocessor_config.json (or processor_config.json with an image processor)")
+    raise CheckpointError(
+        f"{folder} has no preprocessor_config.json (or processor_config.json with an image processor)"
+    )
 
 
 def _chat_template(folder: Path, tokenizer: Any) -> str:

@@ -1,0 +1,453 @@
+"""Tiny random checkpoints in the published layout, for tests, ``selftest`` and ``bench --random-weights tiny``.
+
+``build_tiny_checkpoint(folder)`` writes ``model_index.json`` and the five component folders exactly as the
+published VIBE repos lay them out, with random weights small enough to run an edit in well under a second on a CPU.
+The same seed writes byte-identical files. Options cover the variants the real checkpoints come in: the
+transformers-4.57 processor files, a legacy boolean ``qk_norm``, and the CFG-distilled flag.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+)  # fmt: skip
+
+# The Qwen2 pre-tokenizer split (a fact of the Qwen tokenizer family).
+QWEN_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen-style chat template: one user turn renders as <|im_start|>user\n<image><text><|im_end|>\n.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = (
+    "what will this image be like if make the sky blue",
+    "add a red hat to the person and remove the car from the street",
+    "replace the background with a snowy mountain landscape at dusk",
+    "turn it into a watercolor painting, change the season to winter",
+)
+
+# Sana's flow-matching DPM-Solver++ schedule (the Sana family's scheduler_config.json).
+SANA_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "final_sigmas_type": "zero",
+    "flow_shift": 3.0,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "timestep_spacing": "linspace",
+    "use_flow_sigmas": True,
+}
+
+MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "VIBESanaEditingPipeline",
+    "_diffusers_version": "0.33.1",
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+    "tokenizer": ["transformers", "Qwen3VLProcessor"],
+    "transformer": ["vibe.transformer.vibe_sana_editing", "VIBESanaEditingModel"],
+    "vae": ["diffusers", "AutoencoderDC"],
+}
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes and format choices of a tiny checkpoint. The defaults mirror the parity fixtures' checkpoint."""
+
+    seed: int = 0
+    vocab_size: int = 300  # learned tokens; the 7 specials follow
+    vlm_hidden: int = 64
+    vlm_layers: int = 2
+    vision_hidden: int = 32
+    vision_patch: int = 8
+    latent_channels: int = 4
+    dit_heads: int = 2
+    dit_head_dim: int = 8
+    dit_layers: int = 2
+    caption_channels: int = 32
+    num_meta_queries: int = 8
+    edit_head_hidden: int = 32
+    edit_head_depth: int = 1
+    qk_norm: str | bool | None = None
+    cfg_distilled: bool = False
+    legacy_processor: bool = True  # the transformers-4.57 files the published checkpoint ships
+
+
+@contextmanager
+def on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules without allocating (meta device), with parameters created in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def random_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Deterministic random weights that keep activations in range: 1/sqrt(fan_in) matrices, unit norms."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if param.ndim >= 2 and leaf != "meta_queries":
+                fan_in = param[0].numel()
+                values = torch.randn(param.shape, generator=generator) / fan_in**0.5
+            elif "norm" in name and leaf == "weight":
+                values = torch.ones(param.shape)
+            else:
+                values = torch.randn(param.shape, generator=generator) * (0.02 if leaf == "bias" else 1.0)
+                if leaf in ("meta_queries", "scale_shift_table"):
+                    values = values / param.shape[-1] ** 0.5
+            param.copy_(values.to(param.device, param.dtype))
+    return module
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+
+
+def text_encoder_config(spec: TinySpec) -> dict[str, Any]:
+    """A tiny Qwen3-VL config in the transformers-4.57 form (``rope_scaling`` + ``rope_theta``)."""
+    first_special = spec.vocab_size
+    ids = {token: first_special + i for i, token in enumerate(SPECIAL_TOKENS)}
+    head_dim = 16
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "dtype": "float32",
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": True,
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": first_special + 20,
+            "hidden_size": spec.vlm_hidden,
+            "intermediate_size": 2 * spec.vlm_hidden,
+            "num_hidden_layers": spec.vlm_layers,
+            "num_attention_heads": spec.vlm_hidden // head_dim,
+            "num_key_value_heads": max(1, spec.vlm_hidden // head_dim // 2),
+            "head_dim": head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "attention_bias": False,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "rope_scaling": {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+            "rope_theta": 5000000.0,
+            "tie_word_embeddings": True,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl",
+            "depth": 2,
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": 2 * spec.vision_hidden,
+            "num_heads": 2,
+            "patch_size": spec.vision_patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+            "out_hidden_size": spec.vlm_hidden,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 1],
+            "hidden_act": "gelu_pytorch_tanh",
+        },
+        "transformers_version": "4.57.1",
+    }
+
+
+def transformer_config(spec: TinySpec) -> dict[str, Any]:
+    """The reference's ``VIBESanaEditingModel`` config fields at tiny size."""
+    inner = spec.dit_heads * spec.dit_head_dim
+    config = {
+        "_class_name": "VIBESanaEditingModel",
+        "_diffusers_version": "0.33.1",
+        "attention_bias": False,
+        "attention_head_dim": spec.dit_head_dim,
+        "caption_channels": spec.caption_channels,
+        "cross_attention_dim": inner,
+        "cross_attention_head_dim": spec.dit_head_dim,
+        "dropout": 0.0,
+        "edit_head_input_dim": spec.vlm_hidden,
+        "edit_head_stacks_num": spec.edit_head_depth,
+        "guidance_embeds": False,
+        "in_channels": 2 * spec.latent_channels,
+        "input_condition_type": "channel_cat",
+        "interpolation_scale": None,
+        "meta_queries_dim": spec.vlm_hidden,
+        "mlp_ratio": 2.5,
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-06,
+        "num_attention_heads": spec.dit_heads,
+        "num_cross_attention_heads": spec.dit_heads,
+        "num_layers": spec.dit_layers,
+        "num_meta_queries": spec.num_meta_queries,
+        "out_channels": spec.latent_channels,
+        "patch_size": 1,
+        "qk_norm": spec.qk_norm,
+        "sample_size": 8,
+        "timestep_scale": 1.0,
+    }
+    if spec.cfg_distilled:
+        config["cfg_distilled"] = True
+    return config
+
+
+def vae_config(spec: TinySpec) -> dict[str, Any]:
+    """A six-stage (32x) DC-AE at tiny width."""
+    blocks = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
+    channels = [8, 8, 16, 16, 16, 16]
+    return {
+        "_class_name": "AutoencoderDC",
+        "_diffusers_version": "0.33.1",
+        "attention_head_dim": 4,
+        "in_channels": 3,
+        "latent_channels": spec.latent_channels,
+        "scaling_factor": 0.41407,
+        "encoder_block_types": blocks,
+        "decoder_block_types": blocks,
+        "encoder_block_out_channels": channels,
+        "decoder_block_out_channels": channels,
+        "encoder_layers_per_block": [1] * 6,
+        "decoder_layers_per_block": [1] * 6,
+        "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+        "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+        "downsample_block_type": "Conv",
+        "upsample_block_type": "interpolate",
+        "decoder_norm_types": "rms_norm",
+        "decoder_act_fns": "silu",
+    }
+
+
+def image_processor_config(patch_size: int, min_pixels: int = 256, max_pixels: int = 65536) -> dict[str, Any]:
+    """``preprocessor_config.json`` as transformers 4.57 saves it for the fast Qwen2-VL image processor."""
+    return {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "merge_size": 2,
+        "patch_size": patch_size,
+        "processor_class": "Qwen3VLProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels},
+        "temporal_patch_size": 2,
+    }
+
+
+# ---- components ------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(vocab_size: int, corpus: Iterable[str] = _CORPUS):
+    """A byte-level BPE tokenizer with the Qwen split, then the 7 Qwen special tokens (deterministic)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(list(corpus) * 4, trainer)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def tokenizer_config(first_special: int) -> dict[str, Any]:
+    """``tokenizer_config.json`` as transformers 4.57 writes it for Qwen2Tokenizer."""
+    decoder = {
+        str(first_special + i): {
+            "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True,
+        }
+        for i, token in enumerate(SPECIAL_TOKENS)
+    }  # fmt: skip
+    return {
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 262144,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "right",
+        "processor_class": "Qwen3VLProcessor",
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def write_tokenizer(folder: Path, spec: TinySpec) -> None:
+    """The ``tokenizer/`` folder: tokenizer, chat template and image-processor config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(spec.vocab_size)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "tokenizer_config.json", tokenizer_config(spec.vocab_size))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    image_config = image_processor_config(spec.vision_patch)
+    if spec.legacy_processor:
+        tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as 4.57 ships them
+        _write_json(folder / "preprocessor_config.json", image_config)
+        video = {**image_config, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2}
+        video.pop("image_processor_type")
+        _write_json(folder / "video_preprocessor_config.json", video)
+    else:
+        image_config["image_processor_type"] = "Qwen2VLImageProcessor"
+        image_config.pop("processor_class")
+        _write_json(
+            folder / "processor_config.json", {"image_processor": image_config, "processor_class": "Qwen3VLProcessor"}
+        )
+
+
+def build_text_encoder(
+    config: dict[str, Any],
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A random Qwen3-VL from a config dict (built on the meta device, then materialised)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    cfg = Qwen3VLConfig.from_dict(config)
+    with on_meta(dtype):
+        model = Qwen3VLForConditionalGeneration(cfg)
+    model = model.to_empty(device=device)
+    random_init_(model, generator)
+    model.tie_weights()
+    _reset_buffers(model, device)
+    return model.eval()
+
+
+def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
+    """Recompute non-persistent buffers (rotary tables) that ``to_empty`` left uninitialised."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if inv_freq is not None and hasattr(module, "rope_init_fn"):
+            freq, _ = module.rope_init_fn(module.config, device)
+            module.inv_freq.copy_(freq.to(inv_freq.dtype))
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = module.inv_freq.clone()
+        elif inv_freq is not None and hasattr(module, "dim"):
+            theta = getattr(module, "theta", 10000.0)
+            freq = 1.0 / (theta ** (torch.arange(0, module.dim, 2, dtype=torch.float, device=device) / module.dim))
+            module.inv_freq.copy_(freq)
+
+
+def build_transformer(
+    config: dict[str, Any],
+    head_hidden: int,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A random VIBE editing transformer from its config dict (qk_norm may be a legacy bool)."""
+    from .checkpoint import SANA_FIELDS
+    from .models.transformer import EditHeadSpec, VibeEditingTransformer
+
+    sana = {k: v for k, v in config.items() if k in SANA_FIELDS}
+    if isinstance(sana.get("qk_norm"), bool):
+        sana["qk_norm"] = "rms_norm_across_heads" if sana["qk_norm"] else None
+    head = EditHeadSpec(
+        num_meta_queries=config["num_meta_queries"],
+        meta_queries_dim=config["meta_queries_dim"],
+        input_dim=config["edit_head_input_dim"],
+        hidden_dim=head_hidden,
+        depth=config["edit_head_stacks_num"],
+    )
+    with on_meta(dtype):
+        model = VibeEditingTransformer(sana, head, cfg_distilled=bool(config.get("cfg_distilled")))
+    model = model.to_empty(device=device)
+    return random_init_(model, generator).eval()
+
+
+def build_vae(
+    config: dict[str, Any],
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A random DC-AE from its config dict."""
+    from diffusers import AutoencoderDC
+
+    with on_meta(dtype):
+        vae = AutoencoderDC.from_config(config)
+    vae = vae.to_empty(device=device)
+    return random_init_(vae, generator).eval()
+
+
+def _save_safetensors(model: nn.Module, path: Path, skip: Iterable[str] = ()) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in set(skip)}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def build_tiny_checkpoint(root: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny random checkpoint in the published layout to ``root``; returns the folder."""
+    spec = spec or TinySpec()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(root / "model_index.json", MODEL_INDEX)
+    _write_json(root / "scheduler" / "scheduler_config.json", {**SANA_SCHEDULER_CONFIG, "_diffusers_version": "0.33.1"})
+    write_tokenizer(root / "tokenizer", spec)
+
+    te_config = text_encoder_config(spec)
+    _write_json(root / "text_encoder" / "config.json", te_config)
+    text_encoder = build_text_encoder(te_config, torch.Generator().manual_seed(spec.seed))
+    _save_safetensors(text_encoder, root / "text_encoder" / "model.safetensors", skip=("lm_head.weight",))
+
+    tr_config = transformer_config(spec)
+    _write_json(root / "transformer" / "config.json", tr_config)
+    transformer = build_transformer(tr_config, spec.edit_head_hidden, torch.Generator().manual_seed(spec.seed + 1))
+    _save_safetensors(transformer, root / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    v_config = vae_config(spec)
+    _write_json(root / "vae" / "config.json", v_config)
+    vae = build_vae(v_config, torch.Generator().manual_seed(spec.seed + 2))
+    _save_safetensors(vae, root / "vae" / "diffusion_pytorch_model.safetensors")
+    return root

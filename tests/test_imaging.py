@@ -1,0 +1,100 @@
+"""Input normalisation: EXIF orientation, colour modes, bit depth, alpha, frames."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from compactedit_cli.imaging import normalise, open_image, restore_geometry
+
+
+def _marked(width: int = 40, height: int = 24) -> Image.Image:
+    """An image whose top-left quadrant is red, so orientation is visible."""
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[: height // 2, : width // 2] = (255, 0, 0)
+    return Image.fromarray(array)
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> bytes:
+    """JPEG bytes of ``image`` stored so that applying EXIF ``orientation`` gives ``image`` back."""
+    inverse = {
+        1: lambda im: im,
+        2: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+        4: lambda im: im.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+        5: lambda im: im.transpose(Image.Transpose.TRANSPOSE),
+        6: lambda im: im.transpose(Image.Transpose.ROTATE_90),
+        7: lambda im: im.transpose(Image.Transpose.TRANSVERSE),
+        8: lambda im: im.transpose(Image.Transpose.ROTATE_270),
+    }[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    inverse(image).save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation):
+    source = open_image(_with_orientation(_marked(), orientation))
+    assert source.size == (40, 24)
+    red = np.asarray(source.rgb)[:12, :20, 0].mean()
+    other = np.asarray(source.rgb)[12:, 20:, 0].mean()
+    assert red > 200 and other < 50
+
+
+def test_alpha_is_kept_aside_and_restored():
+    rgba = Image.new("RGBA", (30, 20), (10, 200, 30, 255))
+    alpha = np.full((20, 30), 255, dtype=np.uint8)
+    alpha[:, :10] = 0
+    alpha[5:8, 15:18] = 128
+    rgba.putalpha(Image.fromarray(alpha))
+    source = normalise(rgba)
+    assert source.rgb.mode == "RGB" and source.alpha is not None
+    edited = Image.new("RGB", (64, 64), (1, 2, 3))  # the model's output at its own size
+    back = restore_geometry(edited, source)
+    assert back.mode == "RGBA" and back.size == (30, 20)
+    assert np.array_equal(np.asarray(back)[..., 3], alpha)
+
+
+def test_opaque_alpha_is_dropped():
+    assert normalise(Image.new("RGBA", (8, 8), (1, 2, 3, 255))).alpha is None
+
+
+def test_palette_with_transparency_keeps_alpha():
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 8, 16))
+    palette.info["transparency"] = 0
+    source = normalise(palette)
+    assert source.alpha is not None
+    assert np.asarray(source.alpha)[:, 8:].max() == 0 and np.asarray(source.alpha)[:, :8].min() == 255
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    values = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    source = open_image(buffer.getvalue())
+    grey = np.asarray(source.rgb)[..., 0]
+    assert source.rgb.mode == "RGB"
+    assert np.array_equal(grey.reshape(-1), np.arange(256))
+
+
+def test_cmyk_and_greyscale_become_rgb():
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
+    rgb = normalise(cmyk).rgb
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0))[0] > 200
+    assert normalise(Image.new("L", (8, 8), 77)).rgb.getpixel((3, 3)) == (77, 77, 77)
+
+
+def test_animated_gif_uses_first_frame_with_warning():
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    source = open_image(buffer.getvalue())
+    assert source.rgb.getpixel((5, 5))[0] > 200
+    assert any("first frame" in w for w in source.warnings)
