@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -126,47 +126,50 @@ def implied_files(root: Path) -> list[Path]:
     return files
 
 
-def read_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a safetensors file, read from its header without loading data."""
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor entries (dtype, shape, data_offsets) of a safetensors file, read without loading any data.
+
+    Also checks the file is as long as its header says, which catches truncated downloads.
+    """
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+            if header_len <= 0 or 8 + header_len > size:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+            header = json.loads(handle.read(header_len))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc})") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} has a corrupt header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt header")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path} has a corrupt header ({exc})") from exc
+    if size < 8 + header_len + end:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, expected {8 + header_len + end}")
+    return header
+
+
+def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors file."""
+    return {name: tuple(entry["shape"]) for name, entry in read_safetensors_header(path).items()}
 
 
 def verify_folder(root: Path) -> list[Path]:
-    """Check a checkpoint is complete before loading: every implied file exists and each header reads.
-
-    Also checks each safetensors file is as long as its header says, which catches truncated downloads.
-    """
+    """Check a checkpoint is complete before loading: every implied file exists and each header reads."""
     files = implied_files(root)
     missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {root} is incomplete: missing {', '.join(missing)}")
     for path in files:
         if path.suffix == ".safetensors":
-            _check_safetensors_length(path)
+            read_safetensors_header(path)
     return files
-
-
-def _check_safetensors_length(path: Path) -> None:
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path} is truncated ({size} bytes)")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len <= 0 or 8 + header_len > size:
-            raise CheckpointError(f"{path} is truncated or corrupt (header claims {header_len} bytes, file {size})")
-        try:
-            header = json.loads(handle.read(header_len))
-        except ValueError as exc:
-            raise CheckpointError(f"{path} has a corrupt header ({exc})") from exc
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
-    if size < expected:
-        raise CheckpointError(f"{path} is truncated: {size} bytes, expected {expected}")
 
 
 def state_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

@@ -7,8 +7,11 @@ stays aligned with the input, with no letterbox offset or zoom.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .errors import InputImageError
+from .errors import InputImageError, OutputError, UsageError
 
 # Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 120_000_000
@@ -151,3 +154,104 @@ def restore_geometry(edited: Image.Image, source: SourceImage) -> Image.Image:
         edited = edited.convert("RGB")
         edited.putalpha(source.alpha)
     return edited
+
+
+# ---- writing outputs -------------------------------------------------------------------------------------------
+
+OUTPUT_EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+FORMAT_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+TEMP_PREFIX = ".compactedit-"
+TEMP_SUFFIX = ".part"
+
+
+def parse_format(name: str) -> str:
+    """``png``, ``jpg``/``jpeg`` or ``webp`` -> the canonical format name."""
+    key = name.lower().lstrip(".")
+    fmt = OUTPUT_EXTENSIONS.get(f".{key}")
+    if fmt is None:
+        raise UsageError(f"unknown output format {name!r} (use png, jpg or webp)")
+    return fmt
+
+
+def output_format(path: Path | None, explicit: str | None = None) -> str:
+    """The format of an output: from ``--format``, else from the file's extension; they must agree."""
+    from_ext = OUTPUT_EXTENSIONS.get(path.suffix.lower()) if path is not None and path.suffix else None
+    if path is not None and path.suffix and from_ext is None:
+        raise UsageError(f"unknown output extension {path.suffix!r} in {path} (use .png, .jpg or .webp)")
+    if explicit is not None:
+        fmt = parse_format(explicit)
+        if from_ext is not None and from_ext != fmt:
+            raise UsageError(f"--format {explicit} conflicts with the extension of {path}")
+        return fmt
+    if from_ext is None:
+        raise UsageError(f"cannot tell the output format of {path}: give it an extension or use --format")
+    return from_ext
+
+
+def encode(image: Image.Image, fmt: str, quality: int | None = None, **save_options) -> bytes:
+    """The file bytes of ``image`` in ``fmt``; JPEG has no alpha channel, so it is flattened onto white."""
+    if fmt == "jpeg" and image.mode == "RGBA":
+        flat = Image.new("RGB", image.size, (255, 255, 255))
+        flat.paste(image, mask=image.getchannel("A"))
+        image = flat
+    options = dict(save_options)
+    if fmt in ("jpeg", "webp"):
+        options["quality"] = 95 if quality is None else quality
+    buffer = io.BytesIO()
+    image.save(buffer, format=_PIL_FORMATS[fmt], **options)
+    return buffer.getvalue()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder, then a rename.
+
+    Without ``overwrite`` an existing file is never replaced, even if it appears meanwhile (hard-link publish).
+    On any failure, including Ctrl-C, the temporary file is removed and ``path`` is untouched.
+    """
+    folder = path.parent
+    try:
+        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temp.chmod(0o666 & ~_umask())
+        if overwrite:
+            temp.replace(path)
+        else:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise OutputError(f"{path} already exists", hint="use --overwrite to replace it") from None
+            except OSError:  # a filesystem without hard links
+                if path.exists():
+                    raise OutputError(f"{path} already exists", hint="use --overwrite to replace it") from None
+                temp.replace(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {path}") from None
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files a killed run left in ``folder`` (only compactedit's own naming pattern)."""
+    removed = 0
+    for temp in folder.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            temp.unlink()
+            removed += 1
+    return removed

@@ -451,3 +451,29 @@ def build_tiny_checkpoint(root: str | Path, spec: TinySpec | None = None) -> Pat
     vae = build_vae(v_config, torch.Generator().manual_seed(spec.seed + 2))
     _save_safetensors(vae, root / "vae" / "diffusion_pytorch_model.safetensors")
     return root
+
+
+def install_in_hf_cache(checkpoint: str | Path, cache_dir: str | Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """Lay a checkpoint folder out as the Hugging Face cache does (blobs, a snapshot of links, refs/main).
+
+    Lets tests and demos exercise cache lookup, listing, verification and removal without any download.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    checkpoint = Path(checkpoint)
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for source in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        blob = repo / "blobs" / digest
+        if not blob.exists():
+            shutil.copyfile(source, blob)
+        link = snapshot / source.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot

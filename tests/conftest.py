@@ -42,3 +42,61 @@ def tiny_pipe(tiny_checkpoint):
     from compactedit_cli.pipeline import EditPipeline
 
     return EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache for this test (env and the already-imported hub constants)."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def cached_model(hf_cache, tiny_checkpoint) -> str:
+    """The tiny checkpoint installed in the test's HF cache as ``acme/tiny-vibe``."""
+    from compactedit_cli.testing import install_in_hf_cache
+
+    install_in_hf_cache(tiny_checkpoint, hf_cache, "acme/tiny-vibe", "1" * 40)
+    return "acme/tiny-vibe"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(tmp_path, monkeypatch):
+    """Never read or write the developer's own compactedit config."""
+    monkeypatch.setenv("COMPACTEDIT_HOME", str(tmp_path / "compactedit-home"))
+
+
+class Invoke:
+    """Runs the real CLI in-process (Typer's CliRunner): stdout and stderr kept apart."""
+
+    def __init__(self) -> None:
+        from typer.testing import CliRunner
+
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: bytes | str | None = None, env: dict | None = None):
+        from compactedit_cli.cli import app
+
+        return self.runner.invoke(app, [str(a) for a in args], input=input, env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def cli() -> Invoke:
+    return Invoke()
+
+
+def make_photo(path: Path, size: tuple[int, int] = (100, 75), seed: int = 0, mode: str = "RGB") -> Path:
+    """A noisy test photo (noise, so edits and resizes are not trivially constant)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).convert(mode).save(path)
+    return path

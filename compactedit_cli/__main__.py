@@ -1,0 +1,3 @@
+from compactedit_cli.cli import main
+
+main()

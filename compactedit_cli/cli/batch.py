@@ -1,0 +1,190 @@
+"""``compactedit batch``: many edits, one model load, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, handle_errors, info, make_progress, warn
+from .options import (
+    Binning,
+    Compile,
+    Device,
+    Dtype,
+    Guidance,
+    ImageGuidance,
+    Model,
+    Offline,
+    Offload,
+    OutputFormat,
+    Overwrite,
+    Quality,
+    Quiet,
+    Revision,
+    Seed,
+    Steps,
+    Verbose,
+    model_options,
+    parse_seed,
+)
+
+EXAMPLES = """
+Examples:
+
+  compactedit batch photos/ -i "make it winter" -o winter/ --recursive
+
+  compactedit batch --manifest edits.jsonl -o out/ --batch-size 4
+
+  Each manifest line: {"image": "a.jpg", "instruction": "add a hat", "output"?: "a_hat.png", "seed"?: 1,
+  "steps"?: 20, "guidance"?: 4.5, "image_guidance"?: 1.2}. CSV with the same columns works too.
+
+Exit status: 0 all items succeeded (or were already done), 1 some failed, 2 usage error.
+"""
+
+
+@handle_errors
+def batch(
+    input_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Folder of images (or use --manifest).", metavar="INPUT_DIR", show_default=False),
+    ] = None,
+    output_dir: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder (created if missing).", metavar="OUT_DIR")
+    ] = ...,
+    instruction: Annotated[
+        str | None, typer.Option("--instruction", "-i", help="Instruction for every image of INPUT_DIR.")
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option("--manifest", help="JSONL or CSV file of per-item edits.", show_default=False),
+    ] = None,
+    glob: Annotated[str, typer.Option("--glob", help="Which files of INPUT_DIR to edit.")] = "*",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=64, help="Same-size images edited together on the GPU.")
+    ] = 1,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    image_guidance: ImageGuidance = None,
+    seed: Seed = None,
+    model: Model = None,
+    revision: Revision = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    offload: Offload = None,
+    compile_: Compile = False,
+    no_binning: Binning = False,
+    fmt: OutputFormat = None,
+    quality: Quality = None,
+    overwrite: Overwrite = False,
+    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no parameters into outputs.")] = False,
+    offline: Offline = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Edit a folder of images, or every line of a manifest, with one model load.
+
+    Existing outputs are skipped, so re-running resumes; OUT_DIR/results.jsonl records every item.
+    """
+    from .. import settings
+    from ..batch import Defaults, ResultsLog, Runner, items_from_folder, items_from_manifest, resolve_format
+    from ..errors import ExitCode, UsageError
+    from ..imaging import output_format, remove_stale_temporaries
+    from ..runner import OutputOptions, load_pipeline, record_for, save_outputs
+
+    if (input_dir is None) == (manifest is None):
+        raise UsageError("give either INPUT_DIR (with -i) or --manifest")
+    if manifest is not None and instruction is not None:
+        raise UsageError("-i/--instruction applies to INPUT_DIR; put instructions in the manifest")
+    if input_dir is not None and instruction is None:
+        raise UsageError("INPUT_DIR needs -i/--instruction")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"output folder {output_dir} is a file")
+    default_fmt = resolve_format(fmt, settings.load().get("output_format"))
+    if input_dir is not None:
+        items = items_from_folder(input_dir, instruction, output_dir, default_fmt, glob=glob, recursive=recursive)
+    else:
+        items = items_from_manifest(manifest, output_dir, default_fmt)
+    if not items:
+        raise UsageError(f"no images to edit in {input_dir} (glob {glob!r}{', recursive' if recursive else ''})")
+    seed_value = None if seed is not None and seed.strip().lower() == "random" else parse_seed(seed or "42")
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import OutputError
+
+        raise OutputError(f"cannot create the output folder {output_dir}: {exc.strerror or exc}") from None
+    removed = remove_stale_temporaries(output_dir)
+    if removed:
+        info(f"removed {removed} temporary file(s) left by an interrupted run")
+    for item in items:
+        item.output.parent.mkdir(parents=True, exist_ok=True)
+
+    with make_progress() as progress:
+        task = progress.add_task("loading model", total=None)
+        loaded = load_pipeline(
+            model_options(model, revision, device, dtype, offline, offload, compile_),
+            status=lambda message: progress.update(task, description=message),
+        )
+        progress.update(task, description="editing", total=len(items), completed=0)
+
+        def save(item, image, parameters) -> None:
+            options = OutputOptions(fmt=output_format(item.output), quality=quality, metadata=not no_metadata,
+                                    overwrite=overwrite)
+            record = record_for(parameters, 0, loaded, item.image.name)
+            save_outputs([image], [record], [item.output], options)
+
+        def on_item(record) -> None:
+            progress.advance(task)
+            if record["status"] == "failed":
+                warn(f"{record['input']}: {record['error']}")
+
+        import torch
+
+        def free_memory() -> None:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+        runner = Runner(
+            pipe=loaded.pipe,
+            save=save,
+            defaults=Defaults(seed=seed_value, steps=steps or 20, guidance=guidance, image_guidance=image_guidance),
+            batch_size=batch_size,
+            binning=not no_binning,
+            on_item=on_item,
+            is_oom=lambda exc: isinstance(exc, torch.OutOfMemoryError),
+            free_memory=free_memory,
+        )
+        log = ResultsLog(output_dir)
+        try:
+            summary = runner.run(items, log, overwrite=overwrite)
+        except BaseException:
+            log.close()
+            raise
+        log.close(final=summary.records if summary.stopped is None else None)
+
+    _print_summary(summary, log.path)
+    if summary.stopped is not None:
+        raise summary.stopped
+    raise typer.Exit(ExitCode.FAILED if summary.count("failed") else ExitCode.OK)
+
+
+def _print_summary(summary, results_path: Path) -> None:
+    from rich.table import Table
+
+    from .common import Verbosity
+
+    if Verbosity.quiet:
+        return
+    table = Table("ok", "skipped", "failed", "results", box=None)
+    table.add_row(str(summary.count("ok")), str(summary.count("skipped")), str(summary.count("failed")),
+                  str(results_path))
+    console.print(table)
+    failed = [r for r in summary.records if r["status"] == "failed"]
+    for record in failed[:10]:
+        console.print(f"  failed: {record['input']}: {record['error']}", markup=False)
+    if len(failed) > 10:
+        console.print(f"  … and {len(failed) - 10} more (see {results_path})", markup=False)

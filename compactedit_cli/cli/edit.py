@@ -1,0 +1,216 @@
+"""``compactedit edit IMAGE INSTRUCTION -o OUT``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import edit_progress, emit_json, handle_errors, info, warn
+from .options import (
+    Binning,
+    Compile,
+    Device,
+    Dtype,
+    Guidance,
+    ImageGuidance,
+    Model,
+    Offline,
+    Offload,
+    OutputFormat,
+    Overwrite,
+    Quality,
+    Quiet,
+    Revision,
+    Seed,
+    Steps,
+    Verbose,
+    model_options,
+    parse_seed,
+)
+
+EXAMPLES = """
+Examples:
+
+  compactedit edit street.jpg "remove the car" -o out.png
+
+  compactedit edit photo.jpg "make it winter" -n 4 --seed random -o winter.webp
+
+  cat in.png | compactedit edit - "add a red hat" -o - > out.png
+
+  compactedit edit street.jpg --replay out.png -o again.png
+"""
+
+
+@handle_errors
+def edit(
+    image: Annotated[str, typer.Argument(help="Input image file, or - to read it from stdin.", metavar="IMAGE", show_default=False)],
+    instruction: Annotated[
+        str | None,
+        typer.Argument(
+            help="What to change, in plain words. Optional with --replay.", metavar="INSTRUCTION", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="OUT",
+            help="Output file (.png, .jpg, .webp), or - for stdout. Default: IMAGE_edited.png beside the input.",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    image_guidance: ImageGuidance = None,
+    seed: Seed = None,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", min=1, max=64, help="Outputs to make; written as OUT-1, OUT-2, …")
+    ] = 1,
+    model: Model = None,
+    revision: Revision = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    offload: Offload = None,
+    compile_: Compile = False,
+    no_binning: Binning = False,
+    fmt: OutputFormat = None,
+    quality: Quality = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object describing the result to stdout.")
+    ] = False,
+    overwrite: Overwrite = False,
+    sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the parameters to OUT.json.")] = False,
+    no_metadata: Annotated[
+        bool, typer.Option("--no-metadata", help="Write no parameters into the output file.")
+    ] = False,
+    replay: Annotated[
+        Path | None,
+        typer.Option(
+            "--replay",
+            help="Re-run the edit recorded in a compactedit output's metadata (flags given here win).",
+            show_default=False,
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    offline: Offline = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Edit one image with a plain-language instruction.
+
+    The output has exactly the input's size and lines up with it pixel for pixel.
+    """
+    from ..errors import UsageError
+    from ..imaging import open_image, output_format
+    from ..runner import (
+        OutputOptions,
+        default_output,
+        load_pipeline,
+        numbered,
+        prepare_outputs,
+        record_for,
+        save_outputs,
+        source_label,
+    )
+
+    settings = {}
+    if replay is not None:
+        from .. import metadata as meta_io
+
+        settings = meta_io.replayable(meta_io.read(replay))
+        if "model" in settings and model is None:
+            try:
+                from ..weights import parse_model
+
+                if parse_model(settings["model"]).repo_id is None:
+                    raise UsageError("local")
+            except Exception:
+                warn(f"--replay: the recorded model {settings['model']!r} is not a hub model; using --model")
+                settings.pop("model")
+                settings.pop("revision", None)
+    instruction = instruction if instruction is not None else settings.get("instruction")
+    if instruction is None or not instruction.strip():
+        raise UsageError("the instruction is empty" if instruction is not None else "missing INSTRUCTION")
+    if image == "-" and output is None:
+        raise UsageError("reading from stdin needs -o (a file, or - for stdout)")
+    to_stdout = output == "-"
+    if to_stdout and num_images > 1:
+        raise UsageError("-o - writes one image; use a file name with --num-images")
+    if to_stdout and json_output:
+        raise UsageError("--json and -o - both use stdout; write the image to a file")
+    if to_stdout and sidecar:
+        raise UsageError("--sidecar needs an output file, not stdout")
+
+    out_path = None if to_stdout or output is None else Path(output)
+    if to_stdout:
+        out_fmt = output_format(None, fmt or "png")
+    elif out_path is None:
+        out_fmt = output_format(None, fmt or "png")
+        out_path = default_output(Path(image), out_fmt)
+    else:
+        out_fmt = output_format(out_path, fmt)
+    paths = [] if to_stdout else numbered(out_path, num_images)
+    options = OutputOptions(fmt=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar,
+                            overwrite=overwrite)
+    inputs = [] if image == "-" else [Path(image)]
+
+    # Everything the user can get wrong is checked before the model loads.
+    source = open_image(sys.stdin.buffer.read() if image == "-" else Path(image))
+    prepare_outputs(paths, inputs=inputs, overwrite=overwrite)
+    for message in source.warnings:
+        warn(message)
+    seed_value = parse_seed(seed) if seed is not None else settings.get("seed", 42)
+    if seed is not None and seed.strip().lower() == "random":
+        info(f"seed: {seed_value}")
+
+    started = time.perf_counter()
+    with edit_progress() as progress:
+        loaded = load_pipeline(
+            model_options(
+                model or settings.get("model"), revision or settings.get("revision"), device, dtype, offline, offload,
+                compile_,
+            ),
+            status=progress.status,
+        )
+        result = loaded.pipe(
+            source,
+            instruction,
+            num_inference_steps=steps or settings.get("steps", 20),
+            guidance_scale=guidance if guidance is not None else settings.get("guidance_scale"),
+            image_guidance_scale=image_guidance if image_guidance is not None else settings.get("image_guidance_scale"),
+            seed=seed_value,
+            num_images_per_prompt=num_images,
+            resolution_binning=not no_binning and settings.get("resolution_binning", True),
+            callback=progress.step,
+            on_stage=progress.stage,
+        )
+    records = [record_for(result.parameters, i, loaded, source_label(image)) for i in range(len(result.images))]
+    if to_stdout:
+        from ..runner import encode_output
+
+        sys.stdout.buffer.write(encode_output(result.images[0], records[0], options))
+        sys.stdout.buffer.flush()
+    else:
+        save_outputs(result.images, records, paths, options)
+    seconds = round(time.perf_counter() - started, 3)
+    if json_output:
+        emit_json(
+            {
+                "outputs": [str(p) for p in paths],
+                "seconds": seconds,
+                "model": loaded.resolved.label(),
+                **{k: v for k, v in records[0].items() if k not in ("schema", "software", "source")},
+                "seed": result.parameters.seed,
+                "warnings": result.parameters.warnings,
+            }
+        )
+    elif not to_stdout:
+        for path in paths:
+            print(path)
+    info(f"done in {seconds:.1f}s" if not to_stdout else f"wrote {out_fmt} to stdout in {seconds:.1f}s")

@@ -1,0 +1,151 @@
+"""Edit parameters written into outputs, in the conventions other tools read, and read back for ``--replay``.
+
+* PNG: a ``parameters`` text chunk in the AUTOMATIC1111 grammar (what image browsers and "PNG info" tools parse),
+  plus a ``compactedit`` chunk holding the full JSON.
+* JPEG and WebP: the same JSON in an XMP packet, the ``parameters`` text in EXIF UserComment.
+* Optionally a ``OUT.json`` sidecar with the same JSON.
+
+Metadata read back is data only: values are type-checked and nothing in it is used as a path or executed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from html import escape, unescape
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from .errors import UsageError
+
+SCHEMA = "compactedit/1"
+XMP_NAMESPACE = "https://github.com/compactedit/compactedit/ns/1.0/"
+_XMP_ATTRIBUTE = re.compile(rb'compactedit:params="([^"]*)"')
+
+# Types of the fields --replay may take from a file, and nothing else.
+REPLAYABLE: dict[str, type | tuple[type, ...]] = {
+    "instruction": str,
+    "steps": int,
+    "guidance_scale": (int, float),
+    "image_guidance_scale": (int, float),
+    "seed": int,
+    "model": str,
+    "revision": str,
+    "resolution_binning": bool,
+}
+
+
+def build(
+    *,
+    instruction: str,
+    steps: int,
+    guidance_scale: float,
+    image_guidance_scale: float,
+    seed: int | None,
+    width: int,
+    height: int,
+    model_width: int,
+    model_height: int,
+    resolution_binning: bool,
+    model: str,
+    revision: str | None,
+    dtype: str,
+    device: str,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The JSON record of one output: everything needed to re-run the edit."""
+    return {
+        "schema": SCHEMA,
+        "software": f"compactedit {__version__}",
+        "instruction": instruction,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "image_guidance_scale": image_guidance_scale,
+        "seed": seed,
+        "size": [width, height],
+        "model_size": [model_width, model_height],
+        "resolution_binning": resolution_binning,
+        "model": model,
+        "revision": revision,
+        "dtype": dtype,
+        "device": device,
+        "source": source,
+    }
+
+
+def parameters_text(meta: dict[str, Any]) -> str:
+    """The A1111-style ``parameters`` string: the prompt line, then ``Key: value`` pairs."""
+    model = meta["model"] + (f"@{meta['revision']}" if meta.get("revision") else "")
+    width, height = meta["size"]
+    fields = [
+        f"Steps: {meta['steps']}",
+        "Sampler: DPM++ 2M flow",
+        f"CFG scale: {meta['guidance_scale']}",
+        f"Image CFG scale: {meta['image_guidance_scale']}",
+        f"Seed: {meta['seed']}",
+        f"Size: {width}x{height}",
+        f"Model: {model}",
+        f"Version: {meta['software']}",
+    ]
+    return meta["instruction"].replace("\n", " ") + "\n" + ", ".join(fields)
+
+
+def _xmp_packet(meta: dict[str, Any]) -> bytes:
+    payload = escape(json.dumps(meta, ensure_ascii=False), quote=True)
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:compactedit="{XMP_NAMESPACE}" compactedit:params="{payload}"/>'
+        "</rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def save_options(fmt: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Extra ``Image.save`` keyword arguments that embed ``meta`` in a file of format ``fmt``."""
+    if meta is None:
+        return {}
+    if fmt == "png":
+        info = PngInfo()
+        info.add_itxt("parameters", parameters_text(meta))
+        info.add_itxt("compactedit", json.dumps(meta, ensure_ascii=False))
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif[0x0131] = meta["software"]  # Software
+    exif[0x9286] = b"UNICODE\0" + parameters_text(meta).encode("utf-16-be")  # UserComment
+    return {"exif": exif, "xmp": _xmp_packet(meta)}
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The compactedit record embedded in an image (PNG chunk or XMP), or a UsageError if it has none."""
+    try:
+        with Image.open(path) as image:
+            info = dict(image.info)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read metadata from {path}: {exc}") from None
+    raw: str | None = info.get("compactedit")
+    if raw is None and isinstance(info.get("xmp"), (bytes, str)):
+        xmp = info["xmp"] if isinstance(info["xmp"], bytes) else info["xmp"].encode()
+        match = _XMP_ATTRIBUTE.search(xmp)
+        raw = unescape(match.group(1).decode("utf-8", "replace")) if match else None
+    if raw is None:
+        raise UsageError(f"{path} has no compactedit metadata to replay")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise UsageError(f"{path} has corrupt compactedit metadata") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} has corrupt compactedit metadata")
+    return meta
+
+
+def replayable(meta: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a record that ``--replay`` may use, each type-checked; anything else is dropped."""
+    clean = {}
+    for key, kind in REPLAYABLE.items():
+        value = meta.get(key)
+        if value is not None and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            clean[key] = value
+    return clean

@@ -1,0 +1,334 @@
+"""Where weights come from: aliases, hub ids and local folders, resolved through the standard Hugging Face cache.
+
+compactedit keeps no cache of its own: hub models live where ``huggingface_hub`` puts them (``HF_HOME`` /
+``HF_HUB_CACHE``), so ``hf cache`` tools see them too. Offline mode (``HF_HUB_OFFLINE=1`` or ``--offline``) never
+touches the network. Every resolved folder is verified (all implied files present, every safetensors header
+readable and the file as long as it says) before anything loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (
+    COMPONENTS,
+    CONFIG_FILES,
+    WEIGHT_FILES,
+    read_json,
+    read_model_index,
+    read_safetensors_header,
+    verify_folder,
+    weight_files,
+)
+from .errors import CheckpointError, UsageError
+
+ALIASES = {
+    "vibe": "iitolstykh/VIBE-Image-Edit",
+    "vibe-distilled": "iitolstykh/VIBE-Image-Edit-DistilledCFG",
+}
+DEFAULT_MODEL = "vibe"
+
+# Only what loading needs: never pickles, notebooks or sample images.
+DOWNLOAD_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    *(f"{name}/*.json" for name in WEIGHT_FILES),
+    *(f"{name}/*.safetensors" for name in WEIGHT_FILES),
+]
+
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed ``--model``: a local folder, or a hub repo at a revision."""
+
+    spec: str
+    repo_id: str | None = None
+    path: Path | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.repo_id or str(self.path)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A verified checkpoint folder and where it came from."""
+
+    ref: ModelRef
+    path: Path
+    commit: str | None  # the snapshot's commit for hub models
+
+    def label(self) -> str:
+        """``repo@commit`` for hub models, the folder for local ones (what goes into output metadata)."""
+        if self.ref.repo_id:
+            return f"{self.ref.repo_id}@{self.commit[:12]}" if self.commit else self.ref.repo_id
+        return str(self.path)
+
+
+def is_offline(flag: bool = False) -> bool:
+    """Offline when asked on the command line or by ``HF_HUB_OFFLINE``."""
+    return flag or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download_command(ref: ModelRef) -> str:
+    revision = f" --revision {ref.revision}" if ref.revision else ""
+    return f"compactedit models download {ref.spec}{revision}"
+
+
+def parse_model(spec: str, revision: str | None = None) -> ModelRef:
+    """Validate a ``--model`` value: an alias, a local folder, or an ``owner/name`` hub id."""
+    spec = spec.strip()
+    if not spec:
+        raise UsageError("--model is empty")
+    if (revision is not None and not REVISION.match(revision)) or (revision and ".." in revision):
+        raise UsageError(f"invalid revision {revision!r}")
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "") or Path(spec).is_dir()
+    if looks_local and spec not in ALIASES:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"model folder not found: {spec}")
+        if revision:
+            raise UsageError("--revision applies to hub models, not to a local folder")
+        return ModelRef(spec=spec, path=path.resolve())
+    repo_id = ALIASES.get(spec, spec)
+    if not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise UsageError(
+            f"unknown model {spec!r}: use an alias ({', '.join(ALIASES)}), a hub id (owner/name) or a local folder"
+        )
+    return ModelRef(spec=spec, repo_id=repo_id, revision=revision)
+
+
+def cache_dir() -> str:
+    """The Hugging Face hub cache in use (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _snapshot(ref: ModelRef, *, local_only: bool, force: bool = False) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                ref.repo_id,
+                revision=ref.revision,
+                cache_dir=cache_dir(),
+                allow_patterns=DOWNLOAD_PATTERNS,
+                local_files_only=local_only,
+                force_download=force,
+                endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import (mirrors, tests)
+            )
+        )
+    except LocalEntryNotFoundError as exc:
+        if local_only:
+            raise CheckpointError(
+                f"model {ref.spec} is not in the Hugging Face cache", hint=f"download it with: {download_command(ref)}"
+            ) from exc
+        raise CheckpointError(f"cannot reach the Hugging Face Hub to download {ref.spec} ({exc})") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"revision {ref.revision!r} of {ref.repo_id} does not exist") from exc
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise CheckpointError(f"model {ref.repo_id} was not found on the Hub (or needs a token)") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(f"downloading {ref.spec} failed: {exc}", hint="re-run to resume") from exc
+    except Exception as exc:  # the HTTP client's own errors (dropped connections, protocol errors)
+        if type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "h11"):
+            raise
+        reason = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"downloading {ref.spec} failed ({reason})", hint="re-run to resume") from exc
+
+
+def _commit_of(snapshot: Path) -> str | None:
+    return snapshot.name if COMMIT.match(snapshot.name) else None
+
+
+def verify(ref: ModelRef, path: Path) -> None:
+    """Check a folder before loading; the error says how to repair it."""
+    try:
+        verify_folder(path)
+    except CheckpointError as exc:
+        hint = f"re-download it with: {download_command(ref)} --force" if ref.repo_id else None
+        raise CheckpointError(exc.message, hint=hint) from exc
+
+
+def resolve(ref: ModelRef, *, offline: bool = False, download: bool = True) -> ResolvedModel:
+    """A verified local folder for ``ref``: local as given, else the cached snapshot, else downloaded."""
+    if ref.path is not None:
+        verify(ref, ref.path)
+        return ResolvedModel(ref, ref.path, None)
+    try:
+        snapshot = _snapshot(ref, local_only=True)
+    except CheckpointError:
+        if offline or not download:
+            raise
+        snapshot = _snapshot(ref, local_only=False)
+    verify(ref, snapshot)
+    return ResolvedModel(ref, snapshot, _commit_of(snapshot))
+
+
+def download(ref: ModelRef, *, force: bool = False, offline: bool = False) -> ResolvedModel:
+    """Fetch (or resume fetching) a hub model into the HF cache, then verify it."""
+    if ref.repo_id is None:
+        raise UsageError(f"{ref.spec} is a local folder; only hub models are downloaded")
+    if offline:
+        raise UsageError("cannot download in offline mode (HF_HUB_OFFLINE / --offline)")
+    snapshot = _snapshot(ref, local_only=False, force=force)
+    verify(ref, snapshot)
+    return ResolvedModel(ref, snapshot, _commit_of(snapshot))
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One cached revision of an editing model."""
+
+    repo_id: str
+    commit: str
+    refs: tuple[str, ...]
+    size_bytes: int
+    path: Path
+    complete: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id,
+            "commit": self.commit,
+            "refs": list(self.refs),
+            "size_bytes": self.size_bytes,
+            "path": str(self.path),
+            "complete": self.complete,
+        }
+
+
+def _is_editing_model(snapshot: Path) -> bool:
+    try:
+        read_model_index(snapshot)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _scan() -> Any:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        return scan_cache_dir(cache_dir())
+    except CacheNotFound:
+        return None
+
+
+def list_cached() -> list[CachedModel]:
+    """Every cached revision of a VIBE editing model, with its size and whether it is complete."""
+    info = _scan()
+    if info is None:
+        return []
+    found = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            if not _is_editing_model(revision.snapshot_path):
+                continue
+            try:
+                verify_folder(revision.snapshot_path)
+                complete = True
+            except CheckpointError:
+                complete = False
+            found.append(
+                CachedModel(
+                    repo_id=repo.repo_id,
+                    commit=revision.commit_hash,
+                    refs=tuple(sorted(revision.refs)),
+                    size_bytes=revision.size_on_disk,
+                    path=revision.snapshot_path,
+                    complete=complete,
+                )
+            )
+    return sorted(found, key=lambda m: (m.repo_id, m.commit))
+
+
+def remove(ref: ModelRef) -> int:
+    """Delete a hub model's cached revisions (one if ``ref.revision`` is a commit or ref); returns bytes freed."""
+    if ref.repo_id is None:
+        raise UsageError(f"{ref.spec} is a local folder; compactedit only removes what it cached")
+    info = _scan()
+    repo = next((r for r in info.repos if r.repo_id == ref.repo_id and r.repo_type == "model"), None) if info else None
+    if repo is None:
+        raise CheckpointError(f"model {ref.spec} is not in the Hugging Face cache")
+    revisions = [
+        r.commit_hash
+        for r in repo.revisions
+        if ref.revision is None or ref.revision == r.commit_hash or ref.revision in r.refs
+    ]
+    if not revisions:
+        raise CheckpointError(f"revision {ref.revision} of {ref.repo_id} is not in the cache")
+    strategy = info.delete_revisions(*revisions)
+    strategy.execute()
+    return strategy.expected_freed_size
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Components, a config summary, parameter counts and dtypes of a checkpoint folder (headers only)."""
+    index = read_model_index(path)
+    summary: dict[str, Any] = {"path": str(path), "components": {}}
+    for name in COMPONENTS:
+        entry: dict[str, Any] = {"class": ".".join(index[name])}
+        if name in WEIGHT_FILES:
+            files = weight_files(path / name)
+            params, dtypes, size = 0, set(), 0
+            for file in files:
+                for tensor in read_safetensors_header(file).values():
+                    count = 1
+                    for dim in tensor["shape"]:
+                        count *= dim
+                    params += count
+                    dtypes.add(tensor["dtype"])
+                size += file.stat().st_size
+            entry.update(parameters=params, dtypes=sorted(dtypes), size_bytes=size, files=len(files))
+        if name in CONFIG_FILES:
+            entry["config"] = _config_summary(name, read_json(path / name / CONFIG_FILES[name]))
+        summary["components"][name] = entry
+    return summary
+
+
+_SUMMARY_FIELDS = {
+    "transformer": (
+        "num_layers", "num_attention_heads", "attention_head_dim", "caption_channels", "in_channels", "out_channels",
+        "num_meta_queries", "edit_head_stacks_num", "qk_norm", "cfg_distilled",
+    ),
+    "vae": ("latent_channels", "scaling_factor", "encoder_block_out_channels"),
+    "scheduler": ("prediction_type", "flow_shift", "solver_order", "algorithm_type", "use_flow_sigmas"),
+}  # fmt: skip
+
+
+def _config_summary(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    if name == "text_encoder":
+        text = config.get("text_config", {})
+        vision = config.get("vision_config", {})
+        return {
+            "hidden_size": text.get("hidden_size"),
+            "num_hidden_layers": text.get("num_hidden_layers"),
+            "vocab_size": text.get("vocab_size"),
+            "vision_depth": vision.get("depth"),
+            "deepstack_visual_indexes": vision.get("deepstack_visual_indexes"),
+        }
+    return {key: config[key] for key in _SUMMARY_FIELDS.get(name, ()) if key in config}

@@ -1,0 +1,225 @@
+"""``compactedit edit`` through the real CLI, on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_photo
+from PIL import Image
+
+from compactedit_cli import metadata as meta_io
+
+FAST = ["--steps", "2"]
+
+
+@pytest.fixture
+def photo(tmp_path):
+    return make_photo(tmp_path / "in.jpg")
+
+
+def test_edit_writes_same_size_output(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "out.png"
+    result = cli("edit", photo, "make the sky blue", "-o", out, "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.size == (100, 75) and image.mode == "RGB"
+
+
+def test_default_output_name(cli, tiny_checkpoint, photo):
+    result = cli("edit", photo, "x", "-m", tiny_checkpoint, *FAST, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert (photo.parent / "in_edited.png").is_file()
+    assert result.stderr == ""
+
+
+def test_json_describes_the_result(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "out.webp"
+    result = cli("edit", photo, "add a hat", "-o", out, "-m", tiny_checkpoint, *FAST, "--json", "--seed", "7")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["outputs"] == [str(out)]
+    assert report["seed"] == 7 and report["steps"] == 2 and report["instruction"] == "add a hat"
+    assert report["size"] == [100, 75] and report["model_size"] == [576, 416]  # [width, height] of the 0.72 bin
+    assert report["guidance_scale"] == 4.5 and report["image_guidance_scale"] == 1.2
+
+
+def test_several_images_get_numbered_names(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "many.png"
+    result = cli("edit", photo, "x", "-o", out, "-n", "2", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    first, second = tmp_path / "many-1.png", tmp_path / "many-2.png"
+    assert result.stdout.split() == [str(first), str(second)]
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_random_seed_is_printed_and_recorded(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "r.png"
+    result = cli("edit", photo, "x", "-o", out, "--seed", "random", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    seed = meta_io.read(out)["seed"]
+    assert f"seed: {seed}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "{tmp}/o.png", "--format", "jpg"], "conflicts"),
+        (["-o", "{tmp}/o.tiff"], "unknown output extension"),
+        (["-o", "{tmp}/o.png", "--seed", "abc"], "--seed must be an integer"),
+        (["-o", "{tmp}/o.png", "--dtype", "int8"], "unknown dtype"),
+        (["-o", "{tmp}/o.png", "--device", "tpu"], "unknown device"),
+        (["-o", "{tmp}/o.png", "--device", "cuda"], "CUDA"),
+        (["-o", "-", "-n", "2"], "one image"),
+        (["-o", "-", "--json"], "both use stdout"),
+        (["-o", "{tmp}/o.png", "--offload", "disk"], "offload"),
+        (["-o", "{tmp}/o.png", "--model", "not a model"], "unknown model"),
+    ],
+)
+def test_usage_errors_exit_2(cli, tiny_checkpoint, photo, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--model" not in args:
+        args += ["-m", str(tiny_checkpoint)]
+    result = cli("edit", photo, "x", *args, *FAST)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_existing_output_and_input_are_protected(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "o.png"
+    out.write_bytes(b"keep me")
+    result = cli("edit", photo, "x", "-o", out, "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 5 and "--overwrite" in result.stderr
+    assert out.read_bytes() == b"keep me"
+    assert cli("edit", photo, "x", "-o", out, "-m", tiny_checkpoint, *FAST, "--overwrite").exit_code == 0
+    assert out.read_bytes() != b"keep me"
+    original = photo.read_bytes()
+    result = cli("edit", photo, "x", "-o", photo, "-m", tiny_checkpoint, *FAST, "--overwrite")
+    assert result.exit_code == 5 and "input" in result.stderr
+    assert photo.read_bytes() == original
+
+
+def test_missing_output_folders_are_created(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "a" / "b" / "o.png"
+    assert cli("edit", photo, "x", "-o", out, "-m", tiny_checkpoint, *FAST).exit_code == 0
+    assert out.is_file()
+
+
+def test_png_metadata_and_replay(cli, tiny_checkpoint, photo, tmp_path):
+    first = tmp_path / "first.png"
+    args = ["-m", tiny_checkpoint, "--steps", "3", "--seed", "123", "--guidance", "3", "--image-guidance", "1.5"]
+    assert cli("edit", photo, "turn it into winter", "-o", first, *args).exit_code == 0
+    with Image.open(first) as image:
+        text = image.info["parameters"]
+        record = json.loads(image.info["compactedit"])
+    assert text.startswith("turn it into winter\nSteps: 3,")
+    assert "Seed: 123" in text and "CFG scale: 3.0" in text and "Image CFG scale: 1.5" in text
+    assert "Size: 100x75" in text
+    assert record["seed"] == 123 and record["steps"] == 3 and record["source"] == "in.jpg"
+    again = tmp_path / "again.png"
+    result = cli("edit", photo, "--replay", first, "-o", again, "-m", tiny_checkpoint)
+    assert result.exit_code == 0, result.stderr
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert meta_io.read(again)["instruction"] == "turn it into winter"
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".webp"])
+def test_jpeg_and_webp_carry_metadata_in_xmp(cli, tiny_checkpoint, photo, tmp_path, ext):
+    out = tmp_path / f"o{ext}"
+    assert cli("edit", photo, "add snow", "-o", out, "-m", tiny_checkpoint, *FAST, "--seed", "9").exit_code == 0
+    record = meta_io.read(out)
+    assert record["instruction"] == "add snow" and record["seed"] == 9
+    with Image.open(out) as image:
+        assert "compactedit" in image.getexif().get(0x0131, "")
+
+
+def test_no_metadata_and_sidecar(cli, tiny_checkpoint, photo, tmp_path):
+    bare = tmp_path / "bare.png"
+    assert cli("edit", photo, "x", "-o", bare, "-m", tiny_checkpoint, *FAST, "--no-metadata").exit_code == 0
+    with Image.open(bare) as image:
+        assert "parameters" not in image.info and "compactedit" not in image.info
+    side = tmp_path / "side.png"
+    assert cli("edit", photo, "x", "-o", side, "-m", tiny_checkpoint, *FAST, "--sidecar").exit_code == 0
+    sidecar = json.loads((tmp_path / "side.png.json").read_text())
+    assert sidecar == meta_io.read(side)
+
+
+def test_quality_changes_jpeg_size(cli, tiny_checkpoint, photo, tmp_path):
+    low, high = tmp_path / "low.jpg", tmp_path / "high.jpg"
+    assert cli("edit", photo, "x", "-o", low, "--quality", "10", "-m", tiny_checkpoint, *FAST).exit_code == 0
+    assert cli("edit", photo, "x", "-o", high, "--quality", "95", "-m", tiny_checkpoint, *FAST).exit_code == 0
+    assert low.stat().st_size < high.stat().st_size
+
+
+def test_no_binning_is_recorded(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "nb.png"
+    result = cli("edit", photo, "x", "-o", out, "--no-binning", "--json", "-m", tiny_checkpoint, *FAST)
+    report = json.loads(result.stdout)
+    assert report["resolution_binning"] is False and report["model_size"] == [96, 64]
+
+
+def test_stdin_to_stdout_in_a_real_pipe(tiny_checkpoint, photo):
+    buffer = io.BytesIO()
+    Image.open(photo).save(buffer, format="PNG")
+    command = [sys.executable, "-m", "compactedit_cli", "edit", "-", "make it red", "-o", "-",
+               "-m", str(tiny_checkpoint), *FAST]
+    done = subprocess.run(command, input=buffer.getvalue(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    with Image.open(io.BytesIO(done.stdout)) as image:
+        assert image.format == "PNG" and image.size == (100, 75)
+
+
+def test_stdin_needs_an_output(cli, tiny_checkpoint, photo):
+    result = cli("edit", "-", "x", "-m", tiny_checkpoint, input=photo.read_bytes())
+    assert result.exit_code == 2 and "needs -o" in result.stderr
+
+
+def test_verbose_adds_traceback_quiet_silences(cli, tiny_checkpoint, tmp_path):
+    missing = tmp_path / "nope.png"
+    loud = cli("edit", missing, "x", "-o", tmp_path / "o.png", "-m", tiny_checkpoint, "-v")
+    assert loud.exit_code == 3 and "Traceback" in loud.stderr
+    quiet = cli("edit", missing, "x", "-o", tmp_path / "o.png", "-m", tiny_checkpoint, "-q")
+    assert quiet.exit_code == 3 and quiet.stderr.strip() == f"error: no such file: {missing}"
+
+
+def test_hub_model_from_cache_records_revision(cli, cached_model, photo, tmp_path):
+    out = tmp_path / "o.png"
+    result = cli("edit", photo, "x", "-o", out, "-m", cached_model, *FAST, "--offline")
+    assert result.exit_code == 0, result.stderr
+    record = meta_io.read(out)
+    assert record["model"] == cached_model and record["revision"] == "1" * 40
+    assert f"Model: {cached_model}@{'1' * 40}" in Image.open(out).info["parameters"]
+
+
+def test_offline_missing_model_names_the_download_command(cli, hf_cache, photo, tmp_path):
+    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "-m", "acme/absent", "--offline")
+    assert result.exit_code == 4
+    assert "compactedit models download acme/absent" in result.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_truncated_cached_weights_are_detected(cli, cached_model, hf_cache, photo, tmp_path):
+    snapshot = hf_cache / "models--acme--tiny-vibe" / "snapshots" / ("1" * 40)
+    weights = (snapshot / "transformer" / "diffusion_pytorch_model.safetensors").resolve()
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "-m", cached_model, "--offline")
+    assert result.exit_code == 4
+    assert "truncated" in result.stderr and "models download acme/tiny-vibe --force" in result.stderr
+
+
+def test_config_file_supplies_defaults(cli, tiny_checkpoint, photo, tmp_path):
+    assert cli("config", "set", "model", str(tiny_checkpoint)).exit_code == 0
+    shown = json.loads(cli("config", "show").stdout)
+    assert shown["values"] == {"model": str(tiny_checkpoint)}
+    result = cli("edit", photo, "x", "-o", tmp_path / "c.png", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert cli("config", "set", "colour", "blue").exit_code == 2
+    assert cli("config", "unset", "model").exit_code == 0
