@@ -58,6 +58,7 @@ class BatchItem:
 
     @property
     def key(self) -> str:
+        """Items are identified by their output (what resuming checks)."""
         return str(self.output)
 
 
@@ -273,8 +274,9 @@ class BatchSummary:
         return sum(1 for r in self.records if r["status"] == status)
 
 
-def _record(item: BatchItem, status: str, *, error: str | None = None, seed: int | None = None,
-            seconds: float | None = None) -> dict[str, Any]:
+def _record(
+    item: BatchItem, status: str, *, error: str | None = None, seed: int | None = None, seconds: float | None = None
+) -> dict[str, Any]:
     return {
         "input": str(item.image),
         "output": str(item.output),
@@ -349,6 +351,8 @@ class Runner:
             pending_key = key
         if summary.stopped is None:
             flush()
+        order = {item.key: index for index, item in enumerate(items)}
+        summary.records.sort(key=lambda record: order.get(record["output"], len(order)))
         return summary
 
     def _edit_chunk(self, chunk: list[tuple[BatchItem, SourceImage]], finish: Callable, summary: BatchSummary) -> None:
@@ -359,7 +363,10 @@ class Runner:
         started = time.perf_counter()
         try:
             results = self.pipe.edit_batch(
-                [EditRequest(source, item.instruction, seed) for (item, source), seed in zip(chunk, seeds, strict=True)],
+                [
+                    EditRequest(source, item.instruction, seed)
+                    for (item, source), seed in zip(chunk, seeds, strict=True)
+                ],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 image_guidance_scale=image_guidance,

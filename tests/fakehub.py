@@ -2,8 +2,8 @@
 
 Only the network is faked: ``huggingface_hub`` runs its real download, cache and resume code against it. It
 implements what ``snapshot_download`` asks for: repo info, the recursive tree listing, and ``resolve`` with HEAD,
-GET and byte ranges. ``drop(file, after, times)`` makes the next ``times`` full GETs of a file send only ``after`` bytes and then
-drop the connection, to exercise retries and resuming.
+GET and byte ranges. ``drop(file, after, times)`` makes the next ``times`` full GETs of a file send only
+``after`` bytes and then drop the connection, to exercise retries and resuming.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ class FakeHub:
                     entries = []
                     for name in hub.files(repo):
                         data = (hub.repos[repo] / name).read_bytes()
-                        entries.append({"type": "file", "path": name, "size": len(data),
-                                        "oid": hashlib.sha1(data).hexdigest()})
+                        entries.append(
+                            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        )
                     return self._json(entries)
                 if resolve and resolve.group(1) in hub.repos:
                     return self._file(resolve.group(1), resolve.group(3))

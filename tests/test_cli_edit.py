@@ -168,8 +168,19 @@ def test_no_binning_is_recorded(cli, tiny_checkpoint, photo, tmp_path):
 def test_stdin_to_stdout_in_a_real_pipe(tiny_checkpoint, photo):
     buffer = io.BytesIO()
     Image.open(photo).save(buffer, format="PNG")
-    command = [sys.executable, "-m", "compactedit_cli", "edit", "-", "make it red", "-o", "-",
-               "-m", str(tiny_checkpoint), *FAST]
+    command = [
+        sys.executable,
+        "-m",
+        "compactedit_cli",
+        "edit",
+        "-",
+        "make it red",
+        "-o",
+        "-",
+        "-m",
+        str(tiny_checkpoint),
+        *FAST,
+    ]
     done = subprocess.run(command, input=buffer.getvalue(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
     with Image.open(io.BytesIO(done.stdout)) as image:

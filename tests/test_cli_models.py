@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -80,8 +79,11 @@ def test_rerun_after_a_failed_download_fetches_only_what_is_missing(cli, hub, on
     hub.drop(WEIGHTS, after=0, times=0)
     hub.requests.clear()
     assert cli("models", "download", REPO, "-q").exit_code == 0
-    fetched = sorted(path.split("/resolve/")[1].split("/", 1)[1] for method, path, _ in hub.requests if method == "GET"
-                     and "/resolve/" in path)
+    fetched = sorted(
+        path.split("/resolve/")[1].split("/", 1)[1]
+        for method, path, _ in hub.requests
+        if method == "GET" and "/resolve/" in path
+    )
     assert fetched == [WEIGHTS]
 
 

@@ -132,15 +132,17 @@ def batch(
         progress.update(task, description="editing", total=len(items), completed=0)
 
         def save(item, image, parameters) -> None:
-            options = OutputOptions(fmt=output_format(item.output), quality=quality, metadata=not no_metadata,
-                                    overwrite=overwrite)
+            options = OutputOptions(
+                fmt=output_format(item.output), quality=quality, metadata=not no_metadata, overwrite=overwrite
+            )
             record = record_for(parameters, 0, loaded, item.image.name)
             save_outputs([image], [record], [item.output], options)
 
         def on_item(record) -> None:
             progress.advance(task)
             if record["status"] == "failed":
-                warn(f"{record['input']}: {record['error']}")
+                error = record["error"]
+                warn(error if record["input"] in error else f"{record['input']}: {error}")
 
         import torch
 
@@ -180,8 +182,9 @@ def _print_summary(summary, results_path: Path) -> None:
     if Verbosity.quiet:
         return
     table = Table("ok", "skipped", "failed", "results", box=None)
-    table.add_row(str(summary.count("ok")), str(summary.count("skipped")), str(summary.count("failed")),
-                  str(results_path))
+    table.add_row(
+        str(summary.count("ok")), str(summary.count("skipped")), str(summary.count("failed")), str(results_path)
+    )
     console.print(table)
     failed = [r for r in summary.records if r["status"] == "failed"]
     for record in failed[:10]:

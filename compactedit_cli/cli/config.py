@@ -8,8 +8,11 @@ import typer
 
 from .common import emit_json, handle_errors
 
-app = typer.Typer(help="Show or change default settings (model, device, dtype, offload, output format).",
-                  no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="Show or change default settings (model, device, dtype, offload, output format).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 Key = Annotated[str, typer.Argument(help="model, device, dtype, offload or output_format.", metavar="KEY")]
 

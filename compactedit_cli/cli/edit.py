@@ -47,7 +47,9 @@ Examples:
 
 @handle_errors
 def edit(
-    image: Annotated[str, typer.Argument(help="Input image file, or - to read it from stdin.", metavar="IMAGE", show_default=False)],
+    image: Annotated[
+        str, typer.Argument(help="Input image file, or - to read it from stdin.", metavar="IMAGE", show_default=False)
+    ],
     instruction: Annotated[
         str | None,
         typer.Argument(
@@ -156,8 +158,9 @@ def edit(
     else:
         out_fmt = output_format(out_path, fmt)
     paths = [] if to_stdout else numbered(out_path, num_images)
-    options = OutputOptions(fmt=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar,
-                            overwrite=overwrite)
+    options = OutputOptions(
+        fmt=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar, overwrite=overwrite
+    )
     inputs = [] if image == "-" else [Path(image)]
 
     # Everything the user can get wrong is checked before the model loads.
@@ -173,7 +176,12 @@ def edit(
     with edit_progress() as progress:
         loaded = load_pipeline(
             model_options(
-                model or settings.get("model"), revision or settings.get("revision"), device, dtype, offline, offload,
+                model or settings.get("model"),
+                revision or settings.get("revision"),
+                device,
+                dtype,
+                offline,
+                offload,
                 compile_,
             ),
             status=progress.status,

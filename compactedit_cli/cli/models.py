@@ -17,8 +17,9 @@ app = typer.Typer(
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="Alias (vibe, vibe-distilled), hub id (owner/name) or, for info, a local folder.",
-                   metavar="MODEL"),
+    typer.Argument(
+        help="Alias (vibe, vibe-distilled), hub id (owner/name) or, for info, a local folder.", metavar="MODEL"
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
@@ -81,8 +82,9 @@ def list_models(json_output: Json = False, quiet: Quiet = False, verbose: Verbos
         return
     table = Table("model", "revision", "refs", "size", "status", box=None)
     for m in models:
-        table.add_row(m.repo_id, m.commit[:12], ",".join(m.refs) or "-", _size(m.size_bytes),
-                      "ok" if m.complete else "INCOMPLETE")
+        table.add_row(
+            m.repo_id, m.commit[:12], ",".join(m.refs) or "-", _size(m.size_bytes), "ok" if m.complete else "INCOMPLETE"
+        )
     console.print(table)
 
 

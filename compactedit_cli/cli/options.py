@@ -15,7 +15,9 @@ OUT = "Output"
 
 Steps = Annotated[
     int | None,
-    typer.Option("--steps", min=1, max=1000, help="Denoising steps. [default: 20]", rich_help_panel=GEN, show_default=False),
+    typer.Option(
+        "--steps", min=1, max=1000, help="Denoising steps. [default: 20]", rich_help_panel=GEN, show_default=False
+    ),
 ]
 Guidance = Annotated[
     float | None,
@@ -98,13 +100,18 @@ Compile = Annotated[
 ]
 OutputFormat = Annotated[
     str | None,
-    typer.Option("--format", help="png, jpg or webp. [default: from the output's extension]", rich_help_panel=OUT,
-                 show_default=False),
+    typer.Option(
+        "--format",
+        help="png, jpg or webp. [default: from the output's extension]",
+        rich_help_panel=OUT,
+        show_default=False,
+    ),
 ]
 Quality = Annotated[
     int | None,
-    typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality. [default: 95]", rich_help_panel=OUT,
-                 show_default=False),
+    typer.Option(
+        "--quality", min=1, max=100, help="JPEG/WebP quality. [default: 95]", rich_help_panel=OUT, show_default=False
+    ),
 ]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).", rich_help_panel=OUT)

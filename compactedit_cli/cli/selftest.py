@@ -76,8 +76,16 @@ def selftest(
         was_quiet = Verbosity.quiet
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # edit prints the output path; not ours to show
-                edit(image=str(source), instruction="make the sky blue", output=str(output), steps=2,
-                     model=str(checkpoint), device=device, offline=True, quiet=True)
+                edit(
+                    image=str(source),
+                    instruction="make the sky blue",
+                    output=str(output),
+                    steps=2,
+                    model=str(checkpoint),
+                    device=device,
+                    offline=True,
+                    quiet=True,
+                )
         except typer.Exit as exc:
             if exc.exit_code:
                 raise
