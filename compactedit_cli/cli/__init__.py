@@ -48,4 +48,4 @@ app.add_typer(config.app, name="config")
 
 
 def main() -> None:
-    app()
+    app(prog_name="compactedit")  # also under ``python -m compactedit_cli`` (usage text, completion variable)

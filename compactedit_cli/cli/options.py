@@ -8,6 +8,16 @@ import typer
 
 from ..errors import UsageError
 
+
+def _choices(*values: str):
+    """A shell-completion callback offering ``values`` that start with what was typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.startswith(incomplete)]
+
+    return complete
+
+
 GEN = "Generation"
 MODEL = "Model"
 PERF = "Performance"
@@ -58,6 +68,7 @@ Model = Annotated[
     typer.Option(
         "--model",
         "-m",
+        autocompletion=_choices("vibe", "vibe-distilled"),
         help="Alias (vibe, vibe-distilled), hub id, or local folder. [default: vibe]",
         rich_help_panel=MODEL,
         show_default=False,
@@ -74,13 +85,18 @@ Offline = Annotated[
 Device = Annotated[
     str | None,
     typer.Option(
-        "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]", rich_help_panel=PERF, show_default=False
+        "--device",
+        autocompletion=_choices("auto", "cpu", "cuda", "mps"),
+        help="auto, cpu, cuda, cuda:N or mps. [default: auto]",
+        rich_help_panel=PERF,
+        show_default=False,
     ),
 ]
 Dtype = Annotated[
     str | None,
     typer.Option(
         "--dtype",
+        autocompletion=_choices("auto", "bf16", "fp16", "fp32"),
         help="auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32. [default: auto]",
         rich_help_panel=PERF,
         show_default=False,
@@ -90,6 +106,7 @@ Offload = Annotated[
     str | None,
     typer.Option(
         "--offload",
+        autocompletion=_choices("none", "model", "sequential"),
         help="none, model (for GPUs under 24 GB) or sequential (slowest, least memory). [default: none]",
         rich_help_panel=PERF,
         show_default=False,
@@ -102,7 +119,8 @@ OutputFormat = Annotated[
     str | None,
     typer.Option(
         "--format",
-        help="png, jpg or webp. [default: from the output's extension]",
+        autocompletion=_choices("png", "jpg", "webp"),
+        help="png, jpg or webp. [default: from the output's extension; png for batch]",
         rich_help_panel=OUT,
         show_default=False,
     ),

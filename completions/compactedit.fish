@@ -1,0 +1,1 @@
+complete --command compactedit --no-files --arguments "(env _COMPACTEDIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) compactedit)" --condition "env _COMPACTEDIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) compactedit"
