@@ -7,28 +7,8 @@ from typing import Annotated
 
 import typer
 
+from . import options as opt
 from .common import console, handle_errors, info, make_progress, warn
-from .options import (
-    Binning,
-    Compile,
-    Device,
-    Dtype,
-    Guidance,
-    ImageGuidance,
-    Model,
-    Offline,
-    Offload,
-    OutputFormat,
-    Overwrite,
-    Quality,
-    Quiet,
-    Revision,
-    Seed,
-    Steps,
-    Verbose,
-    model_options,
-    parse_seed,
-)
 
 EXAMPLES = """
 Examples:
@@ -65,24 +45,24 @@ def batch(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, max=64, help="Same-size images edited together on the GPU.")
     ] = 1,
-    steps: Steps = None,
-    guidance: Guidance = None,
-    image_guidance: ImageGuidance = None,
-    seed: Seed = None,
-    model: Model = None,
-    revision: Revision = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    offload: Offload = None,
-    compile_: Compile = False,
-    no_binning: Binning = False,
-    fmt: OutputFormat = None,
-    quality: Quality = None,
-    overwrite: Overwrite = False,
+    steps: opt.Steps = None,
+    guidance: opt.Guidance = None,
+    image_guidance: opt.ImageGuidance = None,
+    seed: opt.Seed = None,
+    model: opt.Model = None,
+    revision: opt.Revision = None,
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+    offload: opt.Offload = None,
+    compile_: opt.Compile = False,
+    no_binning: opt.Binning = False,
+    fmt: opt.OutputFormat = None,
+    quality: opt.Quality = None,
+    overwrite: opt.Overwrite = False,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no parameters into outputs.")] = False,
-    offline: Offline = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
+    offline: opt.Offline = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Edit a folder of images, or every line of a manifest, with one model load.
 
@@ -109,7 +89,7 @@ def batch(
         items = items_from_manifest(manifest, output_dir, default_fmt)
     if not items:
         raise UsageError(f"no images to edit in {input_dir} (glob {glob!r}{', recursive' if recursive else ''})")
-    seed_value = None if seed is not None and seed.strip().lower() == "random" else parse_seed(seed or "42")
+    seed_value = None if seed is not None and seed.strip().lower() == "random" else opt.parse_seed(seed or "42")
 
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +106,7 @@ def batch(
     with make_progress() as progress:
         task = progress.add_task("loading model", total=None)
         loaded = load_pipeline(
-            model_options(model, revision, device, dtype, offline, offload, compile_),
+            opt.model_options(model, revision, device, dtype, offline, offload, compile_),
             status=lambda message: progress.update(task, description=message),
         )
         progress.update(task, description="editing", total=len(items), completed=0)

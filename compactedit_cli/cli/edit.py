@@ -9,28 +9,8 @@ from typing import Annotated
 
 import typer
 
+from . import options as opt
 from .common import edit_progress, emit_json, handle_errors, info, warn
-from .options import (
-    Binning,
-    Compile,
-    Device,
-    Dtype,
-    Guidance,
-    ImageGuidance,
-    Model,
-    Offline,
-    Offload,
-    OutputFormat,
-    Overwrite,
-    Quality,
-    Quiet,
-    Revision,
-    Seed,
-    Steps,
-    Verbose,
-    model_options,
-    parse_seed,
-)
 
 EXAMPLES = """
 Examples:
@@ -66,26 +46,26 @@ def edit(
             show_default=False,
         ),
     ] = None,
-    steps: Steps = None,
-    guidance: Guidance = None,
-    image_guidance: ImageGuidance = None,
-    seed: Seed = None,
+    steps: opt.Steps = None,
+    guidance: opt.Guidance = None,
+    image_guidance: opt.ImageGuidance = None,
+    seed: opt.Seed = None,
     num_images: Annotated[
         int, typer.Option("--num-images", "-n", min=1, max=64, help="Outputs to make; written as OUT-1, OUT-2, …")
     ] = 1,
-    model: Model = None,
-    revision: Revision = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    offload: Offload = None,
-    compile_: Compile = False,
-    no_binning: Binning = False,
-    fmt: OutputFormat = None,
-    quality: Quality = None,
+    model: opt.Model = None,
+    revision: opt.Revision = None,
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+    offload: opt.Offload = None,
+    compile_: opt.Compile = False,
+    no_binning: opt.Binning = False,
+    fmt: opt.OutputFormat = None,
+    quality: opt.Quality = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object describing the result to stdout.")
     ] = False,
-    overwrite: Overwrite = False,
+    overwrite: opt.Overwrite = False,
     sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the parameters to OUT.json.")] = False,
     no_metadata: Annotated[
         bool, typer.Option("--no-metadata", help="Write no parameters into the output file.")
@@ -100,9 +80,9 @@ def edit(
             dir_okay=False,
         ),
     ] = None,
-    offline: Offline = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
+    offline: opt.Offline = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Edit one image with a plain-language instruction.
 
@@ -168,14 +148,14 @@ def edit(
     prepare_outputs(paths, inputs=inputs, overwrite=overwrite)
     for message in source.warnings:
         warn(message)
-    seed_value = parse_seed(seed) if seed is not None else settings.get("seed", 42)
+    seed_value = opt.parse_seed(seed) if seed is not None else settings.get("seed", 42)
     if seed is not None and seed.strip().lower() == "random":
         info(f"seed: {seed_value}")
 
     started = time.perf_counter()
     with edit_progress() as progress:
         loaded = load_pipeline(
-            model_options(
+            opt.model_options(
                 model or settings.get("model"),
                 revision or settings.get("revision"),
                 device,
