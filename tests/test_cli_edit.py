@@ -234,3 +234,21 @@ def test_config_file_supplies_defaults(cli, tiny_checkpoint, photo, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert cli("config", "set", "colour", "blue").exit_code == 2
     assert cli("config", "unset", "model").exit_code == 0
+
+
+def test_device_and_dtype_choices(cli, tiny_checkpoint, photo, tmp_path):
+    out = tmp_path / "bf16.png"
+    result = cli(
+        "edit", photo, "x", "-o", out, "--device", "cpu", "--dtype", "bf16", "--json", "-m", tiny_checkpoint, *FAST
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["device"], report["dtype"]) == ("cpu", "bfloat16")
+    assert Image.open(out).size == (100, 75)
+
+
+def test_revision_of_a_cached_model(cli, cached_model, photo, tmp_path):
+    ok = cli("edit", photo, "x", "-o", tmp_path / "a.png", "-m", cached_model, "--revision", "main", *FAST)
+    assert ok.exit_code == 0, ok.stderr
+    missing = cli("edit", photo, "x", "-o", tmp_path / "b.png", "-m", cached_model, "--revision", "v2", "--offline")
+    assert missing.exit_code == 4 and "--revision v2" in missing.stderr

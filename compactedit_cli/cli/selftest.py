@@ -33,6 +33,7 @@ def environment() -> dict[str, object]:
         "transformers": transformers.__version__,
         "cuda_available": torch.cuda.is_available(),
         "mps_available": torch.backends.mps.is_available(),
+        "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -40,7 +41,6 @@ def environment() -> dict[str, object]:
             cuda_version=torch.version.cuda,
             gpu=props.name,
             gpu_memory_gb=round(props.total_memory / 1e9, 1),
-            bf16_supported=torch.cuda.is_bf16_supported(),
         )
     return report
 
