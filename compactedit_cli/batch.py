@@ -23,8 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CompactEditError, InputImageError, OutputError, UsageError
-from .imaging import FORMAT_EXTENSIONS, OUTPUT_EXTENSIONS, SourceImage, open_image, output_format
+from .conditioning import check_instruction
+from .errors import (
+    CompactEditError,
+    DiskFullError,
+    InputImageError,
+    OutOfMemoryError,
+    OutputError,
+    UsageError,
+    internal_error,
+    is_out_of_memory,
+)
+from .imaging import (
+    FORMAT_EXTENSIONS,
+    OUTPUT_EXTENSIONS,
+    SourceImage,
+    open_image,
+    output_error,
+    output_format,
+    write_atomic,
+)
 
 RESULTS_NAME = "results.jsonl"
 DEFAULT_GLOB = "*"
@@ -113,8 +131,7 @@ def items_from_folder(
     """Every image under ``input_dir`` matching ``glob``; the output folder itself is never an input."""
     if not input_dir.is_dir():
         raise UsageError(f"input folder not found: {input_dir}")
-    if not instruction.strip():
-        raise UsageError("the instruction is empty")
+    check_instruction(instruction)
     out_root = out_dir.resolve()
     pattern = f"**/{glob}" if recursive else glob
     items = []
@@ -124,7 +141,8 @@ def items_from_folder(
             continue
         if path.suffix.lower() not in INPUT_SUFFIXES or path.resolve().is_relative_to(out_root):
             continue
-        items.append(BatchItem(image=path, instruction=instruction, output=out_dir / _output_name(rel, fmt)))
+        output = confined(out_dir, _output_name(rel, fmt), str(path))
+        items.append(BatchItem(image=path, instruction=instruction, output=output))
     return _dedupe(items)
 
 
@@ -148,8 +166,7 @@ def _coerce(record: dict[str, Any], where: str) -> dict[str, Any]:
     for required in ("image", "instruction"):
         if required not in clean:
             raise UsageError(f"{where}: missing field {required!r}")
-    if not clean["instruction"].strip():
-        raise UsageError(f"{where}: the instruction is empty")
+    check_instruction(clean["instruction"], where)
     if "steps" in clean and clean["steps"] < 1:
         raise UsageError(f"{where}: steps must be at least 1")
     for key in ("guidance", "image_guidance"):
@@ -206,6 +223,8 @@ def items_from_manifest(manifest: Path, out_dir: Path, fmt: str) -> list[BatchIt
                 output = output.with_suffix(FORMAT_EXTENSIONS[fmt])
         else:
             output = out_dir / _output_name(Path(image.name), fmt)
+        if output.resolve() == image.resolve():
+            raise OutputError(f"{where}: the output {output} is the input image; refusing to overwrite an input")
         items.append(
             BatchItem(
                 image=image,
@@ -232,8 +251,11 @@ class ResultsLog:
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / RESULTS_NAME
         self.previous: dict[str, dict[str, Any]] = {}
-        self._repair_and_read()
-        self._handle = self.path.open("a", encoding="utf-8")
+        try:
+            self._repair_and_read()
+            self._handle = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise output_error(exc, str(self.path)) from None
 
     def _repair_and_read(self) -> None:
         if not self.path.exists():
@@ -248,17 +270,26 @@ class ResultsLog:
                 self.previous[str(record["output"])] = record
 
     def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise output_error(exc, str(self.path)) from None
 
     def close(self, final: list[dict[str, Any]] | None = None) -> None:
-        """Close; after a complete run, rewrite the file with exactly one line per item."""
-        self._handle.close()
+        """Close; after a complete run, rewrite the file with exactly one line per item.
+
+        Closing an unfinished run never raises (it may be cleaning up after a full disk or Ctrl-C): a line torn
+        by a failed flush is dropped by the next run.
+        """
+        try:
+            self._handle.close()
+        except OSError as exc:
+            if final is not None:
+                raise output_error(exc, str(self.path)) from None
         if final is not None:
             body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in final)
-            from .imaging import write_atomic
-
             write_atomic(self.path, body.encode("utf-8"), overwrite=True)
 
 
@@ -275,7 +306,13 @@ class BatchSummary:
 
 
 def _record(
-    item: BatchItem, status: str, *, error: str | None = None, seed: int | None = None, seconds: float | None = None
+    item: BatchItem,
+    status: str,
+    *,
+    error: str | None = None,
+    seed: int | None = None,
+    seconds: float | None = None,
+    warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "input": str(item.image),
@@ -285,6 +322,7 @@ def _record(
         "error": error,
         "seed": seed,
         "seconds": None if seconds is None else round(seconds, 3),
+        "warnings": warnings or [],
     }
 
 
@@ -298,7 +336,7 @@ class Runner:
     batch_size: int = 1
     binning: bool = True
     on_item: Callable[[dict[str, Any]], None] = lambda _record: None
-    is_oom: Callable[[BaseException], bool] = lambda _exc: False
+    is_oom: Callable[[BaseException], bool] = is_out_of_memory
     free_memory: Callable[[], None] = lambda: None
 
     def _settings(self, item: BatchItem) -> tuple[int, float | None, float | None]:
@@ -337,7 +375,7 @@ class Runner:
                 break
             if item.output.exists() and not overwrite:
                 earlier = log.previous.get(item.key) or {}
-                finish(_record(item, "skipped", seed=earlier.get("seed")))
+                finish(_record(item, "skipped", seed=earlier.get("seed"), warnings=earlier.get("warnings")))
                 continue
             try:
                 source = open_image(item.image)
@@ -356,11 +394,13 @@ class Runner:
         return summary
 
     def _edit_chunk(self, chunk: list[tuple[BatchItem, SourceImage]], finish: Callable, summary: BatchSummary) -> None:
+        """Edit one same-bin chunk; if it fails, retry its items one by one, so only the culprit fails."""
         from .pipeline import EditRequest
 
         steps, guidance, image_guidance = self._settings(chunk[0][0])
         seeds = [self._seed(item) for item, _ in chunk]
         started = time.perf_counter()
+        error = None
         try:
             results = self.pipe.edit_batch(
                 [
@@ -372,16 +412,16 @@ class Runner:
                 image_guidance_scale=image_guidance,
                 resolution_binning=self.binning,
             )
-        except Exception as exc:
-            if not self.is_oom(exc):
-                raise
+        except Exception as exc:  # out of memory, or anything else one item can cause: the batch goes on
+            error = self._describe(exc)
+        if error is not None:
+            # Outside the except block, so the failed attempt's frames (and the tensors they hold) are gone.
             self.free_memory()
-            if len(chunk) > 1:  # retry one at a time before giving up on any item
+            if len(chunk) > 1:
                 for one in chunk:
                     self._edit_chunk([one], finish, summary)
-                return
-            item = chunk[0][0]
-            finish(_record(item, "failed", error="out of memory (try --offload model or a smaller input)"))
+            else:
+                finish(_record(chunk[0][0], "failed", error=error))
             return
         per_item = (time.perf_counter() - started) / len(chunk)
         for (item, _), result in zip(chunk, results, strict=True):
@@ -391,13 +431,22 @@ class Runner:
                 self.save(item, result.images[0], result.parameters)
             except OutputError as exc:
                 finish(_record(item, "failed", error=str(exc), seed=result.parameters.seed))
-                if "disk full" in exc.message:
+                if isinstance(exc, DiskFullError):
                     summary.stopped = exc
                 continue
             except InputImageError as exc:
                 finish(_record(item, "failed", error=str(exc)))
                 continue
-            finish(_record(item, "ok", seed=result.parameters.seed, seconds=per_item))
+            parameters = result.parameters
+            finish(_record(item, "ok", seed=parameters.seed, seconds=per_item, warnings=parameters.warnings))
+
+    def _describe(self, exc: Exception) -> str:
+        """The one-line error recorded for an item whose edit raised ``exc``."""
+        if self.is_oom(exc):
+            return str(OutOfMemoryError())
+        if isinstance(exc, CompactEditError):
+            return str(exc)
+        return internal_error(exc)
 
 
 def resolve_format(explicit: str | None, configured: str | None) -> str:

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .errors import UsageError
+
 EDIT_TEMPLATE = "what will this image be like if {instruction}"
+
+# Instruction tokens the VLM reads; longer text is cut on a token boundary, with a warning. Edit instructions are a
+# sentence or two (tens of tokens), so this leaves ample room; it caps the prompt (and the VLM's time and memory)
+# when a runaway input such as a pasted document arrives instead.
+MAX_INSTRUCTION_TOKENS = 256
 
 # The reference's VLM pixel budget (352² to 672²): 121 to 441 image tokens with Qwen3-VL-2B.
 VLM_MIN_PIXELS = 352 * 352
@@ -60,6 +67,32 @@ class Conditioning:
     meta_inputs: MetaInputs
 
 
+def check_instruction(instruction: object, where: str = "") -> str:
+    """``instruction`` unchanged if usable; empty or not encodable as UTF-8 (bad bytes in argv) is a UsageError."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise UsageError(f"{prefix}the instruction is empty")
+    try:
+        instruction.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{prefix}the instruction is not valid UTF-8 text") from None
+    return instruction
+
+
+def fit_instruction(tokenizer, instruction: str, limit: int = MAX_INSTRUCTION_TOKENS) -> tuple[str, str | None]:
+    """The instruction cut to ``limit`` tokens before the first token that does not fit, and a warning if cut.
+
+    Cutting at the start of the first dropped token never splits a character, even one spread over several
+    byte-level tokens (emoji, CJK), and the cut text never tokenizes longer than ``limit``.
+    """
+    text = check_instruction(instruction).strip()
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= limit:
+        return instruction, None
+    cut = text[: offsets[limit][0]].rstrip()
+    return cut, f"the instruction is {len(offsets)} tokens long; only the first {limit} are used"
+
+
 def render_prompts(processor, instructions: Sequence[str]) -> list[str]:
     """The chat texts the VLM reads, one per instruction."""
     texts = []
@@ -88,6 +121,10 @@ class VLMConditioner:
     @property
     def device(self) -> torch.device:
         return self.text_encoder.get_input_embeddings().weight.device
+
+    def fit_instruction(self, instruction: str) -> tuple[str, str | None]:
+        """See :func:`fit_instruction`, with this model's tokenizer."""
+        return fit_instruction(self.processor.tokenizer, instruction)
 
     def prepare(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> VLMBatch:
         """Tokenise the prompts and patchify each row's image (one copy per row, as the reference does)."""

@@ -59,7 +59,28 @@ class OutputError(CompactEditError):
     exit_code = ExitCode.OUTPUT
 
 
+class DiskFullError(OutputError):
+    """The disk (or quota) filled up while writing; a batch stops, since every later item would fail the same way."""
+
+
 class OutOfMemoryError(CompactEditError):
     """The device ran out of memory for this item; the hint says how to fit it."""
 
     exit_code = ExitCode.FAILED
+
+    def __init__(self) -> None:
+        super().__init__(
+            "out of memory",
+            hint="try --offload model, a smaller --batch-size or fewer --num-images, "
+            "or a smaller input (it then runs in a smaller resolution bin)",
+        )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), or another backend's "out of memory" RuntimeError (MPS)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def internal_error(exc: BaseException) -> str:
+    """One line naming an exception nobody anticipated (a bug, or a library failing)."""
+    return f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .errors import InputImageError, OutputError, UsageError
+from .errors import DiskFullError, InputImageError, OutputError, UsageError
 
 # Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 120_000_000
@@ -209,23 +209,36 @@ def _umask() -> int:
     return mask
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to the open file ``fd`` and flush it to disk (where a full disk shows up), closing ``fd``."""
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def output_error(exc: OSError, what: str) -> OutputError:
+    """The OutputError for an OSError while writing ``what``: a full disk or quota is a DiskFullError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full while writing {what} ({exc.strerror})")
+    return OutputError(f"cannot write {what}: {exc.strerror or exc}")
+
+
 def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> None:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder, then a rename.
 
     Without ``overwrite`` an existing file is never replaced, even if it appears meanwhile (hard-link publish).
-    On any failure, including Ctrl-C, the temporary file is removed and ``path`` is untouched.
+    With it, a symlink at ``path`` is replaced, never followed. On any failure, including Ctrl-C, the temporary
+    file is removed and ``path`` is untouched.
     """
     folder = path.parent
     try:
         fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        raise output_error(exc, f"to {folder}") from None
     temp = Path(temp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_all(fd, data)
         temp.chmod(0o666 & ~_umask())
         if overwrite:
             temp.replace(path)
@@ -239,9 +252,7 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> None:
                     raise OutputError(f"{path} already exists", hint="use --overwrite to replace it") from None
                 temp.replace(path)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {path}") from None
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise output_error(exc, str(path)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()

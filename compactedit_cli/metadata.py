@@ -11,7 +11,9 @@ Metadata read back is data only: values are type-checked and nothing in it is us
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from html import escape, unescape
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,6 @@ from .errors import UsageError
 SCHEMA = "compactedit/1"
 XMP_NAMESPACE = "https://github.com/compactedit/compactedit/ns/1.0/"
 _XMP_ATTRIBUTE = re.compile(rb'compactedit:params="([^"]*)"')
-
-# Types of the fields --replay may take from a file, and nothing else.
-REPLAYABLE: dict[str, type | tuple[type, ...]] = {
-    "instruction": str,
-    "steps": int,
-    "guidance_scale": (int, float),
-    "image_guidance_scale": (int, float),
-    "seed": int,
-    "model": str,
-    "revision": str,
-    "resolution_binning": bool,
-}
 
 
 def build(
@@ -141,11 +131,72 @@ def read(path: Path) -> dict[str, Any]:
     return meta
 
 
-def replayable(meta: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a record that ``--replay`` may use, each type-checked; anything else is dropped."""
-    clean = {}
-    for key, kind in REPLAYABLE.items():
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_scale(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _passes(check: Callable[[Any], Any], value: Any) -> bool:
+    """Whether ``check`` accepts ``value``: returns something truthy instead of raising a user-facing error."""
+    from .errors import CompactEditError
+
+    try:
+        return bool(check(value))
+    except CompactEditError:
+        return False
+
+
+def _is_revision(value: Any) -> bool:
+    from .weights import REVISION
+
+    return isinstance(value, str) and REVISION.match(value) is not None and ".." not in value
+
+
+def _checks() -> dict[str, Callable[[Any], bool]]:
+    """The fields --replay may take from a file, each with the check its value must pass; nothing else is read.
+
+    A recorded model must be a hub id or alias: it is never taken as a path (``/etc``, ``../x``, a local folder).
+    """
+    from .conditioning import check_instruction
+    from .pipeline import MAX_SEED
+    from .weights import parse_model
+
+    return {
+        "instruction": lambda v: _passes(check_instruction, v),
+        "steps": lambda v: _is_int(v, 1, 1000),
+        "guidance_scale": _is_scale,
+        "image_guidance_scale": _is_scale,
+        "seed": lambda v: _is_int(v, 0, MAX_SEED),
+        "model": lambda v: isinstance(v, str) and _passes(lambda spec: parse_model(spec).repo_id, v),
+        "revision": _is_revision,
+        "resolution_binning": lambda v: isinstance(v, bool),
+    }
+
+
+def replayable(meta: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The values ``--replay`` may reuse, and a warning for each recorded value it ignores.
+
+    Metadata is untrusted data: a value of the wrong type or range is dropped, and a recorded model is used only
+    as a hub id, with its revision (a revision without its model is meaningless).
+    """
+    clean: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, check in _checks().items():
         value = meta.get(key)
-        if value is not None and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        if value is None:
+            continue
+        if check(value):
             clean[key] = value
-    return clean
+        else:
+            ignored.append(f"ignoring the recorded {key} {_short(value)}: not a valid {key}")
+    if "revision" in clean and "model" not in clean:
+        ignored.append(f"ignoring the recorded revision {_short(clean.pop('revision'))}: it belongs to no usable model")
+    return clean, ignored
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -134,16 +134,6 @@ def _check_scale(name: str, value: float) -> float:
     return float(value)
 
 
-def _instructions(instruction: str | Sequence[str]) -> list[str]:
-    items = [instruction] if isinstance(instruction, str) else list(instruction)
-    if not items:
-        raise UsageError("no instruction given")
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            raise UsageError("the instruction is empty")
-    return items
-
-
 class EditPipeline:
     """VIBE instruction-based editing on one device and dtype."""
 
@@ -207,6 +197,14 @@ class EditPipeline:
     def cfg_distilled(self) -> bool:
         """A CFG-distilled checkpoint runs unguided by default (both scales 0)."""
         return self.transformer.cfg_distilled
+
+    def _instructions(self, instruction: str | Sequence[str]) -> tuple[list[str], list[str]]:
+        """Checked instructions, each cut to the VLM's token limit, and a warning for each one cut."""
+        items = [instruction] if isinstance(instruction, str) else list(instruction)
+        if not items:
+            raise UsageError("no instruction given")
+        fitted = [self.conditioner.fit_instruction(item) for item in items]
+        return [text for text, _ in fitted], [note for _, note in fitted if note]
 
     def default_guidance(self) -> Guidance:
         if self.cfg_distilled:
@@ -372,6 +370,7 @@ class EditPipeline:
         size: tuple[int, int],
         source: SourceImage,
         binning: bool,
+        notes: list[str],
     ) -> EditParameters:
         return EditParameters(
             instructions=instructions,
@@ -392,7 +391,7 @@ class EditPipeline:
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             model=self.model_name,
-            warnings=list(source.warnings),
+            warnings=[*source.warnings, *notes],
         )
 
     def __call__(
@@ -421,7 +420,7 @@ class EditPipeline:
         ``output_type="latent"`` skips decoding and returns the final latents.
         """
         source = as_source(image)
-        instructions = _instructions(instruction)
+        instructions, notes = self._instructions(instruction)
         settings = self._settings(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -440,7 +439,7 @@ class EditPipeline:
         final, images = self._run(
             [(source, text) for text in instructions], latents, size, settings, callback, on_stage
         )
-        parameters = self._parameters(instructions, seed, settings, size, source, resolution_binning)
+        parameters = self._parameters(instructions, seed, settings, size, source, resolution_binning, notes)
         return EditResult(images=images, latents=final, parameters=parameters)
 
     def edit_batch(
@@ -477,7 +476,8 @@ class EditPipeline:
         size = sizes.pop()
         seeds = [random_seed() if r.seed is None else r.seed for r in requests]
         noise = torch.cat([self.initial_noise(num_images_per_prompt, *size, seed) for seed in seeds])
-        instructions = [_instructions(r.instruction)[0] for r in requests]
+        fitted = [self._instructions(r.instruction) for r in requests]
+        instructions = [texts[0] for texts, _ in fitted]
         final, images = self._run(
             list(zip(sources, instructions, strict=True)), noise, size, settings, callback, on_stage
         )
@@ -486,9 +486,9 @@ class EditPipeline:
             EditResult(
                 images=images[i * n : (i + 1) * n],
                 latents=None if final is None else final[i * n : (i + 1) * n],
-                parameters=self._parameters([text], seed, settings, size, source, resolution_binning),
+                parameters=self._parameters([text], seed, settings, size, source, resolution_binning, notes),
             )
-            for i, (source, text, seed) in enumerate(zip(sources, instructions, seeds, strict=True))
+            for i, (source, text, (_, notes), seed) in enumerate(zip(sources, instructions, fitted, seeds, strict=True))
         ]
 
     def _check_latents(self, latents: torch.Tensor, batch: int, size: tuple[int, int]) -> None:

@@ -142,15 +142,32 @@ def prepare_outputs(paths: list[Path], *, inputs: list[Path], overwrite: bool) -
             raise OutputError(f"output {path} is a directory")
         if path.exists() and not overwrite:
             raise OutputError(f"{path} already exists", hint="use --overwrite to replace it")
-        folder = path.parent
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"cannot write {path}: {folder} is not a folder")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write to the output folder {folder}: permission denied")
+        ensure_folder(path.parent)
+
+
+def ensure_folder(folder: Path) -> None:
+    """An output folder that exists (created if missing) and can be written, else a one-line OutputError."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the output folder {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to the output folder {folder}: permission denied")
+
+
+def free_memory() -> None:
+    """Give back what a failed edit held: collect its garbage, then return cached device memory to the driver."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()
 
 
 def record_for(result_parameters: Any, index: int, loaded: LoadedModel, source_name: str | None) -> dict[str, Any]:

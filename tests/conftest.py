@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,23 @@ def make_photo(path: Path, size: tuple[int, int] = (100, 75), seed: int = 0, mod
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).convert(mode).save(path)
     return path
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op torch thread, for the long tests: the tiny model's ops are too small to share, and on a busy
+    machine two threads spin (three times slower). Results do not depend on it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    with single_thread():
+        yield

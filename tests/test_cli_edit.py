@@ -209,23 +209,6 @@ def test_hub_model_from_cache_records_revision(cli, cached_model, photo, tmp_pat
     assert f"Model: {cached_model}@{'1' * 40}" in Image.open(out).info["parameters"]
 
 
-def test_offline_missing_model_names_the_download_command(cli, hf_cache, photo, tmp_path):
-    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "-m", "acme/absent", "--offline")
-    assert result.exit_code == 4
-    assert "compactedit models download acme/absent" in result.stderr
-    assert not (tmp_path / "o.png").exists()
-
-
-def test_truncated_cached_weights_are_detected(cli, cached_model, hf_cache, photo, tmp_path):
-    snapshot = hf_cache / "models--acme--tiny-vibe" / "snapshots" / ("1" * 40)
-    weights = (snapshot / "transformer" / "diffusion_pytorch_model.safetensors").resolve()
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) - 1000])
-    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "-m", cached_model, "--offline")
-    assert result.exit_code == 4
-    assert "truncated" in result.stderr and "models download acme/tiny-vibe --force" in result.stderr
-
-
 def test_config_file_supplies_defaults(cli, tiny_checkpoint, photo, tmp_path):
     assert cli("config", "set", "model", str(tiny_checkpoint)).exit_code == 0
     shown = json.loads(cli("config", "show").stdout)

@@ -69,19 +69,27 @@ def batch(
     Existing outputs are skipped, so re-running resumes; OUT_DIR/results.jsonl records every item.
     """
     from .. import settings
-    from ..batch import Defaults, ResultsLog, Runner, items_from_folder, items_from_manifest, resolve_format
+    from ..batch import (
+        DEFAULT_GLOB,
+        Defaults,
+        ResultsLog,
+        Runner,
+        items_from_folder,
+        items_from_manifest,
+        resolve_format,
+    )
     from ..errors import ExitCode, UsageError
     from ..imaging import output_format, remove_stale_temporaries
-    from ..runner import OutputOptions, load_pipeline, record_for, save_outputs
+    from ..runner import OutputOptions, ensure_folder, free_memory, load_pipeline, record_for, save_outputs
 
     if (input_dir is None) == (manifest is None):
         raise UsageError("give either INPUT_DIR (with -i) or --manifest")
     if manifest is not None and instruction is not None:
         raise UsageError("-i/--instruction applies to INPUT_DIR; put instructions in the manifest")
+    if manifest is not None and (recursive or glob != DEFAULT_GLOB):
+        raise UsageError("--glob and --recursive apply to INPUT_DIR, not to --manifest")
     if input_dir is not None and instruction is None:
         raise UsageError("INPUT_DIR needs -i/--instruction")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"output folder {output_dir} is a file")
     default_fmt = resolve_format(fmt, settings.load().get("output_format"))
     if input_dir is not None:
         items = items_from_folder(input_dir, instruction, output_dir, default_fmt, glob=glob, recursive=recursive)
@@ -91,17 +99,12 @@ def batch(
         raise UsageError(f"no images to edit in {input_dir} (glob {glob!r}{', recursive' if recursive else ''})")
     seed_value = None if seed is not None and seed.strip().lower() == "random" else opt.parse_seed(seed or "42")
 
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        from ..errors import OutputError
-
-        raise OutputError(f"cannot create the output folder {output_dir}: {exc.strerror or exc}") from None
+    ensure_folder(output_dir)
     removed = remove_stale_temporaries(output_dir)
     if removed:
         info(f"removed {removed} temporary file(s) left by an interrupted run")
-    for item in items:
-        item.output.parent.mkdir(parents=True, exist_ok=True)
+    for folder in sorted({item.output.parent for item in items}):
+        ensure_folder(folder)
 
     with make_progress() as progress:
         task = progress.add_task("loading model", total=None)
@@ -120,15 +123,9 @@ def batch(
 
         def on_item(record) -> None:
             progress.advance(task)
-            if record["status"] == "failed":
-                error = record["error"]
-                warn(error if record["input"] in error else f"{record['input']}: {error}")
-
-        import torch
-
-        def free_memory() -> None:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            messages = {"failed": [record["error"]], "ok": record["warnings"]}.get(record["status"], [])
+            for message in messages:
+                warn(message if record["input"] in message else f"{record['input']}: {message}")
 
         runner = Runner(
             pipe=loaded.pipe,
@@ -137,7 +134,6 @@ def batch(
             batch_size=batch_size,
             binning=not no_binning,
             on_item=on_item,
-            is_oom=lambda exc: isinstance(exc, torch.OutOfMemoryError),
             free_memory=free_memory,
         )
         log = ResultsLog(output_dir)
@@ -168,6 +164,6 @@ def _print_summary(summary, results_path: Path) -> None:
     console.print(table)
     failed = [r for r in summary.records if r["status"] == "failed"]
     for record in failed[:10]:
-        console.print(f"  failed: {record['input']}: {record['error']}", markup=False)
+        console.print(f"  failed: {record['input']}: {record['error']}", markup=False, soft_wrap=True)
     if len(failed) > 10:
-        console.print(f"  … and {len(failed) - 10} more (see {results_path})", markup=False)
+        console.print(f"  … and {len(failed) - 10} more (see {results_path})", markup=False, soft_wrap=True)

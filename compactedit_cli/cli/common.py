@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..errors import CompactEditError, ExitCode
+from ..errors import CompactEditError, ExitCode, OutOfMemoryError, internal_error, is_out_of_memory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,27 +45,19 @@ class Verbosity:
     verbose = False
 
 
+# Messages are never wrapped: one message, one line, whatever the terminal width (scripts grep stderr).
 def info(message: str) -> None:
     if not Verbosity.quiet:
-        console.print(message, markup=False)
+        console.print(message, markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     if not Verbosity.quiet:
-        console.print(f"warning: {message}", markup=False, style="yellow")
+        console.print(f"warning: {message}", markup=False, style="yellow", soft_wrap=True)
 
 
 def fail(message: str) -> None:
     console.print(f"error: {message}", markup=False, style="red", soft_wrap=True)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def out_of_memory_hint() -> str:
-    return "try --offload model, fewer --num-images, a smaller --batch-size, or a smaller input"
 
 
 def handle_errors(fn: F) -> F:
@@ -90,10 +82,10 @@ def handle_errors(fn: F) -> F:
             fail("terminated")
             raise typer.Exit(ExitCode.TERMINATED) from None
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                _report(exc, f"out of memory ({out_of_memory_hint()})")
+            if is_out_of_memory(exc):
+                _report(exc, str(OutOfMemoryError()))
             else:
-                _report(exc, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
+                _report(exc, internal_error(exc))
                 if not Verbosity.verbose:
                     console.print("(run with -v for the traceback)", markup=False)
             raise typer.Exit(ExitCode.FAILED) from None

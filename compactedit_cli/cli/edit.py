@@ -88,6 +88,7 @@ def edit(
 
     The output has exactly the input's size and lines up with it pixel for pixel.
     """
+    from ..conditioning import check_instruction
     from ..errors import UsageError
     from ..imaging import open_image, output_format
     from ..runner import (
@@ -101,24 +102,13 @@ def edit(
         source_label,
     )
 
-    settings = {}
-    if replay is not None:
-        from .. import metadata as meta_io
-
-        settings = meta_io.replayable(meta_io.read(replay))
-        if "model" in settings and model is None:
-            try:
-                from ..weights import parse_model
-
-                if parse_model(settings["model"]).repo_id is None:
-                    raise UsageError("local")
-            except Exception:
-                warn(f"--replay: the recorded model {settings['model']!r} is not a hub model; using --model")
-                settings.pop("model")
-                settings.pop("revision", None)
+    settings = _replayed(replay) if replay is not None else {}
+    if model is None:  # an explicit --model replaces the recorded model and its revision
+        model, revision = settings.get("model"), revision or settings.get("revision")
     instruction = instruction if instruction is not None else settings.get("instruction")
-    if instruction is None or not instruction.strip():
-        raise UsageError("the instruction is empty" if instruction is not None else "missing INSTRUCTION")
+    if instruction is None:
+        raise UsageError("missing INSTRUCTION")
+    check_instruction(instruction)
     if image == "-" and output is None:
         raise UsageError("reading from stdin needs -o (a file, or - for stdout)")
     to_stdout = output == "-"
@@ -146,8 +136,6 @@ def edit(
     # Everything the user can get wrong is checked before the model loads.
     source = open_image(sys.stdin.buffer.read() if image == "-" else Path(image))
     prepare_outputs(paths, inputs=inputs, overwrite=overwrite)
-    for message in source.warnings:
-        warn(message)
     seed_value = opt.parse_seed(seed) if seed is not None else settings.get("seed", 42)
     if seed is not None and seed.strip().lower() == "random":
         info(f"seed: {seed_value}")
@@ -155,15 +143,7 @@ def edit(
     started = time.perf_counter()
     with edit_progress() as progress:
         loaded = load_pipeline(
-            opt.model_options(
-                model or settings.get("model"),
-                revision or settings.get("revision"),
-                device,
-                dtype,
-                offline,
-                offload,
-                compile_,
-            ),
+            opt.model_options(model, revision, device, dtype, offline, offload, compile_),
             status=progress.status,
         )
         result = loaded.pipe(
@@ -178,6 +158,8 @@ def edit(
             callback=progress.step,
             on_stage=progress.stage,
         )
+    for message in result.parameters.warnings:
+        warn(message)
     records = [record_for(result.parameters, i, loaded, source_label(image)) for i in range(len(result.images))]
     if to_stdout:
         from ..runner import encode_output
@@ -202,3 +184,13 @@ def edit(
         for path in paths:
             print(path)
     info(f"done in {seconds:.1f}s" if not to_stdout else f"wrote {out_fmt} to stdout in {seconds:.1f}s")
+
+
+def _replayed(path: Path) -> dict:
+    """The parameters recorded in ``path`` that are safe to reuse; each ignored value gets a warning."""
+    from .. import metadata as meta_io
+
+    settings, ignored = meta_io.replayable(meta_io.read(path))
+    for message in ignored:
+        warn(f"--replay: {message}")
+    return settings
