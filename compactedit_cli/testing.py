@@ -359,18 +359,18 @@ def build_text_encoder(
 
 
 def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
-    """Recompute non-persistent buffers (rotary tables) that ``to_empty`` left uninitialised."""
+    """Recompute the rotary tables (non-persistent buffers) that ``to_empty`` left uninitialised.
+
+    Each rotary module is rebuilt from its config on the CPU and its buffers copied over, so this follows whatever
+    the installed transformers computes.
+    """
     for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if inv_freq is not None and hasattr(module, "rope_init_fn"):
-            freq, _ = module.rope_init_fn(module.config, device)
-            module.inv_freq.copy_(freq.to(inv_freq.dtype))
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = module.inv_freq.clone()
-        elif inv_freq is not None and hasattr(module, "dim"):
-            theta = getattr(module, "theta", 10000.0)
-            freq = 1.0 / (theta ** (torch.arange(0, module.dim, 2, dtype=torch.float, device=device) / module.dim))
-            module.inv_freq.copy_(freq)
+        if getattr(module, "inv_freq", None) is None or not hasattr(module, "config"):
+            continue
+        with torch.device("cpu"):
+            fresh = type(module)(module.config)
+        for name, buffer in fresh.named_buffers(recurse=False):
+            getattr(module, name).copy_(buffer.to(device))
 
 
 def build_transformer(

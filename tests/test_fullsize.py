@@ -99,3 +99,18 @@ def test_scaled_random_pipeline_edits_on_cpu():
     result = pipe(image, "make the sky blue", num_inference_steps=2)
     assert result.images[0].size == (96, 64)
     assert np.asarray(result.images[0]).std() > 0
+
+
+def test_random_text_encoder_has_real_rotary_tables():
+    """``to_empty`` leaves buffers uninitialised; the build must recompute them as a normal construction does."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from compactedit_cli.fullsize import random_components
+
+    configs = scaled_configs(width_divisor=16, layers=1)
+    built = random_components(configs, "cpu", torch.float32).text_encoder
+    reference = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(built.config.to_dict()))
+    buffers = dict(reference.named_buffers())
+    assert buffers
+    for name, buffer in built.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
