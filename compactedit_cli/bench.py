@@ -219,7 +219,7 @@ def _bench_resolution(
     import torch
 
     image = _source_image(edge)
-    size = pipe.model_size((edge, edge))
+    size = pipe.model_size((edge, edge), binning=plan["binning"])
     gc.collect()
     if clock.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -394,6 +394,7 @@ def _guidance(pipe: EditPipeline, distilled: bool, text: float | None, image: fl
 def run_bench(
     *,
     resolutions: Sequence[int] = (1024,),
+    binning: bool = True,
     steps: int = 20,
     guidance_scale: float | None = None,
     image_guidance_scale: float | None = None,
@@ -412,6 +413,9 @@ def run_bench(
     progress: ProgressHook | None = None,
 ) -> dict[str, Any]:
     """Benchmark edits of square ``resolutions`` (edge lengths, binned as ``edit`` bins them) and return a report.
+
+    ``binning=False`` runs each edge length as given (rounded to a multiple of 32), as ``edit`` does without binning:
+    binning maps every square below 768² to 512².
 
     The model is ``model`` (a checkpoint folder, or an already loaded :class:`EditPipeline`, whose device and dtype
     are then used) or random weights: ``"full"`` (the real architecture, built in seconds on a GPU), ``"mid"``
@@ -453,6 +457,7 @@ def run_bench(
             "steps": steps,
             "warmup": warmup,
             "repeats": repeats,
+            "binning": binning,
         }
         about, versions = _environment(pipe.device)  # before the runs: the load average is of other work
         results = [_bench_resolution(pipe, edge, plan, clock, tick) for edge in resolutions]
@@ -463,6 +468,7 @@ def run_bench(
             "versions": versions,
             "settings": {
                 "resolutions": list(resolutions),
+                "binning": binning,
                 "steps": steps,
                 "guidance_scale": guidance.text_scale,
                 "image_guidance_scale": guidance.image_scale,
@@ -540,6 +546,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--model", help="checkpoint folder")
     source.add_argument("--random-weights", choices=RANDOM_WEIGHTS)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024])
+    parser.add_argument("--no-binning", dest="binning", action="store_false")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--image-guidance-scale", type=float)

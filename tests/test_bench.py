@@ -99,8 +99,9 @@ def test_table_renders_one_row_per_resolution(report):
 
 
 def test_loaded_pipeline_distilled_and_offload(tiny_pipe):
-    report = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, distilled=True)
+    report = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, distilled=True, binning=False)
     assert report["model"]["load_s"] is None
+    assert report["results"][0]["model_size"] == {"height": 96, "width": 96}
     assert report["settings"]["guidance_branches"] == 1
     assert report["settings"]["device"] == "cpu"
     assert len(report["results"][0]["stages"]["denoise_step"]["runs"]) == 1
