@@ -494,6 +494,43 @@ def run_bench(
         }
 
 
+# ---- fixed cost of a process --------------------------------------------------------------------------------------
+
+# What one ``compactedit edit`` process pays before any pixel work, probe by probe (each a fresh interpreter).
+_LOAD_TINY = "from compactedit_cli.pipeline import EditPipeline; pipe = EditPipeline.from_pretrained({folder!r}, 'cpu')"
+STARTUP_PROBES = {
+    "interpreter": "pass",
+    "import_bench_module": "import compactedit_cli.bench",
+    "import_torch": "import torch",
+    "import_pipeline": "import compactedit_cli.pipeline",
+    "load_tiny": _LOAD_TINY,
+    "tiny_edit": _LOAD_TINY + "; from PIL import Image; pipe(Image.new('RGB', (64, 64)), 'x', num_inference_steps=1)",
+}
+
+
+def startup_overhead(repeats: int = 5) -> dict[str, Any]:
+    """Wall seconds of fresh processes that start, import, load the tiny model and edit: the fixed cost per edit.
+
+    Each probe runs ``repeats`` times in a new interpreter (``sys.executable``); min / median / max per probe.
+    """
+    import subprocess
+
+    from .testing import build_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        probes = {}
+        for name, code in STARTUP_PROBES.items():
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code.format(folder=folder)], check=True, env=env)
+                times.append(time.perf_counter() - start)
+            probes[name] = _stats(times)
+    return {"python": sys.executable, "load_average": list(os.getloadavg()), "probes": probes}
+
+
 # ---- presentation -----------------------------------------------------------------------------------------------
 
 
@@ -545,6 +582,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder")
     source.add_argument("--random-weights", choices=RANDOM_WEIGHTS)
+    source.add_argument("--startup", action="store_true", help="time process start, imports and a tiny load instead")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024])
     parser.add_argument("--no-binning", dest="binning", action="store_false")
     parser.add_argument("--steps", type=int, default=20)
@@ -566,7 +604,14 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one benchmark from the command line, print its table, and optionally write the JSON report."""
     args = _arguments(argv)
-    options = {k: v for k, v in vars(args).items() if k != "json"}
+    if args.startup:
+        report = startup_overhead(args.repeats)
+        text = json.dumps(report, indent=2) + "\n"
+        print(text)
+        if args.json is not None:
+            args.json.write_text(text, encoding="utf-8")
+        return 0
+    options = {k: v for k, v in vars(args).items() if k not in ("json", "startup")}
     try:
         report = run_bench(**options, progress=lambda done, total, what: print(f"[{done}/{total}] {what}", flush=True))
     except BenchError as exc:

@@ -150,3 +150,19 @@ def test_importing_the_bench_module_imports_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_checkpoint_folder_is_loaded_and_timed(tiny_checkpoint):
+    report = run_bench(model=tiny_checkpoint, resolutions=[64], steps=1, warmup=0, repeats=1, device="cpu")
+    assert report["model"]["source"] == str(tiny_checkpoint) and report["model"]["load_s"] > 0
+
+
+def test_startup_probes_run_in_fresh_interpreters(monkeypatch):
+    from compactedit_cli import bench
+
+    probes = {"interpreter": "pass", "sees_the_tiny_model": "import pathlib; assert pathlib.Path({folder!r}).is_dir()"}
+    monkeypatch.setattr(bench, "STARTUP_PROBES", probes)
+    report = bench.startup_overhead(repeats=2)
+    assert set(report["probes"]) == set(probes)
+    assert all(len(stats["runs"]) == 2 for stats in report["probes"].values())
+    assert json.loads(json.dumps(report)) == report
