@@ -148,6 +148,37 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+class _ForeignLoad:
+    """The share of the host's CPU time that other processes used meanwhile: CPU timings are only as good as this.
+
+    Linux only (``/proc/stat``); ``share()`` is ``None`` elsewhere.
+    """
+
+    _STAT = Path("/proc/stat")
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        if not self._STAT.exists():
+            return None
+        fields = [int(x) for x in self._STAT.read_text().splitlines()[0].split()[1:8]]
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait, in CPU seconds
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        mine = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        return busy, mine, time.monotonic()
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None:
+            return None
+        busy, mine, wall = (b - a for a, b in zip(self._start, end, strict=True))
+        capacity = wall * (os.cpu_count() or 1)
+        return max(0.0, busy - mine) / capacity if capacity > 0 else None
+
+
 # ---- one edit, stage by stage -----------------------------------------------------------------------------------
 
 
@@ -165,7 +196,10 @@ def _source_image(edge: int) -> Image.Image:
 def _timed_edit(
     pipe: EditPipeline, image: Image.Image, size: tuple[int, int], plan: dict[str, Any], clock: _Clock, mem: _Memory
 ) -> dict[str, Any]:
-    """One edit through the public stage methods; seconds per stage, and every step's duration."""
+    """One edit through the public stage methods; seconds per stage, and every step's duration.
+
+    The first step's time includes the loop's setup (timesteps, the context projection), which runs once per edit.
+    """
     from .imaging import to_pil
 
     height, width = size
@@ -223,12 +257,13 @@ def _bench_resolution(
     gc.collect()
     if clock.device.type == "cuda":
         torch.cuda.empty_cache()
-    mem = _Memory(clock.device)
+    mem = _Memory(clock.device)  # peaks of the timed runs only: a warm-up may compile or autotune
+    foreign = _ForeignLoad()
     runs = []
     for index in range(plan["warmup"] + plan["repeats"]):
-        kind = "warm-up" if index < plan["warmup"] else "run"
-        runs.append(_timed_edit(pipe, image, size, plan, clock, mem))
-        tick(f"{edge}px {kind} {index + 1}")
+        warming = index < plan["warmup"]
+        runs.append(_timed_edit(pipe, image, size, plan, clock, _Memory(clock.device) if warming else mem))
+        tick(f"{edge}px {'warm-up' if warming else 'run'} {index + 1}")
     warm, timed = runs[: plan["warmup"]], runs[plan["warmup"] :]
     stages = {name: _stats([r[name] for r in timed]) for name in STAGES if name != "denoise_step"}
     stages["denoise_step"] = _stats([step for r in timed for step in r["steps"]])
@@ -245,6 +280,7 @@ def _bench_resolution(
         "compile_warmup_s": first_overhead if pipe.compiled else None,
         "vae_tiling": bool(pipe.vae.use_tiling),
         "memory": mem.summary(),
+        "foreign_cpu_share": foreign.share(),
     }
 
 
@@ -546,7 +582,11 @@ def _memory_cell(memory: dict[str, Any]) -> str:
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    """A Rich table of a report: one row per resolution, median seconds per stage (min and max are in the JSON)."""
+    """A Rich table of a report: one row per resolution, median seconds per stage (min and max are in the JSON).
+
+    "other CPU" is the share of the host's CPU that other processes used during the runs (CPU timings are only
+    trustworthy when it is near 0).
+    """
     from rich.table import Table
 
     s = report["settings"]
@@ -556,7 +596,18 @@ def report_table(report: dict[str, Any]) -> Table:
         f"compile {'on' if s['compiled'] else 'off'}"
     )
     table = Table(title=title, caption=f"median of {s['repeats']} timed runs after {s['warmup']} warm-up(s)")
-    headers = ("size", "VLM", "VAE enc", "denoise", "step", "VAE dec", "end-to-end", "e2e range", "peak memory")
+    headers = (
+        "size",
+        "VLM",
+        "VAE enc",
+        "denoise",
+        "step",
+        "VAE dec",
+        "end-to-end",
+        "e2e range",
+        "peak memory",
+        "other CPU",
+    )
     for header in headers:
         table.add_column(header, justify="left" if header == "size" else "right")
     for row in report["results"]:
@@ -570,6 +621,7 @@ def report_table(report: dict[str, Any]) -> Table:
             f"{e2e['median']:.3g} s",
             f"{e2e['min']:.3g}–{e2e['max']:.3g} s",
             _memory_cell(row["memory"]),
+            "n/a" if row["foreign_cpu_share"] is None else f"{row['foreign_cpu_share']:.0%}",
         )
     return table
 

@@ -68,6 +68,7 @@ def test_report_carries_memory_settings_versions_and_device(report):
         assert memory["kind"] == "cpu" and memory["peak_rss_bytes"] > 0
         assert set(memory["stages"]) == set(SPANS)
         assert row["vae_tiling"] is False
+        assert 0 <= row["foreign_cpu_share"] <= 1
     settings = report["settings"]
     for key in ("resolutions", "steps", "guidance_scale", "image_guidance_scale", "distilled", "batch", "dtype",
                 "device", "compile", "offload", "random_weights", "warmup", "repeats"):  # fmt: skip
