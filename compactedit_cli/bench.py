@@ -19,16 +19,17 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .measure import DeviceClock, ForeignLoad, PeakMemory
 
 if TYPE_CHECKING:
     import torch
@@ -53,132 +54,6 @@ class BenchError(ValueError):
     """A benchmark option that cannot work (reported to the user, not a crash)."""
 
 
-# ---- clocks and memory ------------------------------------------------------------------------------------------
-
-
-class _Clock:
-    """Wall time with the device drained first; step marks are device events where the device has them."""
-
-    def __init__(self, device: torch.device) -> None:
-        import torch
-
-        self.device = device
-        self._events = {"cuda": getattr(torch.cuda, "Event", None), "mps": getattr(torch.mps, "Event", None)}.get(
-            device.type
-        )
-        self._sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
-
-    def now(self) -> float:
-        self._sync()
-        return time.perf_counter()
-
-    def mark(self) -> Any:
-        """A point in the device's stream (an event) or, on the CPU, in wall time; never waits."""
-        if self._events is None:
-            return time.perf_counter()
-        event = self._events(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds_between(self, marks: Sequence[Any]) -> list[float]:
-        """Durations between consecutive marks; call after :meth:`now` so every event has completed."""
-        if self._events is None:
-            return [b - a for a, b in itertools.pairwise(marks)]
-        return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
-
-
-class _Memory:
-    """Peak memory per stage: CUDA's allocator peaks, or the process's peak RSS on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peaks: dict[str, dict[str, int]] = {}
-
-    def reset(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            _reset_peak_rss()
-
-    def record(self, stage: str) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            now = {
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
-            }
-        elif self.device.type == "mps":
-            now = {"driver_allocated_bytes": torch.mps.driver_allocated_memory()}
-        else:
-            now = {"peak_rss_bytes": _peak_rss()}
-        seen = self.peaks.setdefault(stage, {})
-        for key, value in now.items():
-            seen[key] = max(seen.get(key, 0), value)
-
-    def summary(self) -> dict[str, Any]:
-        overall: dict[str, int] = {}
-        for stage_peaks in self.peaks.values():
-            for key, value in stage_peaks.items():
-                overall[key] = max(overall.get(key, 0), value)
-        scope = "stage" if self.device.type != "cpu" or _RSS_RESETTABLE else "process"
-        return {"kind": self.device.type, "scope": scope, **overall, "stages": self.peaks}
-
-
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_RSS_RESETTABLE = _CLEAR_REFS.exists()
-
-
-def _reset_peak_rss() -> None:
-    """Linux lets a process reset its RSS high-water mark; elsewhere the peak covers the whole process."""
-    if _RSS_RESETTABLE:
-        with suppress(OSError):
-            _CLEAR_REFS.write_text("5")
-
-
-def _peak_rss() -> int:
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-class _ForeignLoad:
-    """The share of the host's CPU time that other processes used meanwhile: CPU timings are only as good as this.
-
-    Linux only (``/proc/stat``); ``share()`` is ``None`` elsewhere.
-    """
-
-    _STAT = Path("/proc/stat")
-
-    def __init__(self) -> None:
-        self._start = self._read()
-
-    def _read(self) -> tuple[float, float, float] | None:
-        if not self._STAT.exists():
-            return None
-        fields = [int(x) for x in self._STAT.read_text().splitlines()[0].split()[1:8]]
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait, in CPU seconds
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        mine = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-        return busy, mine, time.monotonic()
-
-    def share(self) -> float | None:
-        end = self._read()
-        if self._start is None or end is None:
-            return None
-        busy, mine, wall = (b - a for a, b in zip(self._start, end, strict=True))
-        capacity = wall * (os.cpu_count() or 1)
-        return max(0.0, busy - mine) / capacity if capacity > 0 else None
-
-
 # ---- one edit, stage by stage -----------------------------------------------------------------------------------
 
 
@@ -194,7 +69,12 @@ def _source_image(edge: int) -> Image.Image:
 
 
 def _timed_edit(
-    pipe: EditPipeline, image: Image.Image, size: tuple[int, int], plan: dict[str, Any], clock: _Clock, mem: _Memory
+    pipe: EditPipeline,
+    image: Image.Image,
+    size: tuple[int, int],
+    plan: dict[str, Any],
+    clock: DeviceClock,
+    mem: PeakMemory,
 ) -> dict[str, Any]:
     """One edit through the public stage methods; seconds per stage, and every step's duration.
 
@@ -248,7 +128,7 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _bench_resolution(
-    pipe: EditPipeline, edge: int, plan: dict[str, Any], clock: _Clock, tick: Callable[[str], None]
+    pipe: EditPipeline, edge: int, plan: dict[str, Any], clock: DeviceClock, tick: Callable[[str], None]
 ) -> dict[str, Any]:
     import torch
 
@@ -257,12 +137,12 @@ def _bench_resolution(
     gc.collect()
     if clock.device.type == "cuda":
         torch.cuda.empty_cache()
-    mem = _Memory(clock.device)  # peaks of the timed runs only: a warm-up may compile or autotune
-    foreign = _ForeignLoad()
+    mem = PeakMemory(clock.device)  # peaks of the timed runs only: a warm-up may compile or autotune
+    foreign = ForeignLoad()
     runs = []
     for index in range(plan["warmup"] + plan["repeats"]):
         warming = index < plan["warmup"]
-        runs.append(_timed_edit(pipe, image, size, plan, clock, _Memory(clock.device) if warming else mem))
+        runs.append(_timed_edit(pipe, image, size, plan, clock, PeakMemory(clock.device) if warming else mem))
         tick(f"{edge}px {'warm-up' if warming else 'run'} {index + 1}")
     warm, timed = runs[: plan["warmup"]], runs[plan["warmup"] :]
     stages = {name: _stats([r[name] for r in timed]) for name in STAGES if name != "denoise_step"}
@@ -308,7 +188,7 @@ def _load(
     dtype: torch.dtype,
     offload: str,
     stack: ExitStack,
-    clock: _Clock,
+    clock: DeviceClock,
 ) -> tuple[EditPipeline, dict[str, Any]]:
     """The pipeline to measure, and how it was made (source, seconds to load or build)."""
     from .pipeline import EditPipeline
@@ -479,13 +359,13 @@ def run_bench(
     if progress is not None:
         progress(0, total, "loading the model")
     with ExitStack() as stack:
-        clock = _Clock(device)
+        clock = DeviceClock(device)
         pipe, loaded = _load(model, random_weights, device, dtype, offload, stack, clock)
         tick("loaded")
         guidance = _guidance(pipe, distilled, guidance_scale, image_guidance_scale)
         compile_message = pipe.compile() if compile and not pipe.compiled else None
         pipe.sync_check = sync_check
-        clock = _Clock(pipe.device)
+        clock = DeviceClock(pipe.device)
         plan = {
             "batch": batch,
             "seed": seed,
