@@ -8,13 +8,24 @@ Usable from Python without the CLI::
 
 Each stage is a public method (``encode_prompt``, ``encode_image``, ``initial_noise``, ``denoise``, ``decode``),
 so benchmarks can time them one by one and tests can check them against the reference's tensors.
+
+Speed and memory options, each checked against the plain path (``tests/test_optimisations.py``):
+
+* the fast path (on by default, :meth:`EditPipeline.set_fast_path`): the context projection is computed once per
+  edit instead of at every step, and self-attention runs through a leaner linear-attention processor;
+* ``compile`` (:meth:`EditPipeline.compile`): ``torch.compile`` of the repeated transformer blocks;
+* ``offload`` (:meth:`EditPipeline.enable_offload`): ``"model"`` or ``"sequential"`` weight offload to the CPU;
+* VAE tiling (``pipe.vae_tiling``): automatic when the device is short of memory, and always with offload.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +36,13 @@ from PIL import Image
 from . import __version__
 from .binning import closest_bin
 from .checkpoint import Components, load_components
+from .compiling import compile_unavailable
 from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
 from .errors import UsageError
 from .guidance import Guidance
 from .imaging import SourceImage, as_source, restore_geometry, to_model_pixels, to_pil
+from .memory import free_device_bytes, vae_activation_bytes
+from .offload import OFFLOAD_MODES, WeightOffloader, stage_offloader
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
@@ -134,6 +148,35 @@ def _check_scale(name: str, value: float) -> float:
     return float(value)
 
 
+def _in_stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a stage method with its weights on the device (a no-op without offload)."""
+
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(self: EditPipeline, *args: Any, **kwargs: Any) -> Any:
+            with self._stage(name):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def _check_offload(mode: str) -> None:
+    if mode not in OFFLOAD_MODES:
+        raise UsageError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+
+
+@contextmanager
+def _cuda_sync_errors() -> Iterator[None]:
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 class EditPipeline:
     """VIBE instruction-based editing on one device and dtype."""
 
@@ -158,6 +201,12 @@ class EditPipeline:
         self.vae_scale_factor = 2 ** (len(vae_config.encoder_block_out_channels) - 1)
         self.latent_channels = vae_config.latent_channels
         self.scaling_factor = vae_config.scaling_factor
+        self.offload = "none"
+        self._offloader: WeightOffloader | None = None
+        self.vae_tiling: bool | None = None  # None: decided per call, see _use_vae_tiling
+        self.sync_check = False  # True: on CUDA, a device sync inside the denoise loop raises
+        self.compiled = False
+        self.set_fast_path(True)
 
     @classmethod
     def from_pretrained(
@@ -167,12 +216,21 @@ class EditPipeline:
         dtype: torch.dtype | None = None,
         vlm_min_pixels: int = VLM_MIN_PIXELS,
         vlm_max_pixels: int = VLM_MAX_PIXELS,
+        *,
+        offload: str = "none",
+        compile: bool = False,
     ) -> EditPipeline:
-        """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.checkpoint`)."""
+        """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.checkpoint`).
+
+        ``offload`` (``"none"``, ``"model"``, ``"sequential"``) loads the weights into CPU memory and moves each
+        stage's weights to ``device`` only while it runs (see :meth:`enable_offload`). ``compile=True`` calls
+        :meth:`compile`, which warns and carries on uncompiled where ``torch.compile`` cannot run.
+        """
+        _check_offload(offload)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        components = load_components(Path(path), device, dtype)
-        return cls(
+        components = load_components(Path(path), device if offload == "none" else torch.device("cpu"), dtype)
+        pipe = cls(
             components,
             device=device,
             dtype=dtype,
@@ -180,6 +238,10 @@ class EditPipeline:
             vlm_min_pixels=vlm_min_pixels,
             vlm_max_pixels=vlm_max_pixels,
         )
+        pipe.enable_offload(offload)
+        if compile:
+            pipe.compile()
+        return pipe
 
     @property
     def transformer(self):
@@ -211,6 +273,76 @@ class EditPipeline:
             return Guidance(0.0, 0.0)
         return Guidance(DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)
 
+    # ---- speed and memory ---------------------------------------------------------------------------------------
+
+    def set_fast_path(self, enabled: bool = True) -> None:
+        """Fast path (default): the context is projected once per edit, and self-attention uses the lean processor.
+
+        ``False`` runs diffusers' Sana forward and processors unchanged, the reference the fast path is tested
+        against.
+        """
+        self.fast_path = enabled
+        self.transformer.use_lean_attention(enabled)
+
+    def enable_offload(self, mode: str = "model") -> None:
+        """Keep weights in CPU memory, moving them to the device per stage: ``"model"``, ``"sequential"``, ``"none"``.
+
+        ``"model"``: the text encoder (with the edit head) is on the device only to encode the prompt, the DiT only
+        to denoise and the VAE only to encode and decode, so the peak holds about one component. ``"sequential"``
+        also streams each stage's repeated blocks one at a time (for very small GPUs; slower, since the DiT's
+        weights are uploaded at every step). Either one turns VAE tiling on unless ``vae_tiling`` is set.
+        ``"none"`` puts everything back on the device.
+        """
+        _check_offload(mode)
+        if self._offloader is not None:
+            self._offloader.restore()
+            self._offloader = None
+        if mode != "none":
+            self._offloader = stage_offloader(self.components, self.device, sequential=mode == "sequential")
+        self.offload = mode
+
+    def _stage(self, name: str) -> AbstractContextManager[None]:
+        return self._offloader.stage(name) if self._offloader is not None else nullcontext()
+
+    def compile(self, *, backend: str = "inductor", mode: str | None = None, vae_decoder: bool = False) -> str:
+        """``torch.compile`` the transformer's repeated blocks (and optionally the VAE decoder), in place.
+
+        Regional compilation: one block shape is compiled and shared by all 20 blocks, so compiling takes seconds,
+        not minutes. Compiling happens lazily, at the first edit of each new size. Where torch.compile cannot run
+        here (no Triton on CUDA, no C++ compiler on the CPU) it warns and leaves the pipeline as it was. Returns a
+        one-line account of what happened.
+        """
+        reason = compile_unavailable(backend, self.device)
+        if reason is not None:
+            message = f"torch.compile skipped: {reason}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return message
+        self.transformer.compile_repeated_blocks(backend=backend, mode=mode)
+        parts = f"{len(self.transformer.transformer_blocks)} transformer blocks"
+        if vae_decoder:
+            self.vae.decoder.compile(backend=backend, mode=mode)
+            parts += " and the VAE decoder"
+        self.compiled = True
+        return f"compiled {parts} with torch.compile (backend {backend}, mode {mode or 'default'})"
+
+    def _use_vae_tiling(self, batch: int, height: int, width: int) -> bool:
+        """``vae_tiling`` if set; else tile under offload, or when the device has less free than the VAE needs."""
+        if self.vae_tiling is not None:
+            return self.vae_tiling
+        if self.offload != "none":
+            return True
+        free = free_device_bytes(self.device)
+        return free is not None and free < vae_activation_bytes(batch, height, width, self.vae.dtype)
+
+    @contextmanager
+    def _vae_stage(self, stage: str, batch: int, height: int, width: int) -> Iterator[None]:
+        if self._use_vae_tiling(batch, height, width):
+            self.vae.enable_tiling()  # keeps any tile size set before
+        else:
+            self.vae.disable_tiling()
+        with self._stage(stage):
+            yield
+
     # ---- stages -------------------------------------------------------------------------------------------------
 
     def model_size(
@@ -234,6 +366,7 @@ class EditPipeline:
         src_w, src_h = source_size
         return max(f, round(src_h / f) * f), max(f, round(src_w / f) * f)
 
+    @_in_stage("prompt")
     def encode_prompt(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> Conditioning:
         """The (cond, null) contexts for B (image, instruction) rows: one VLM pass, shared by all guidance branches."""
         return self.conditioner.encode(images, instructions)
@@ -242,7 +375,8 @@ class EditPipeline:
     def encode_image(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """Scaled source latents (K, C, height/f, width/f) of the images resized to the model size."""
         pixels = torch.cat([to_model_pixels(rgb, height, width) for rgb in images])
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent * self.scaling_factor
+        with self._vae_stage("image", len(images), height, width):
+            return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent * self.scaling_factor
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
         """float32 noise from a CPU generator, so one seed gives the same start on every device."""
@@ -250,6 +384,7 @@ class EditPipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
+    @_in_stage("denoise")
     @torch.inference_mode()
     def denoise(
         self,
@@ -269,28 +404,46 @@ class EditPipeline:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)  # else the first step looks its index up with a device sync
         context = guidance.context(cond, null).to(dtype)
+        predict = self._noise_model(context)
         image_in = guidance.image_latents(image_latents).to(dtype)
         latents = latents.to(self.device)
         timestep_scale = transformer.config.timestep_scale
         timesteps = scheduler.timesteps
-        for index, t in enumerate(timesteps):
-            model_input = torch.cat([torch.cat([latents] * guidance.branches).to(dtype), image_in], dim=1)
-            model_timestep = t.expand(model_input.shape[0]) * timestep_scale
-            raw = transformer(
-                hidden_states=model_input, encoder_hidden_states=context, timestep=model_timestep, return_dict=False
-            )[0].float()
-            guided = guidance.combine(raw)
-            latents = scheduler.step(guided, t, latents, return_dict=False)[0]
-            if callback is not None:
-                callback(
-                    StepState(index, len(timesteps), t, model_input, context, model_timestep, raw, guided, latents)
-                )
+        with self._sync_guard():
+            for index, t in enumerate(timesteps):
+                model_input = torch.cat([torch.cat([latents] * guidance.branches).to(dtype), image_in], dim=1)
+                model_timestep = t.expand(model_input.shape[0]) * timestep_scale
+                raw = predict(model_input, model_timestep).float()
+                guided = guidance.combine(raw)
+                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+                if callback is not None:
+                    callback(
+                        StepState(index, len(timesteps), t, model_input, context, model_timestep, raw, guided, latents)
+                    )
         return latents
+
+    def _noise_model(self, context: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The transformer as the loop calls it; the fast path projects the context here, once, not at every step."""
+        transformer = self.transformer
+        if not self.fast_path:
+            return lambda x, t: transformer(
+                hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False
+            )[0]
+        projected = transformer.project_context(context)
+        return lambda x, t: transformer.forward_projected(x, projected, t)
+
+    def _sync_guard(self) -> AbstractContextManager[None]:
+        """With ``sync_check`` on CUDA, any host-device sync inside the loop raises instead of silently stalling."""
+        if not (self.sync_check and self.device.type == "cuda"):
+            return nullcontext()
+        return _cuda_sync_errors()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode of final latents: (B, 3, H, W) in [-1, 1]."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        f = self.vae_scale_factor
+        with self._vae_stage("decode", latents.shape[0], latents.shape[2] * f, latents.shape[3] * f):
+            return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).sample
 
     # ---- the whole edit -----------------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .configs import load_config
+
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
@@ -48,23 +50,7 @@ _CORPUS = (
 )
 
 # Sana's flow-matching DPM-Solver++ schedule (the Sana family's scheduler_config.json).
-SANA_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "DPMSolverMultistepScheduler",
-    "algorithm_type": "dpmsolver++",
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "final_sigmas_type": "zero",
-    "flow_shift": 3.0,
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction",
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "steps_offset": 0,
-    "timestep_spacing": "linspace",
-    "use_flow_sigmas": True,
-}
+SANA_SCHEDULER_CONFIG: dict[str, Any] = load_config("sana_scheduler")["config"]
 
 MODEL_INDEX: dict[str, Any] = {
     "_class_name": "VIBESanaEditingPipeline",
@@ -122,13 +108,15 @@ def random_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     with torch.no_grad():
         for name, param in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
+            # Drawn where the generator lives, so a full-size model initialises on the GPU in seconds.
+            on = {"generator": generator, "device": generator.device}
             if param.ndim >= 2 and leaf != "meta_queries":
                 fan_in = param[0].numel()
-                values = torch.randn(param.shape, generator=generator) / fan_in**0.5
+                values = torch.randn(param.shape, **on) / fan_in**0.5
             elif "norm" in name and leaf == "weight":
-                values = torch.ones(param.shape)
+                values = torch.ones(param.shape, device=generator.device)
             else:
-                values = torch.randn(param.shape, generator=generator) * (0.02 if leaf == "bias" else 1.0)
+                values = torch.randn(param.shape, **on) * (0.02 if leaf == "bias" else 1.0)
                 if leaf in ("meta_queries", "scale_shift_table"):
                     values = values / param.shape[-1] ** 0.5
             param.copy_(values.to(param.device, param.dtype))
@@ -345,6 +333,13 @@ def write_tokenizer(folder: Path, spec: TinySpec) -> None:
         )
 
 
+def _materialise(model: nn.Module, generator: torch.Generator, device: str | torch.device) -> nn.Module:
+    """Allocate a meta-built model on ``device`` with random weights; ``device="meta"`` keeps it unallocated."""
+    if torch.device(device).type != "meta":
+        model = random_init_(model.to_empty(device=device), generator)
+    return model.eval()
+
+
 def build_text_encoder(
     config: dict[str, Any],
     generator: torch.Generator,
@@ -357,26 +352,25 @@ def build_text_encoder(
     cfg = Qwen3VLConfig.from_dict(config)
     with on_meta(dtype):
         model = Qwen3VLForConditionalGeneration(cfg)
-    model = model.to_empty(device=device)
-    random_init_(model, generator)
+    model = _materialise(model, generator, device)
     model.tie_weights()
     _reset_buffers(model, device)
     return model.eval()
 
 
 def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
-    """Recompute non-persistent buffers (rotary tables) that ``to_empty`` left uninitialised."""
+    """Recompute the rotary tables (non-persistent buffers) that ``to_empty`` left uninitialised.
+
+    Each rotary module is rebuilt from its config on the CPU and its buffers copied over, so this follows whatever
+    the installed transformers computes.
+    """
     for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if inv_freq is not None and hasattr(module, "rope_init_fn"):
-            freq, _ = module.rope_init_fn(module.config, device)
-            module.inv_freq.copy_(freq.to(inv_freq.dtype))
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = module.inv_freq.clone()
-        elif inv_freq is not None and hasattr(module, "dim"):
-            theta = getattr(module, "theta", 10000.0)
-            freq = 1.0 / (theta ** (torch.arange(0, module.dim, 2, dtype=torch.float, device=device) / module.dim))
-            module.inv_freq.copy_(freq)
+        if getattr(module, "inv_freq", None) is None or not hasattr(module, "config"):
+            continue
+        with torch.device("cpu"):
+            fresh = type(module)(module.config)
+        for name, buffer in fresh.named_buffers(recurse=False):
+            getattr(module, name).copy_(buffer.to(device))
 
 
 def build_transformer(
@@ -402,8 +396,7 @@ def build_transformer(
     )
     with on_meta(dtype):
         model = VibeEditingTransformer(sana, head, cfg_distilled=bool(config.get("cfg_distilled")))
-    model = model.to_empty(device=device)
-    return random_init_(model, generator).eval()
+    return _materialise(model, generator, device)
 
 
 def build_vae(
@@ -417,8 +410,7 @@ def build_vae(
 
     with on_meta(dtype):
         vae = AutoencoderDC.from_config(config)
-    vae = vae.to_empty(device=device)
-    return random_init_(vae, generator).eval()
+    return _materialise(vae, generator, device)
 
 
 def _save_safetensors(model: nn.Module, path: Path, skip: Iterable[str] = ()) -> None:

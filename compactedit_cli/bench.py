@@ -1,0 +1,562 @@
+"""The benchmark behind ``compactedit bench``: per-stage times and peak memory of real edits, as a JSON-ready report.
+
+Each resolution runs ``warmup`` untimed-for-the-statistics edits, then ``repeats`` timed ones, through the same
+stage methods an edit uses (VLM encode, VAE encode, denoise, VAE decode), and reports min / median / max per
+stage. The device is synchronised before every clock read, so asynchronous GPU work is charged to the stage that
+queued it; steps are timed with device events, so timing them adds no sync inside the loop. Warm-up times are
+reported too: with ``compile`` the first edit of each size pays for compiling.
+
+No CLI code here, and no heavy import at module level: the command imports this module cheaply and the engine
+only when it runs. ``python -m compactedit_cli.bench`` is a plain entry point that needs no Typer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .measure import DeviceClock, ForeignLoad, PeakMemory
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from rich.table import Table
+
+    from .pipeline import EditPipeline
+
+SCHEMA = "compactedit.bench/1"
+STAGES = ("vlm_encode", "vae_encode", "denoise", "denoise_step", "vae_decode", "postprocess", "end_to_end")
+_SPANS = ("vlm_encode", "vae_encode", "denoise", "vae_decode", "postprocess")  # consecutive: they sum to end_to_end
+RANDOM_WEIGHTS = ("full", "mid", "tiny")
+INSTRUCTION = "make the sky a deep sunset orange and add a red kite"
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}  # fmt: skip
+
+ProgressHook = Callable[[int, int, str], None]
+"""``progress(done, total, description)``: called before the first and after every edit (for a progress bar)."""
+
+
+class BenchError(ValueError):
+    """A benchmark option that cannot work (reported to the user, not a crash)."""
+
+
+# ---- one edit, stage by stage -----------------------------------------------------------------------------------
+
+
+def _source_image(edge: int) -> Image.Image:
+    """A deterministic square test image (a gradient with texture; content does not change the cost)."""
+    import numpy as np
+    from PIL import Image
+
+    across, down = np.meshgrid(np.linspace(0, 255, edge), np.linspace(0, 255, edge))
+    pixels = np.stack([across, down, 255 - across], axis=-1)
+    noise = np.random.default_rng(edge).normal(0, 24, (edge, edge, 3))
+    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+
+
+def _timed_edit(
+    pipe: EditPipeline,
+    image: Image.Image,
+    size: tuple[int, int],
+    plan: dict[str, Any],
+    clock: DeviceClock,
+    mem: PeakMemory,
+) -> dict[str, Any]:
+    """One edit through the public stage methods; seconds per stage, and every step's duration.
+
+    The first step's time includes the loop's setup (timesteps, the context projection), which runs once per edit.
+    """
+    from .imaging import to_pil
+
+    height, width = size
+    batch = plan["batch"]
+    stamps = [clock.now()]
+
+    def stage(name: str, work: Callable[[], Any]) -> Any:
+        mem.reset()
+        out = work()
+        stamps.append(clock.now())
+        mem.record(name)
+        return out
+
+    conditioning = stage("vlm_encode", lambda: pipe.encode_prompt([image] * batch, [INSTRUCTION] * batch))
+    image_latents = stage("vae_encode", lambda: pipe.encode_image([image] * batch, height, width))
+    marks = [clock.mark()]
+    latents = stage(
+        "denoise",
+        lambda: pipe.denoise(
+            pipe.initial_noise(batch, height, width, plan["seed"]),
+            image_latents,
+            conditioning.cond,
+            conditioning.null,
+            plan["guidance"],
+            plan["steps"],
+            callback=lambda _state: marks.append(clock.mark()),
+        ),
+    )
+    pixels = stage("vae_decode", lambda: pipe.decode(latents))
+    stage("postprocess", lambda: to_pil(pixels))
+    spans = [b - a for a, b in itertools.pairwise(stamps)]
+    times = dict(zip(_SPANS, spans, strict=True))
+    times["end_to_end"] = stamps[-1] - stamps[0]
+    times["steps"] = clock.seconds_between(marks)
+    return times
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+        "runs": list(values),
+    }
+
+
+def _bench_resolution(
+    pipe: EditPipeline, edge: int, plan: dict[str, Any], clock: DeviceClock, tick: Callable[[str], None]
+) -> dict[str, Any]:
+    import torch
+
+    image = _source_image(edge)
+    size = pipe.model_size((edge, edge), binning=plan["binning"])
+    gc.collect()
+    if clock.device.type == "cuda":
+        torch.cuda.empty_cache()
+    mem = PeakMemory(clock.device)  # peaks of the timed runs only: a warm-up may compile or autotune
+    foreign = ForeignLoad()
+    runs = []
+    for index in range(plan["warmup"] + plan["repeats"]):
+        warming = index < plan["warmup"]
+        runs.append(_timed_edit(pipe, image, size, plan, clock, PeakMemory(clock.device) if warming else mem))
+        tick(f"{edge}px {'warm-up' if warming else 'run'} {index + 1}")
+    warm, timed = runs[: plan["warmup"]], runs[plan["warmup"] :]
+    stages = {name: _stats([r[name] for r in timed]) for name in STAGES if name != "denoise_step"}
+    stages["denoise_step"] = _stats([step for r in timed for step in r["steps"]])
+    median = stages["end_to_end"]["median"]
+    first_overhead = (warm or timed)[0]["end_to_end"] - median
+    return {
+        "resolution": edge,
+        "input_size": [edge, edge],
+        "model_size": {"height": size[0], "width": size[1]},
+        "latent_tokens": (size[0] // pipe.vae_scale_factor) * (size[1] // pipe.vae_scale_factor),
+        "stages": stages,
+        "warmup": [{name: r[name] for name in STAGES if name != "denoise_step"} for r in warm],
+        "first_run_overhead_s": first_overhead,
+        "compile_warmup_s": first_overhead if pipe.compiled else None,
+        "vae_tiling": bool(pipe.vae.use_tiling),
+        "memory": mem.summary(),
+        "foreign_cpu_share": foreign.share(),
+    }
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    import torch
+
+    from .pipeline import default_dtype
+
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def _load(
+    model: str | Path | EditPipeline | None,
+    random_weights: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: str,
+    stack: ExitStack,
+    clock: DeviceClock,
+) -> tuple[EditPipeline, dict[str, Any]]:
+    """The pipeline to measure, and how it was made (source, seconds to load or build)."""
+    from .pipeline import EditPipeline
+
+    if isinstance(model, EditPipeline):
+        if offload != model.offload:
+            model.enable_offload(offload)
+        return model, {"source": model.model_name or "in-memory pipeline", "load_s": None}
+    start = clock.now()
+    info: dict[str, Any] = {}
+    if model is not None:
+        pipe = EditPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload)
+        info["source"] = str(model)
+    elif random_weights == "tiny":
+        from .testing import build_tiny_checkpoint
+
+        folder = build_tiny_checkpoint(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny")
+        info["build_s"] = clock.now() - start
+        start = clock.now()
+        pipe = EditPipeline.from_pretrained(folder, device=device, dtype=dtype, offload=offload)
+        info["source"] = "random:tiny (testing.build_tiny_checkpoint, loaded with from_pretrained)"
+    else:
+        from .fullsize import random_pipeline, real_configs, scaled_configs
+
+        configs = real_configs() if random_weights == "full" else scaled_configs()
+        pipe = random_pipeline(configs, device=device, dtype=dtype, name=f"random:{random_weights}")
+        pipe.enable_offload(offload)
+        info["source"] = {
+            "full": "random:full (real-size architecture, random weights)",
+            "mid": "random:mid (real configs at 1/8 width, 4 layers per stack, random weights)",
+        }[random_weights]
+    info["load_s"] = clock.now() - start
+    return pipe, info
+
+
+def _parameter_counts(pipe: EditPipeline) -> dict[str, int]:
+    from .fullsize import count_parameters
+
+    c = pipe.components
+    return {name: count_parameters(getattr(c, name)) for name in ("text_encoder", "transformer", "vae")}
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _environment(device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    import diffusers
+    import psutil
+    import torch
+    import transformers
+
+    from . import __version__
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        about = {"name": props.name, "total_memory_bytes": props.total_memory, "capability": [props.major, props.minor]}
+    else:
+        about = {"name": _cpu_name(), "total_memory_bytes": None}
+    about.update(
+        type=device.type,
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # other work skews CPU timings
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        host_memory_bytes=psutil.virtual_memory().total,
+        platform=platform.platform(),
+    )
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "compactedit": __version__,
+    }
+    return about, versions
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------------------
+
+
+def _check_options(
+    resolutions: Sequence[int], steps: int, batch: int, warmup: int, repeats: int, random_weights: str | None, model
+) -> None:
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if not resolutions or not all(positive(r) for r in resolutions):
+        raise BenchError(f"resolutions must be positive edge lengths, got {list(resolutions)!r}")
+    for name, value, low in (("steps", steps, 1), ("batch", batch, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
+    if (model is None) == (random_weights is None):
+        raise BenchError("give exactly one of model (a checkpoint folder or pipeline) and random_weights")
+    if random_weights is not None and random_weights not in RANDOM_WEIGHTS:
+        raise BenchError(f"random_weights must be one of {', '.join(RANDOM_WEIGHTS)}, got {random_weights!r}")
+
+
+def _guidance(pipe: EditPipeline, distilled: bool, text: float | None, image: float | None):
+    from .guidance import Guidance
+
+    if distilled:
+        if text or image:
+            raise BenchError("distilled runs unguided: leave both guidance scales unset (or 0)")
+        return Guidance(0.0, 0.0)
+    default = pipe.default_guidance()
+    chosen = Guidance(default.text_scale if text is None else text, default.image_scale if image is None else image)
+    for value in (chosen.text_scale, chosen.image_scale):
+        if not (math.isfinite(value) and value >= 0):
+            raise BenchError(f"guidance scales must be finite and >= 0, got {value!r}")
+    return chosen
+
+
+def run_bench(
+    *,
+    resolutions: Sequence[int] = (1024,),
+    binning: bool = True,
+    steps: int = 20,
+    guidance_scale: float | None = None,
+    image_guidance_scale: float | None = None,
+    distilled: bool = False,
+    batch: int = 1,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    compile: bool = False,
+    offload: str = "none",
+    random_weights: str | None = None,
+    model: str | Path | EditPipeline | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+    sync_check: bool = False,
+    progress: ProgressHook | None = None,
+) -> dict[str, Any]:
+    """Benchmark edits of square ``resolutions`` (edge lengths, binned as ``edit`` bins them) and return a report.
+
+    ``binning=False`` runs each edge length as given (rounded to a multiple of 32), as ``edit`` does without binning:
+    binning maps every square below 768² to 512².
+
+    The model is ``model`` (a checkpoint folder, or an already loaded :class:`EditPipeline`, whose device and dtype
+    are then used) or random weights: ``"full"`` (the real architecture, built in seconds on a GPU), ``"mid"``
+    (1/8 width, 4 layers: CPU-sized) or ``"tiny"`` (the test checkpoint, loaded with ``from_pretrained``).
+    Guidance scales default to the model's (4.5 / 1.2); ``distilled`` runs one unguided branch. ``offload`` and
+    ``compile`` are the pipeline's options; ``sync_check`` makes a host-device sync in the CUDA denoise loop raise.
+    Every value in the returned dict is JSON-serialisable.
+    """
+    import torch
+
+    from .pipeline import default_device
+
+    _check_options(resolutions, steps, batch, warmup, repeats, random_weights, model)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = _parse_dtype(dtype, device)
+    total = 1 + len(resolutions) * (warmup + repeats)
+    done = 0
+
+    def tick(description: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, description)
+
+    if progress is not None:
+        progress(0, total, "loading the model")
+    with ExitStack() as stack:
+        clock = DeviceClock(device)
+        pipe, loaded = _load(model, random_weights, device, dtype, offload, stack, clock)
+        tick("loaded")
+        guidance = _guidance(pipe, distilled, guidance_scale, image_guidance_scale)
+        compile_message = pipe.compile() if compile and not pipe.compiled else None
+        pipe.sync_check = sync_check
+        clock = DeviceClock(pipe.device)
+        plan = {
+            "batch": batch,
+            "seed": seed,
+            "guidance": guidance,
+            "steps": steps,
+            "warmup": warmup,
+            "repeats": repeats,
+            "binning": binning,
+        }
+        about, versions = _environment(pipe.device)  # before the runs: the load average is of other work
+        results = [_bench_resolution(pipe, edge, plan, clock, tick) for edge in resolutions]
+        return {
+            "schema": SCHEMA,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": about,
+            "versions": versions,
+            "settings": {
+                "resolutions": list(resolutions),
+                "binning": binning,
+                "steps": steps,
+                "guidance_scale": guidance.text_scale,
+                "image_guidance_scale": guidance.image_scale,
+                "guidance_branches": guidance.branches,
+                "distilled": distilled,
+                "batch": batch,
+                "dtype": str(pipe.dtype).removeprefix("torch."),
+                "device": str(pipe.device),
+                "compile": compile,
+                "compiled": pipe.compiled,
+                "compile_message": compile_message,
+                "offload": pipe.offload,
+                "fast_path": pipe.fast_path,
+                "sync_check": sync_check,
+                "random_weights": random_weights,
+                "warmup": warmup,
+                "repeats": repeats,
+                "seed": seed,
+                "instruction": INSTRUCTION,
+            },
+            "model": {**loaded, "parameters": _parameter_counts(pipe)},
+            "results": results,
+        }
+
+
+# ---- fixed cost of a process --------------------------------------------------------------------------------------
+
+# What one ``compactedit edit`` process pays before any pixel work, probe by probe (each a fresh interpreter).
+_LOAD_TINY = "from compactedit_cli.pipeline import EditPipeline; pipe = EditPipeline.from_pretrained({folder!r}, 'cpu')"
+STARTUP_PROBES = {
+    "interpreter": "pass",
+    "import_bench_module": "import compactedit_cli.bench",
+    "import_torch": "import torch",
+    "import_pipeline": "import compactedit_cli.pipeline",
+    "load_tiny": _LOAD_TINY,
+    "tiny_edit": _LOAD_TINY + "; from PIL import Image; pipe(Image.new('RGB', (64, 64)), 'x', num_inference_steps=1)",
+}
+
+
+def startup_overhead(repeats: int = 5) -> dict[str, Any]:
+    """Wall seconds of fresh processes that start, import, load the tiny model and edit: the fixed cost per edit.
+
+    Each probe runs ``repeats`` times in a new interpreter (``sys.executable``); min / median / max per probe.
+    """
+    import subprocess
+
+    from .testing import build_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        probes = {}
+        for name, code in STARTUP_PROBES.items():
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code.format(folder=folder)], check=True, env=env)
+                times.append(time.perf_counter() - start)
+            probes[name] = _stats(times)
+    return {"python": sys.executable, "load_average": list(os.getloadavg()), "probes": probes}
+
+
+# ---- presentation -----------------------------------------------------------------------------------------------
+
+
+def _memory_cell(memory: dict[str, Any]) -> str:
+    for key, label in (
+        ("peak_allocated_bytes", "allocated"),
+        ("peak_rss_bytes", "RSS"),
+        ("driver_allocated_bytes", ""),
+    ):
+        if key in memory:
+            return f"{memory[key] / 2**30:.2f} GiB {label}".rstrip()
+    return "n/a"
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    """A Rich table of a report: one row per resolution, median seconds per stage (min and max are in the JSON).
+
+    "other CPU" is the share of the host's CPU that other processes used during the runs (CPU timings are only
+    trustworthy when it is near 0).
+    """
+    from rich.table import Table
+
+    s = report["settings"]
+    title = (
+        f"{report['model']['source']}\n{report['device']['name']} ({s['device']}, {s['dtype']}), {s['steps']} steps, "
+        f"{s['guidance_branches']} branch(es), batch {s['batch']}, offload {s['offload']}, "
+        f"compile {'on' if s['compiled'] else 'off'}"
+    )
+    table = Table(title=title, caption=f"median of {s['repeats']} timed runs after {s['warmup']} warm-up(s)")
+    headers = (
+        "size",
+        "VLM",
+        "VAE enc",
+        "denoise",
+        "step",
+        "VAE dec",
+        "end-to-end",
+        "e2e range",
+        "peak memory",
+        "other CPU",
+    )
+    for header in headers:
+        table.add_column(header, justify="left" if header == "size" else "right")
+    for row in report["results"]:
+        st = row["stages"]
+        e2e = st["end_to_end"]
+        table.add_row(
+            f"{row['model_size']['width']}×{row['model_size']['height']}",
+            *(f"{st[name]['median']:.3g} s" for name in ("vlm_encode", "vae_encode", "denoise")),
+            f"{st['denoise_step']['median'] * 1000:.3g} ms",
+            f"{st['vae_decode']['median']:.3g} s",
+            f"{e2e['median']:.3g} s",
+            f"{e2e['min']:.3g}–{e2e['max']:.3g} s",
+            _memory_cell(row["memory"]),
+            "n/a" if row["foreign_cpu_share"] is None else f"{row['foreign_cpu_share']:.0%}",
+        )
+    return table
+
+
+# ---- python -m compactedit_cli.bench ----------------------------------------------------------------------------
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m compactedit_cli.bench", description=run_bench.__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder")
+    source.add_argument("--random-weights", choices=RANDOM_WEIGHTS)
+    source.add_argument("--startup", action="store_true", help="time process start, imports and a tiny load instead")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[1024])
+    parser.add_argument("--no-binning", dest="binning", action="store_false")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--image-guidance-scale", type=float)
+    parser.add_argument("--distilled", action="store_true")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--device")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sync-check", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one benchmark from the command line, print its table, and optionally write the JSON report."""
+    args = _arguments(argv)
+    if args.startup:
+        report = startup_overhead(args.repeats)
+        text = json.dumps(report, indent=2) + "\n"
+        print(text)
+        if args.json is not None:
+            args.json.write_text(text, encoding="utf-8")
+        return 0
+    options = {k: v for k, v in vars(args).items() if k not in ("json", "startup")}
+    try:
+        report = run_bench(**options, progress=lambda done, total, what: print(f"[{done}/{total}] {what}", flush=True))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    from rich.console import Console
+
+    Console().print(report_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The published model's architecture at real size (or scaled down) with random weights, built without a download.
+
+Benchmarks need the real shapes, not the real weights: compute and memory depend only on the architecture. The
+configs come from ``configs/*.json`` (the VIBE reference's values). Each model is built on the meta device and then
+allocated on the target device and filled in place, so a full-size build takes seconds on a GPU.
+
+There are no tokenizer files either: the processor uses the tiny BPE tokenizer of :mod:`compactedit_cli.testing`,
+and the text encoder's special-token ids are remapped to it while its vocabulary stays 151,936 wide, so the
+embedding table and every matrix keep their real size. The image processor keeps the real patch 16, merge 2 and
+temporal patch 2, so the VLM sees as many image tokens as it would with the published checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Components
+from .configs import load_config
+from .pipeline import EditPipeline, default_device, default_dtype
+from .testing import CHAT_TEMPLATE, TinySpec, build_text_encoder, build_transformer, build_vae, train_tokenizer
+
+# Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
+_TOP_LEVEL_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+_TEXT_TOKENS = {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>", "pad_token_id": "<|endoftext|>"}
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """Everything a random build needs: each component's config plus the edit head's width (not a config field)."""
+
+    text_encoder: dict[str, Any]
+    image_processor: dict[str, Any]
+    transformer: dict[str, Any]
+    edit_head_hidden_dim: int
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+def real_configs() -> ModelConfigs:
+    """The published model's configs (Qwen3-VL-2B, the 1.6B VIBE transformer, DC-AE f32c32, Sana's scheduler)."""
+    qwen = load_config("qwen3_vl_2b")
+    transformer = load_config("vibe_transformer")
+    return ModelConfigs(
+        text_encoder=qwen["config"],
+        image_processor=qwen["image_processor"],
+        transformer=transformer["config"],
+        edit_head_hidden_dim=transformer["edit_head_hidden_dim"],
+        vae=load_config("dc_ae_f32c32")["config"],
+        scheduler=load_config("sana_scheduler")["config"],
+    )
+
+
+def _heads(real: int, divisor: int) -> int:
+    return max(1, round(real / divisor))
+
+
+def scaled_configs(width_divisor: int = 8, layers: int = 4) -> ModelConfigs:
+    """The real configs at about 1/``width_divisor`` width with ``layers`` layers per stack: a CPU-sized model.
+
+    Head widths, the vocabulary, patch sizes, the meta-query count, latent channels and the VAE's depth stay real,
+    so token counts, and how cost grows with resolution, match the real model; only the constants shrink.
+    """
+    if width_divisor < 1 or layers < 1:
+        raise ValueError("width_divisor and layers must be >= 1")
+    real = real_configs()
+    te = copy.deepcopy(real.text_encoder)
+    text, vision = te["text_config"], te["vision_config"]
+    text["num_attention_heads"] = _heads(text["num_attention_heads"], width_divisor)
+    text["num_key_value_heads"] = _heads(text["num_key_value_heads"], width_divisor)
+    text["hidden_size"] = text["num_attention_heads"] * text["head_dim"]
+    text["intermediate_size"] //= width_divisor
+    text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
+    vision_head_dim = vision["hidden_size"] // vision["num_heads"]
+    vision["num_heads"] = _heads(vision["num_heads"], width_divisor)
+    vision["hidden_size"] = vision["num_heads"] * vision_head_dim
+    vision["intermediate_size"] //= width_divisor
+    # DeepStack taps keep their relative depth (real: after ViT blocks 5, 11, 17 of 24).
+    vision["deepstack_visual_indexes"] = [i * layers // vision["depth"] for i in vision["deepstack_visual_indexes"]]
+    vision["depth"] = layers
+    vision["out_hidden_size"] = text["hidden_size"]
+
+    tr = dict(real.transformer)
+    tr["num_attention_heads"] = _heads(tr["num_attention_heads"], width_divisor)
+    tr["num_cross_attention_heads"] = _heads(tr["num_cross_attention_heads"], width_divisor)
+    tr["cross_attention_dim"] = tr["num_attention_heads"] * tr["attention_head_dim"]
+    tr["caption_channels"] //= width_divisor
+    tr["num_layers"] = min(layers, tr["num_layers"])
+    tr["edit_head_stacks_num"] = min(layers, tr["edit_head_stacks_num"])
+    tr["edit_head_input_dim"] = tr["meta_queries_dim"] = text["hidden_size"]
+
+    vae = dict(real.vae)
+    for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+        vae[key] = [max(vae["attention_head_dim"], c // width_divisor) for c in vae[key]]
+    return ModelConfigs(
+        text_encoder=te,
+        image_processor=real.image_processor,
+        transformer=tr,
+        edit_head_hidden_dim=real.edit_head_hidden_dim // width_divisor,
+        vae=vae,
+        scheduler=real.scheduler,
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once), also for a model on the meta device."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_processor(configs: ModelConfigs):
+    """The tiny tokenizer (in memory) with the configured image processor: no tokenizer files needed."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .processor import ImageTextProcessor, TorchResizeImageProcessor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(TinySpec().vocab_size),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",  # the meta queries go right after each row's valid tokens
+    )
+    image_processor = TorchResizeImageProcessor(**configs.image_processor)
+    return ImageTextProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def remap_special_tokens(text_encoder_config: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A copy of a Qwen3-VL config whose special-token ids point at ``tokenizer``'s; the vocabulary size is kept."""
+    config = copy.deepcopy(text_encoder_config)
+    for fields, target in ((_TOP_LEVEL_TOKENS, config), (_TEXT_TOKENS, config["text_config"])):
+        for field, token in fields.items():
+            target[field] = tokenizer.convert_tokens_to_ids(token)
+    return config
+
+
+def meta_models(configs: ModelConfigs, dtype: torch.dtype = torch.bfloat16) -> dict[str, nn.Module]:
+    """The three networks on the meta device (no memory, no init): for parameter counts and shape checks."""
+    return _networks(configs, "meta", dtype, seed=0)
+
+
+def _networks(configs: ModelConfigs, device: str | torch.device, dtype: torch.dtype, seed: int) -> dict[str, nn.Module]:
+    device = torch.device(device)
+    gen_device = "cpu" if device.type == "meta" else device
+
+    def generator(offset: int) -> torch.Generator:
+        return torch.Generator(gen_device).manual_seed(seed + offset)
+
+    return {
+        "text_encoder": build_text_encoder(configs.text_encoder, generator(0), device, dtype),
+        "transformer": build_transformer(
+            configs.transformer, configs.edit_head_hidden_dim, generator(1), device, dtype
+        ),
+        "vae": build_vae(configs.vae, generator(2), device, dtype),
+    }
+
+
+def random_components(
+    configs: ModelConfigs, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+) -> Components:
+    """All five components with random weights, allocated on ``device`` in ``dtype``."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    processor = build_processor(configs)
+    text_config = remap_special_tokens(configs.text_encoder, processor.tokenizer)
+    networks = _networks(replace(configs, text_encoder=text_config), device, dtype, seed)
+    for module in networks.values():
+        module.requires_grad_(False)
+    return Components(
+        processor=processor,
+        text_encoder=networks["text_encoder"],
+        transformer=networks["transformer"],
+        vae=networks["vae"],
+        scheduler=DPMSolverMultistepScheduler.from_config(configs.scheduler),
+    )
+
+
+def random_pipeline(
+    configs: ModelConfigs | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    name: str = "random:full",
+) -> EditPipeline:
+    """An :class:`EditPipeline` over random weights (the real size unless ``configs`` says otherwise)."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    components = random_components(configs or real_configs(), device, dtype, seed)
+    return EditPipeline(components, device=device, dtype=dtype, model_name=name)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The full-size benchmark on one NVIDIA GPU (H100/H200 class), offline, in under 8 minutes.
+#
+# It builds the real VIBE architecture (Qwen3-VL-2B + 1.6B VIBE DiT + DC-AE f32c32) with random weights (no
+# download) and times edits at 1024² and 2048²: 3-way CFG and distilled (1 branch), eager and torch.compile, and
+# the offload modes. Each configuration runs in its own process (clean memory peaks) through
+# `python -m compactedit_cli.bench`, which needs no Typer CLI. Results: one JSON report per configuration plus
+# gpu_bench.log, in OUT_DIR (default: $OUT if set, else ./bench-results).
+#
+#   1. Where PyPI is reachable, fetch the wheels the GPU image lacks (transformers 5.24, diffusers 0.42 and the
+#      versions they check at import) into .whl/ (git-ignored):   bash scripts/gpu_bench.sh --fetch-wheels
+#   2. On the GPU machine, from the repo root with .whl/ beside it:  bash scripts/gpu_bench.sh [OUT_DIR]
+#
+# Knobs for a CPU dry run of the whole script (e.g. BENCH_DEVICE=cpu BENCH_WEIGHTS=tiny BENCH_RESOLUTIONS=64
+# BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
+# BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# The tested versions (.ci/constraints.txt and its resolution); the image's own huggingface_hub and tokenizers suffice.
+WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19 importlib_metadata==10.2.0)
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${WHEELS[@]}"
+    exit $?
+fi
+
+OUT_DIR="${1:-${OUT:-bench-results}}"
+DEVICE="${BENCH_DEVICE:-cuda}"
+WEIGHTS="${BENCH_WEIGHTS:-full}"
+read -r -a RESOLUTIONS <<< "${BENCH_RESOLUTIONS:-1024 2048}"
+STEPS="${BENCH_STEPS:-20}"
+DEADLINE=$((SECONDS + ${BENCH_BUDGET_S:-470}))
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_bench.log"
+: > "$LOG"
+say() { echo "[gpu_bench $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+if [ -z "${BENCH_NO_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl 2>&1 | tee -a "$LOG" || { say "wheel install failed"; exit 1; }
+    export PYTHONPATH="/tmp/site:$PWD"
+else
+    say "no .whl/ folder: using the installed packages"
+    export PYTHONPATH="$PWD"
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+python3 - 2>&1 <<'EOF' | tee -a "$LOG" || { say "environment check failed"; exit 1; }
+import diffusers, torch, transformers, compactedit_cli
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| diffusers", diffusers.__version__,
+      "| transformers", transformers.__version__, "| compactedit", compactedit_cli.__version__)
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
+EOF
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+
+# Runs a command with at most $1 seconds, and never past the deadline; skipped when under 20 s are left.
+bounded() {
+    local cap=$1; shift
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 20 ]; then say "skipped (time budget spent): $*"; return 124; fi
+    timeout "$((left < cap ? left : cap))" "$@"
+}
+
+# 0. The equivalence tests on this device first, including "no host-device sync in the CUDA denoise loop".
+say "tests: optimisations on $DEVICE"
+bounded 120 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
+    -k "cuda or fast_path or lean or offload" 2>&1 | tee -a "$LOG"
+
+bench() {  # bench NAME CAP_SECONDS [run_bench options...]
+    local name=$1 cap=$2; shift 2
+    say "bench $name: $*"
+    bounded "$cap" python3 -m compactedit_cli.bench --random-weights "$WEIGHTS" --device "$DEVICE" \
+        --steps "$STEPS" --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$LOG"
+    local status=${PIPESTATUS[0]}
+    [ "$status" -eq 0 ] || say "bench $name ended with status $status"
+}
+
+# Most important first; torch.compile last (its first edit per size compiles, which takes the longest).
+bench sync-check 60 --resolutions "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --repeats 1 --sync-check
+bench cfg 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
+bench distilled 80 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
+bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
+bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
+bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
+bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
+
+say "done in ${SECONDS}s; reports in $OUT_DIR"
+ls -l "$OUT_DIR" | tee -a "$LOG"

@@ -1,0 +1,169 @@
+"""The benchmark runner on the tiny model: a complete, well-formed, JSON-ready report (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from compactedit_cli.bench import STAGES, BenchError, main, report_table, run_bench
+
+SPANS = ("vlm_encode", "vae_encode", "denoise", "vae_decode", "postprocess")
+
+
+@pytest.fixture(scope="module")
+def progress_calls() -> list[tuple[int, int, str]]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def report(progress_calls):
+    return run_bench(
+        random_weights="tiny",
+        resolutions=[64, 128],
+        steps=2,
+        warmup=1,
+        repeats=2,
+        device="cpu",
+        progress=lambda *args: progress_calls.append(args),
+    )
+
+
+def test_report_has_every_stage_with_statistics(report):
+    assert report["schema"] == "compactedit.bench/1"
+    assert [r["resolution"] for r in report["results"]] == [64, 128]
+    for row in report["results"]:
+        assert set(row["stages"]) == set(STAGES)
+        for name, stats in row["stages"].items():
+            assert set(stats) == {"min", "median", "max", "mean", "runs"}, name
+            assert stats["min"] <= stats["median"] <= stats["max"], name
+            assert all(value >= 0 for value in stats["runs"]), name
+            expected_runs = 2 * 2 if name == "denoise_step" else 2  # every step of every timed run
+            assert len(stats["runs"]) == expected_runs, name
+        for run in range(2):  # the consecutive stages account for the whole edit
+            spans = sum(row["stages"][name]["runs"][run] for name in SPANS)
+            assert spans == pytest.approx(row["stages"]["end_to_end"]["runs"][run])
+        assert len(row["warmup"]) == 1 and set(row["warmup"][0]) == set(STAGES) - {"denoise_step"}
+        assert row["compile_warmup_s"] is None  # not compiled
+        assert isinstance(row["first_run_overhead_s"], float)
+
+
+def test_resolutions_are_binned_as_edit_bins_them(report):
+    from compactedit_cli.binning import closest_bin
+
+    for row in report["results"]:
+        edge = row["resolution"]
+        assert row["input_size"] == [edge, edge]
+        size = row["model_size"]
+        assert (size["height"], size["width"]) == closest_bin(edge, edge)
+        assert row["latent_tokens"] == (size["height"] // 32) * (size["width"] // 32)
+
+
+def test_report_carries_memory_settings_versions_and_device(report):
+    for row in report["results"]:
+        memory = row["memory"]
+        assert memory["kind"] == "cpu" and memory["peak_rss_bytes"] > 0
+        assert set(memory["stages"]) == set(SPANS)
+        assert row["vae_tiling"] is False
+        assert 0 <= row["foreign_cpu_share"] <= 1
+    settings = report["settings"]
+    for key in ("resolutions", "steps", "guidance_scale", "image_guidance_scale", "distilled", "batch", "dtype",
+                "device", "compile", "offload", "random_weights", "warmup", "repeats"):  # fmt: skip
+        assert key in settings, key
+    assert settings["guidance_branches"] == 3 and settings["dtype"] == "float32" and settings["offload"] == "none"
+    assert set(report["versions"]) >= {"python", "torch", "diffusers", "transformers", "compactedit"}
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert report["model"]["load_s"] > 0 and report["model"]["build_s"] > 0
+    assert set(report["model"]["parameters"]) == {"text_encoder", "transformer", "vae"}
+
+
+def test_report_round_trips_through_json(report):
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_progress_hook_counts_up_to_the_total(report, progress_calls):
+    total = 1 + 2 * (1 + 2)
+    assert progress_calls[0][:2] == (0, total)
+    assert [done for done, _, _ in progress_calls] == list(range(total + 1))
+    assert all(t == total for _, t, _ in progress_calls)
+
+
+def test_table_renders_one_row_per_resolution(report):
+    console = Console(record=True, width=200)
+    console.print(report_table(report))
+    text = console.export_text()
+    assert text.count("512×512") == 2
+    assert "RSS" in text and "3 branch(es)" in text
+
+
+def test_loaded_pipeline_distilled_and_offload(tiny_pipe):
+    report = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, distilled=True, binning=False)
+    assert report["model"]["load_s"] is None
+    assert report["results"][0]["model_size"] == {"height": 96, "width": 96}
+    assert report["settings"]["guidance_branches"] == 1
+    assert report["settings"]["device"] == "cpu"
+    assert len(report["results"][0]["stages"]["denoise_step"]["runs"]) == 1
+    offloaded = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
+    assert offloaded["settings"]["offload"] == "model" and offloaded["results"][0]["vae_tiling"] is True
+    tiny_pipe.enable_offload("none")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one"),
+        ({"random_weights": "tiny", "model": "x"}, "exactly one"),
+        ({"random_weights": "huge"}, "random_weights"),
+        ({"random_weights": "tiny", "resolutions": []}, "resolutions"),
+        ({"random_weights": "tiny", "steps": 0}, "steps"),
+        ({"random_weights": "tiny", "repeats": 0}, "repeats"),
+        ({"random_weights": "tiny", "dtype": "int8"}, "dtype"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(kwargs, message):
+    with pytest.raises(BenchError, match=message):
+        run_bench(device="cpu", **kwargs)
+
+
+def test_distilled_with_guidance_is_refused(tiny_pipe):
+    with pytest.raises(BenchError, match="distilled"):
+        run_bench(model=tiny_pipe, distilled=True, guidance_scale=4.5, resolutions=[64], steps=1, repeats=1)
+
+
+def test_module_entry_point_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--random-weights", "tiny", "--resolutions", "64", "--steps", "1", "--warmup", "0", "--repeats", "1",
+            "--device", "cpu", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["settings"]["steps"] == 1
+    printed = capsys.readouterr().out
+    assert "[2/2] 64px run 1" in printed and "random:tiny" in printed  # progress lines, then the table
+    assert main(["--random-weights", "tiny", "--steps", "0", "--device", "cpu"]) == 2
+
+
+def test_importing_the_bench_module_imports_no_heavy_library():
+    code = (
+        "import sys, compactedit_cli, compactedit_cli.bench; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_checkpoint_folder_is_loaded_and_timed(tiny_checkpoint):
+    report = run_bench(model=tiny_checkpoint, resolutions=[64], steps=1, warmup=0, repeats=1, device="cpu")
+    assert report["model"]["source"] == str(tiny_checkpoint) and report["model"]["load_s"] > 0
+
+
+def test_startup_probes_run_in_fresh_interpreters(monkeypatch):
+    from compactedit_cli import bench
+
+    probes = {"interpreter": "pass", "sees_the_tiny_model": "import pathlib; assert pathlib.Path({folder!r}).is_dir()"}
+    monkeypatch.setattr(bench, "STARTUP_PROBES", probes)
+    report = bench.startup_overhead(repeats=2)
+    assert set(report["probes"]) == set(probes)
+    assert all(len(stats["runs"]) == 2 for stats in report["probes"].values())
+    assert json.loads(json.dumps(report)) == report

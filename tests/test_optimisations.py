@@ -1,0 +1,237 @@
+"""Every speed and memory option against the plain path, on the CPU in float32.
+
+Tolerance: final latents within ``atol=1e-5, rtol=1e-6`` of the plain path (float32 rounding: the lean attention
+sums in another order). Offload only moves weights, so on one device it must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compactedit_cli.compiling import compile_unavailable
+from compactedit_cli.errors import UsageError
+from compactedit_cli.memory import vae_activation_bytes
+from compactedit_cli.pipeline import EditPipeline
+from compactedit_cli.testing import TinySpec, build_vae, vae_config
+
+ATOL, RTOL = 1e-5, 1e-6
+PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def pipe(tiny_checkpoint) -> EditPipeline:
+    """A fresh pipeline per test: the options under test change its state."""
+    return EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+def _latents(pipe: EditPipeline, **kwargs) -> torch.Tensor:
+    result = pipe(PHOTO, ["add a hat", "remove the car"], num_inference_steps=3, seed=3, output_type="latent", **kwargs)
+    return result.latents
+
+
+@pytest.mark.parametrize(("text", "image"), [(4.5, 1.2), (4.5, 0.5), (0.0, 0.0)], ids=["3-branch", "2-branch", "1"])
+def test_fast_path_matches_the_plain_path(pipe, text, image):
+    assert pipe.fast_path
+    fast = _latents(pipe, guidance_scale=text, image_guidance_scale=image)
+    pipe.set_fast_path(False)
+    plain = _latents(pipe, guidance_scale=text, image_guidance_scale=image)
+    torch.testing.assert_close(fast, plain, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_lean_linear_attention_matches_diffusers(qk_norm, dtype, atol):
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    from compactedit_cli.models.attention import LinearAttnProcessor
+
+    torch.manual_seed(0)
+    attn = SanaTransformerBlock(dim=64, num_attention_heads=4, attention_head_dim=16, qk_norm=qk_norm).attn1
+    attn = attn.to(dtype).eval()
+    x = torch.randn(3, 40, 64, dtype=dtype)
+    with torch.no_grad():
+        attn.set_processor(SanaLinearAttnProcessor2_0())
+        expected = attn(x)
+        attn.set_processor(LinearAttnProcessor())
+        actual = attn(x)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
+
+
+def test_forward_on_projected_context_is_sanas_forward(pipe):
+    transformer = pipe.transformer
+    transformer.use_lean_attention(False)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, transformer.config.in_channels, 6, 5, generator=generator)
+    context = torch.randn(3, 8, transformer.config.caption_channels, generator=generator)
+    t = torch.tensor([999, 999, 999])
+    with torch.no_grad():
+        plain = transformer(hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False)[0]
+        fast = transformer.forward_projected(x, transformer.project_context(context), t)
+    assert torch.equal(fast, plain)
+
+
+def test_denoise_loop_reads_no_tensor_values(pipe, monkeypatch):
+    """A CPU stand-in for the CUDA sync check: nothing in the loop pulls a value from a tensor to Python."""
+    conditioning = pipe.encode_prompt([PHOTO], ["add a hat"])
+    image_latents = pipe.encode_image([PHOTO], 512, 512)
+    noise = pipe.initial_noise(1, 512, 512, 0)
+    set_timesteps = pipe.scheduler.set_timesteps
+
+    def forbid(*_args, **_kwargs):
+        raise AssertionError("a tensor value was read on the host inside the denoise loop")
+
+    def set_timesteps_then_forbid(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, forbid)
+        monkeypatch.setattr(torch, "nonzero", forbid)
+
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", set_timesteps_then_forbid)
+    guidance = pipe.default_guidance()
+    latents = pipe.denoise(noise, image_latents, conditioning.cond, conditioning.null, guidance, 4)
+    monkeypatch.undo()
+    assert torch.isfinite(latents).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by scripts/gpu_bench.sh)")
+def test_denoise_loop_never_syncs_on_cuda(tiny_checkpoint):
+    pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
+    pipe.sync_check = True
+    result = pipe(PHOTO, "add a hat", num_inference_steps=4, output_type="latent")
+    assert torch.isfinite(result.latents).all()
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_gives_identical_results_and_moves_weights_per_stage(pipe, mode, monkeypatch):
+    pipe.vae_tiling = False  # offload turns tiling on by default; keep the comparison to offload alone
+    plain = _latents(pipe)
+    pipe.enable_offload(mode)
+    entered: list[str] = []
+    stage = pipe._offloader.stage
+    monkeypatch.setattr(pipe._offloader, "stage", lambda name: entered.append(name) or stage(name))
+    uploads = []
+    onload = pipe._offloader._onload
+    monkeypatch.setattr(pipe._offloader, "_onload", lambda params: uploads.append(params) or onload(params))
+    assert torch.equal(_latents(pipe), plain)
+    assert entered == ["prompt", "image", "denoise"]
+    stages = len(entered)
+    if mode == "sequential":  # every VLM layer, ViT block, edit-head block, VAE stage and DiT block per step
+        assert len(uploads) > stages + 3 * len(pipe.transformer.transformer_blocks)
+    else:
+        assert len(uploads) == stages
+
+
+def test_offload_none_restores_the_plain_pipeline(pipe):
+    pipe.vae_tiling = False
+    plain = _latents(pipe)
+    pipe.enable_offload("sequential")
+    pipe.enable_offload("none")
+    assert pipe._offloader is None and pipe.offload == "none"
+    assert all(not block._forward_pre_hooks for block in pipe.transformer.transformer_blocks)
+    assert torch.equal(_latents(pipe), plain)
+
+
+def test_unknown_offload_mode_is_a_usage_error(pipe, tiny_checkpoint):
+    with pytest.raises(UsageError, match="offload"):
+        pipe.enable_offload("disk")
+    with pytest.raises(UsageError, match="offload"):
+        EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", offload="gpu")
+
+
+def test_from_pretrained_offload_loads_and_edits(tiny_checkpoint, pipe):
+    offloaded = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload="model")
+    assert offloaded.offload == "model"
+    offloaded.vae_tiling = pipe.vae_tiling = False
+    assert torch.equal(_latents(offloaded), _latents(pipe))
+
+
+def _count_decoder_calls(vae) -> list[int]:
+    calls: list[int] = []
+    vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_tiled_decode_is_exact_away_from_tile_seams():
+    """With a local decoder (ResBlocks only), tiling may only change pixels near the seams."""
+    config = vae_config(TinySpec())
+    config["decoder_block_types"] = config["encoder_block_types"] = ["ResBlock"] * 6
+    config["decoder_qkv_multiscales"] = config["encoder_qkv_multiscales"] = [[]] * 6
+    vae = build_vae(config, torch.Generator().manual_seed(2))
+    z = torch.randn(1, config["latent_channels"], 16, 16, generator=torch.Generator().manual_seed(1))
+    calls = _count_decoder_calls(vae)
+    with torch.no_grad():
+        whole = vae.decode(z).sample
+        vae.enable_tiling(384, 384, 256, 256)  # 512² output: 2x2 tiles of 384² overlapping by 128
+        tiled = vae.decode(z).sample
+    assert len(calls) == 1 + 4
+    torch.testing.assert_close(tiled[..., :200, :200], whole[..., :200, :200], atol=ATOL, rtol=RTOL)
+    assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.98
+
+
+def test_pipeline_decode_tiles_when_asked_and_stays_close(pipe):
+    """The tiny VAE's EfficientViT blocks attend over the whole (tile) image, so tiles match only approximately."""
+    z = torch.randn(1, pipe.latent_channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    calls = _count_decoder_calls(pipe.vae)
+    pipe.vae_tiling = False
+    whole = pipe.decode(z)
+    pipe.vae.enable_tiling(384, 384, 256, 256)
+    pipe.vae_tiling = True
+    tiled = pipe.decode(z)
+    assert len(calls) == 1 + 4
+    assert tiled.shape == whole.shape
+    assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.9
+
+
+def test_automatic_vae_tiling_rule(pipe, monkeypatch):
+    assert not pipe._use_vae_tiling(1, 2048, 2048)  # the CPU reports no free-memory figure
+    monkeypatch.setattr("compactedit_cli.pipeline.free_device_bytes", lambda _device: 6 * 2**30)
+    assert pipe._use_vae_tiling(1, 2048, 2048)  # fp32 2048² needs ~12.5 GiB by the estimate
+    assert not pipe._use_vae_tiling(1, 1024, 1024)
+    pipe.vae_tiling = False
+    assert not pipe._use_vae_tiling(1, 2048, 2048)
+    pipe.vae_tiling = None
+    pipe.enable_offload("model")
+    monkeypatch.setattr("compactedit_cli.pipeline.free_device_bytes", lambda _device: 2**40)
+    assert pipe._use_vae_tiling(1, 256, 256)
+    assert vae_activation_bytes(2, 64, 64, torch.bfloat16) * 2 == vae_activation_bytes(2, 64, 64, torch.float32)
+
+
+def test_compile_code_path_matches_eager(pipe):
+    plain = _latents(pipe)
+    message = pipe.compile(backend="eager")
+    assert pipe.compiled and "compiled" in message
+    torch.testing.assert_close(_latents(pipe), plain, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compile_unavailable("inductor", torch.device("cpu")) is not None, reason="inductor cannot run")
+def test_inductor_compile_matches_eager(pipe):
+    plain = _latents(pipe)
+    pipe.compile()
+    torch.testing.assert_close(_latents(pipe), plain, atol=ATOL, rtol=RTOL)
+
+
+def test_compile_is_skipped_with_a_message_where_it_cannot_run(pipe, tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    assert "C++ compiler" in compile_unavailable("inductor", torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="torch.compile skipped"):
+        message = pipe.compile()
+    assert "skipped" in message and not pipe.compiled
+    with pytest.warns(RuntimeWarning, match="torch.compile skipped"):
+        loaded = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, compile=True)
+    assert not loaded.compiled
+    assert _latents(loaded).shape == _latents(pipe).shape
+
+
+def test_batched_requests_use_one_forward_per_step(pipe):
+    """Guidance branches and batch rows go through the transformer together: one call per step."""
+    calls: list[int] = []
+    pipe.transformer.patch_embed.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    _latents(pipe)
+    assert calls == [3 * 2] * 3  # 3 branches x 2 instructions, 3 steps
