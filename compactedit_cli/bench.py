@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -379,7 +379,7 @@ def run_bench(
         results = [_bench_resolution(pipe, edge, plan, clock, tick) for edge in resolutions]
         return {
             "schema": SCHEMA,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "device": about,
             "versions": versions,
             "settings": {
@@ -450,21 +450,25 @@ def startup_overhead(repeats: int = 5) -> dict[str, Any]:
 # ---- presentation -----------------------------------------------------------------------------------------------
 
 
-def _memory_cell(memory: dict[str, Any]) -> str:
-    for key, label in (
-        ("peak_allocated_bytes", "allocated"),
-        ("peak_rss_bytes", "RSS"),
-        ("driver_allocated_bytes", ""),
-    ):
+_MEMORY_KINDS = (
+    ("peak_allocated_bytes", "peak allocated"),
+    ("peak_rss_bytes", "peak RSS"),
+    ("driver_allocated_bytes", "driver allocated"),
+)
+
+
+def _memory_cell(memory: dict[str, Any]) -> tuple[str, str]:
+    """(GiB, what was measured) of a row's memory record."""
+    for key, label in _MEMORY_KINDS:
         if key in memory:
-            return f"{memory[key] / 2**30:.2f} GiB {label}".rstrip()
-    return "n/a"
+            return f"{memory[key] / 2**30:.2f}", label
+    return "n/a", "memory"
 
 
 def report_table(report: dict[str, Any]) -> Table:
     """A Rich table of a report: one row per resolution, median seconds per stage (min and max are in the JSON).
 
-    "other CPU" is the share of the host's CPU that other processes used during the runs (CPU timings are only
+    "busy" is the share of the host's CPU that other processes used during the runs (CPU timings are only
     trustworthy when it is near 0).
     """
     from rich.table import Table
@@ -475,32 +479,26 @@ def report_table(report: dict[str, Any]) -> Table:
         f"{s['guidance_branches']} branch(es), batch {s['batch']}, offload {s['offload']}, "
         f"compile {'on' if s['compiled'] else 'off'}"
     )
-    table = Table(title=title, caption=f"median of {s['repeats']} timed runs after {s['warmup']} warm-up(s)")
-    headers = (
-        "size",
-        "VLM",
-        "VAE enc",
-        "denoise",
-        "step",
-        "VAE dec",
-        "end-to-end",
-        "e2e range",
-        "peak memory",
-        "other CPU",
+    memory_kind = _memory_cell(report["results"][0]["memory"])[1] if report["results"] else "memory"
+    caption = (
+        f"seconds (step: ms), median of {s['repeats']} timed runs after {s['warmup']} warm-up(s); "
+        f"mem: {memory_kind} GiB"
     )
+    table = Table(title=title, caption=caption, box=None, pad_edge=False)
+    headers = ("size", "VLM", "VAE enc", "denoise", "step", "VAE dec", "total", "range", "mem", "busy")
     for header in headers:
-        table.add_column(header, justify="left" if header == "size" else "right")
+        table.add_column(header, justify="left" if header == "size" else "right", no_wrap=True)
     for row in report["results"]:
         st = row["stages"]
         e2e = st["end_to_end"]
         table.add_row(
             f"{row['model_size']['width']}×{row['model_size']['height']}",
-            *(f"{st[name]['median']:.3g} s" for name in ("vlm_encode", "vae_encode", "denoise")),
-            f"{st['denoise_step']['median'] * 1000:.3g} ms",
-            f"{st['vae_decode']['median']:.3g} s",
-            f"{e2e['median']:.3g} s",
-            f"{e2e['min']:.3g}–{e2e['max']:.3g} s",
-            _memory_cell(row["memory"]),
+            *(f"{st[name]['median']:.2f}" for name in ("vlm_encode", "vae_encode", "denoise")),
+            f"{st['denoise_step']['median'] * 1000:.1f}",
+            f"{st['vae_decode']['median']:.2f}",
+            f"{e2e['median']:.2f}",
+            f"{e2e['min']:.2f}-{e2e['max']:.2f}",
+            _memory_cell(row["memory"])[0],
             "n/a" if row["foreign_cpu_share"] is None else f"{row['foreign_cpu_share']:.0%}",
         )
     return table

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,15 @@ class LoadedModel:
     resolved: ResolvedModel
 
 
-def load_pipeline(options: ModelOptions, status: Callable[[str], None] = lambda _msg: None) -> LoadedModel:
-    """Resolve (and if needed download) the model, verify it, and load it onto the chosen device."""
+def load_pipeline(
+    options: ModelOptions,
+    status: Callable[[str], None] = lambda _msg: None,
+    warn: Callable[[str], None] = lambda _msg: None,
+) -> LoadedModel:
+    """Resolve (and if needed download) the model, verify it, and load it onto the chosen device.
+
+    With offload the weights load into CPU memory, so a model larger than the GPU still loads.
+    """
     if options.offload not in OFFLOAD_MODES:
         raise UsageError(f"unknown offload mode {options.offload!r} (use {', '.join(OFFLOAD_MODES)})")
     device, dtype = parse_device(options.device), parse_dtype(options.dtype)
@@ -92,12 +100,14 @@ def load_pipeline(options: ModelOptions, status: Callable[[str], None] = lambda 
     status(f"loading {resolved.label()}")
     from .pipeline import EditPipeline
 
-    pipe = EditPipeline.from_pretrained(resolved.path, device=device, dtype=dtype)
+    pipe = EditPipeline.from_pretrained(resolved.path, device=device, dtype=dtype, offload=options.offload)
     pipe.model_name = resolved.label()
-    if options.offload != "none":
-        pipe.enable_offload(options.offload)
     if options.compile:
-        pipe.compile()
+        with warnings.catch_warnings():  # the reason comes back as the message; say it once, in one line
+            warnings.simplefilter("ignore", RuntimeWarning)
+            message = pipe.compile()
+        if not pipe.compiled:
+            warn(message)
     return LoadedModel(pipe, resolved)
 
 

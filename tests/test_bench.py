@@ -167,3 +167,52 @@ def test_startup_probes_run_in_fresh_interpreters(monkeypatch):
     assert set(report["probes"]) == set(probes)
     assert all(len(stats["runs"]) == 2 for stats in report["probes"].values())
     assert json.loads(json.dumps(report)) == report
+
+
+def test_bench_command_json(cli):
+    """``compactedit bench`` on the tiny model: a complete report on stdout, usage errors as exit 2."""
+    import json
+
+    result = cli(
+        "bench",
+        "--random-weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "-r",
+        "64",
+        "96",
+        "--no-binning",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["model_size"]["width"] for r in report["results"]] == [64, 96]
+    assert report["settings"]["steps"] == 1 and report["settings"]["random_weights"] == "tiny"
+    for row in report["results"]:
+        assert {"vlm_encode", "vae_encode", "denoise", "denoise_step", "vae_decode", "end_to_end"} <= set(row["stages"])
+    bad = cli("bench", "--random-weights", "tiny", "--model", "vibe")
+    assert bad.exit_code == 2 and "alternatives" in bad.stderr
+    table = cli(
+        "bench",
+        "--random-weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "-r",
+        "64",
+        "--no-binning",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    )
+    assert table.exit_code == 0 and "VAE dec" in table.stderr

@@ -23,6 +23,7 @@ COMMANDS = [
     ["models", "info"],
     ["models", "remove"],
     ["selftest"],
+    ["bench"],
     ["config"],
     ["config", "set"],
 ]

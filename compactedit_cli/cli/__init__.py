@@ -10,6 +10,8 @@ from .. import __version__
 from . import config, models
 from .batch import EXAMPLES as BATCH_EXAMPLES
 from .batch import batch
+from .bench import EXAMPLES as BENCH_EXAMPLES
+from .bench import bench
 from .edit import EXAMPLES as EDIT_EXAMPLES
 from .edit import edit
 from .selftest import selftest
@@ -44,6 +46,7 @@ app.command(epilog=EDIT_EXAMPLES)(edit)
 app.command(epilog=BATCH_EXAMPLES)(batch)
 app.add_typer(models.app, name="models")
 app.command()(selftest)
+app.command(epilog=BENCH_EXAMPLES)(bench)
 app.add_typer(config.app, name="config")
 
 

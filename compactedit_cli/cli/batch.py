@@ -111,6 +111,7 @@ def batch(
         loaded = load_pipeline(
             opt.model_options(model, revision, device, dtype, offline, offload, compile_),
             status=lambda message: progress.update(task, description=message),
+            warn=warn,
         )
         progress.update(task, description="editing", total=len(items), completed=0)
 

@@ -145,6 +145,7 @@ def edit(
         loaded = load_pipeline(
             opt.model_options(model, revision, device, dtype, offline, offload, compile_),
             status=progress.status,
+            warn=warn,
         )
         result = loaded.pipe(
             source,

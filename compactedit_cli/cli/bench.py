@@ -1,0 +1,123 @@
+"""``compactedit bench``: what does this machine do? Per-stage times and peak memory of real edits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import options as opt
+from .common import console, emit_json, handle_errors, make_progress
+
+EXAMPLES = """
+Examples:
+
+  compactedit bench --random-weights full --resolution 1024 2048    (real-size random weights, no download)
+
+  compactedit bench --model vibe-distilled --resolution 1024 --distilled
+
+  compactedit bench --random-weights tiny --device cpu --json > bench.json
+"""
+
+
+@handle_errors
+def bench(
+    more_resolutions: Annotated[
+        list[int] | None,
+        typer.Argument(
+            help="More edge lengths (so --resolution 1024 2048 works).", metavar="[RESOLUTION]...", show_default=False
+        ),
+    ] = None,
+    resolution: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--resolution",
+            "-r",
+            help="Square edge lengths, binned as edit bins them. [default: 1024]",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 20,
+    guidance: opt.Guidance = None,
+    image_guidance: opt.ImageGuidance = None,
+    distilled: Annotated[bool, typer.Option("--distilled", help="One unguided branch (both scales 0).")] = False,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=64, help="Images per edit.")] = 1,
+    no_binning: opt.Binning = False,
+    random_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--random-weights",
+            help="full (real architecture, random weights: no download), mid (CPU-sized) or tiny.",
+            autocompletion=opt._choices("full", "mid", "tiny"),
+            show_default=False,
+        ),
+    ] = None,
+    model: opt.Model = None,
+    revision: opt.Revision = None,
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+    offload: opt.Offload = None,
+    compile_: opt.Compile = False,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per resolution.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per resolution.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the full report as JSON on stdout.")] = False,
+    save: Annotated[
+        Path | None, typer.Option("--save", help="Also write the JSON report to this file.", show_default=False)
+    ] = None,
+    offline: opt.Offline = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+) -> None:
+    """Time each stage of an edit (load, VLM encode, VAE encode, denoise, VAE decode) and report peak memory.
+
+    Warm-up runs, then repeats with min / median / max; the device is synchronised before every clock read.
+    """
+    import json
+
+    from ..bench import BenchError, report_table, run_bench
+    from ..errors import UsageError
+    from ..runner import parse_device, parse_dtype
+    from ..weights import is_offline, parse_model, resolve
+
+    if random_weights is not None and model is not None:
+        raise UsageError("--random-weights and --model are alternatives; give one")
+    settings = opt.model_options(model, revision, device, dtype, offline, offload, compile_)
+    source = None
+    if random_weights is None:
+        ref = parse_model(settings.model or "vibe", settings.revision)
+        source = resolve(ref, offline=is_offline(settings.offline)).path
+    with make_progress() as progress:
+        task = progress.add_task("benchmark", total=None)
+
+        def advance(done: int, total: int, description: str) -> None:
+            progress.update(task, completed=done, total=total, description=description)
+
+        try:
+            report = run_bench(
+                resolutions=[*(resolution or []), *(more_resolutions or [])] or [1024],
+                binning=not no_binning,
+                steps=steps,
+                guidance_scale=guidance,
+                image_guidance_scale=image_guidance,
+                distilled=distilled,
+                batch=batch,
+                dtype=parse_dtype(settings.dtype),
+                device=parse_device(settings.device),
+                compile=settings.compile,
+                offload=settings.offload,
+                random_weights=random_weights,
+                model=source,
+                warmup=warmup,
+                repeats=repeats,
+                progress=advance,
+            )
+        except BenchError as exc:
+            raise UsageError(str(exc)) from None
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if json_output:
+        emit_json(report)
+    else:
+        console.print(report_table(report))
