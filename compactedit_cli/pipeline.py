@@ -491,7 +491,6 @@ class EditPipeline:
 
     def _settings(
         self,
-        *,
         num_inference_steps: int,
         guidance_scale: float | None,
         image_guidance_scale: float | None,
@@ -575,11 +574,7 @@ class EditPipeline:
         source = as_source(image)
         instructions, notes = self._instructions(instruction)
         settings = self._settings(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            output_type=output_type,
+            num_inference_steps, guidance_scale, image_guidance_scale, num_images_per_prompt, output_type
         )
         size = self.model_size(source.size, binning=resolution_binning, height=height, width=width)
         batch = len(instructions) * num_images_per_prompt
@@ -616,11 +611,7 @@ class EditPipeline:
         if not requests:
             return []
         settings = self._settings(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            output_type=output_type,
+            num_inference_steps, guidance_scale, image_guidance_scale, num_images_per_prompt, output_type
         )
         sources = [as_source(r.image) for r in requests]
         sizes = {self.model_size(s.size, binning=resolution_binning) for s in sources}

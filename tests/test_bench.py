@@ -173,15 +173,12 @@ def test_bench_command_json(cli):
     """``compactedit bench`` on the tiny model: a complete report on stdout, usage errors as exit 2."""
     import json
 
-    result = cli(
+    quick = [
         "bench",
         "--random-weights",
         "tiny",
         "--device",
         "cpu",
-        "-r",
-        "64",
-        "96",
         "--no-binning",
         "--steps",
         "1",
@@ -189,8 +186,8 @@ def test_bench_command_json(cli):
         "0",
         "--repeats",
         "1",
-        "--json",
-    )
+    ]
+    result = cli(*quick, "-r", "64", "96", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["model_size"]["width"] for r in report["results"]] == [64, 96]
@@ -199,20 +196,5 @@ def test_bench_command_json(cli):
         assert {"vlm_encode", "vae_encode", "denoise", "denoise_step", "vae_decode", "end_to_end"} <= set(row["stages"])
     bad = cli("bench", "--random-weights", "tiny", "--model", "vibe")
     assert bad.exit_code == 2 and "alternatives" in bad.stderr
-    table = cli(
-        "bench",
-        "--random-weights",
-        "tiny",
-        "--device",
-        "cpu",
-        "-r",
-        "64",
-        "--no-binning",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-    )
+    table = cli(*quick, "-r", "64")
     assert table.exit_code == 0 and "VAE dec" in table.stderr
