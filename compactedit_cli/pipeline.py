@@ -15,7 +15,8 @@ Speed and memory options, each checked against the plain path (``tests/test_opti
   edit instead of at every step, and self-attention runs through a leaner linear-attention processor;
 * ``compile`` (:meth:`EditPipeline.compile`): ``torch.compile`` of the repeated transformer blocks;
 * ``offload`` (:meth:`EditPipeline.enable_offload`): ``"model"`` or ``"sequential"`` weight offload to the CPU;
-* VAE tiling (``pipe.vae_tiling``): automatic when the device is short of memory, and always with offload.
+* VAE tiling (``pipe.vae_tiling``): automatic when the device is short of memory. Tiling changes pixels (the
+  DC-AE's attention sees one tile), so it is never turned on where the whole image fits.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ class EditPipeline:
         ``"model"``: the text encoder (with the edit head) is on the device only to encode the prompt, the DiT only
         to denoise and the VAE only to encode and decode, so the peak holds about one component. ``"sequential"``
         also streams each stage's repeated blocks one at a time (for very small GPUs; slower, since the DiT's
-        weights are uploaded at every step). Either one turns VAE tiling on unless ``vae_tiling`` is set.
+        weights are uploaded at every step). VAE tiling still follows free memory (see :meth:`_use_vae_tiling`).
         ``"none"`` puts everything back on the device.
         """
         _check_offload(mode)
@@ -326,11 +327,9 @@ class EditPipeline:
         return f"compiled {parts} with torch.compile (backend {backend}, mode {mode or 'default'})"
 
     def _use_vae_tiling(self, batch: int, height: int, width: int) -> bool:
-        """``vae_tiling`` if set; else tile under offload, or when the device has less free than the VAE needs."""
+        """``vae_tiling`` if set; else tile only when the device has less free memory than the VAE needs."""
         if self.vae_tiling is not None:
             return self.vae_tiling
-        if self.offload != "none":
-            return True
         free = free_device_bytes(self.device)
         return free is not None and free < vae_activation_bytes(batch, height, width, self.vae.dtype)
 
