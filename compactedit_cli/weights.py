@@ -143,18 +143,24 @@ def _snapshot(ref: ModelRef, *, local_only: bool, force: bool = False) -> Path:
             raise CheckpointError(
                 f"model {ref.spec} is not in the Hugging Face cache", hint=f"download it with: {download_command(ref)}"
             ) from exc
-        raise CheckpointError(f"cannot reach the Hugging Face Hub to download {ref.spec} ({exc})") from exc
+        raise CheckpointError(f"cannot reach the Hugging Face Hub to download {ref.spec} ({_reason(exc)})") from exc
     except RevisionNotFoundError as exc:
         raise CheckpointError(f"revision {ref.revision!r} of {ref.repo_id} does not exist") from exc
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise CheckpointError(f"model {ref.repo_id} was not found on the Hub (or needs a token)") from exc
     except (HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(f"downloading {ref.spec} failed: {exc}", hint="re-run to resume") from exc
+        raise CheckpointError(f"downloading {ref.spec} failed ({_reason(exc)})", hint="re-run to resume") from exc
     except Exception as exc:  # the HTTP client's own errors (dropped connections, protocol errors)
         if type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "h11"):
             raise
-        reason = f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"downloading {ref.spec} failed ({reason})", hint="re-run to resume") from exc
+        raise CheckpointError(f"downloading {ref.spec} failed ({_reason(exc)})", hint="re-run to resume") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a hub call failed: the underlying network error where the hub wrapped one."""
+    root = exc.__cause__ or exc.__context__ or exc
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0]}" if text else type(root).__name__
 
 
 def _commit_of(snapshot: Path) -> str | None:
