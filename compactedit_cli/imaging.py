@@ -36,9 +36,9 @@ def max_pixels_limit() -> int:
     try:
         limit = int(value)
     except ValueError:
-        raise InputImageError(f"COMPACTEDIT_MAX_PIXELS must be an integer, got {value!r}") from None
+        raise UsageError(f"COMPACTEDIT_MAX_PIXELS must be an integer, got {value!r}") from None
     if limit <= 0:
-        raise InputImageError(f"COMPACTEDIT_MAX_PIXELS must be positive, got {limit}")
+        raise UsageError(f"COMPACTEDIT_MAX_PIXELS must be positive, got {limit}")
     return limit
 
 
@@ -98,18 +98,25 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Sou
         if path.stat().st_size == 0:
             raise InputImageError(f"{name} is empty")
         handle = io.BytesIO(path.read_bytes())
+    # Pillow's own warnings ("Corrupt EXIF data") become one-line notes on the image instead of stderr noise.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = _decode(handle, name, limit)
+    notes = (str(w.message).strip().splitlines() for w in caught if w.category is not Image.DecompressionBombWarning)
+    source.warnings.extend(dict.fromkeys(f"{name}: {lines[0]}" for lines in notes if lines))
+    return source
+
+
+def _decode(handle: io.BytesIO, name: str, limit: int) -> SourceImage:
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked before decoding
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                image = Image.open(handle)
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
+        image = Image.open(handle)
     except Image.UnidentifiedImageError:
         raise InputImageError(f"{name} is not a recognised image file") from None
     except OSError as exc:
         raise InputImageError(f"cannot read {name}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     width, height = image.size
     if width * height > limit:
         raise InputImageError(
@@ -233,7 +240,7 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> None:
     """
     folder = path.parent
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+        fd, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as exc:
         raise output_error(exc, f"to {folder}") from None
     temp = Path(temp_name)
@@ -258,10 +265,29 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> None:
             temp.unlink()
 
 
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process named in a temporary file's name (``.compactedit-<pid>-….part``) still runs."""
+    pid = temp.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but is someone else's
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed run left in ``folder`` (only compactedit's own naming pattern)."""
+    """Delete temporary files a killed run left in ``folder``: only compactedit's own, and only of dead writers.
+
+    A second batch writing into the same folder keeps its files.
+    """
     removed = 0
     for temp in folder.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if _writer_alive(temp):
+            continue
         with contextlib.suppress(OSError):
             temp.unlink()
             removed += 1

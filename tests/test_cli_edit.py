@@ -245,3 +245,20 @@ def test_offload_modes_give_the_same_image(cli, tiny_checkpoint, photo, tmp_path
     assert result.exit_code == 0, result.stderr
     difference = np.abs(np.asarray(Image.open(plain), np.int16) - np.asarray(Image.open(offloaded), np.int16))
     assert difference.max() <= 1  # VAE tiling is on under offload; at this size it does not split
+
+
+def test_bad_pixel_limit_setting_is_a_usage_error(cli, tiny_checkpoint, photo, tmp_path):
+    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "-m", tiny_checkpoint,
+                 env={"COMPACTEDIT_MAX_PIXELS": "lots"})  # fmt: skip
+    assert result.exit_code == 2 and "COMPACTEDIT_MAX_PIXELS" in result.stderr
+
+
+def test_corrupt_exif_is_one_warning_line(cli, tiny_checkpoint, tmp_path):
+    from test_imaging import _jpeg_with_corrupt_exif
+
+    image = tmp_path / "bad-exif.jpg"
+    image.write_bytes(_jpeg_with_corrupt_exif())
+    result = cli("edit", image, "x", "-o", tmp_path / "o.png", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "EXIF" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "bad-exif.jpg" in warnings[0]

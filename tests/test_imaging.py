@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,38 @@ def test_animated_gif_uses_first_frame_with_warning():
     source = open_image(buffer.getvalue())
     assert source.rgb.getpixel((5, 5))[0] > 200
     assert any("first frame" in w for w in source.warnings)
+
+
+def _jpeg_with_corrupt_exif() -> bytes:
+    """A valid JPEG whose EXIF block claims more IFD entries than it holds."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (1, 2, 3)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    segment = b"Exif\x00\x00" + b"II*\x00\x08\x00\x00\x00" + b"\xff\xff" + b"\x00" * 10
+    app1 = b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+    return data[:2] + app1 + data[2:]
+
+
+def test_pillow_warnings_become_one_line_notes(recwarn):
+    source = open_image(_jpeg_with_corrupt_exif())
+    assert source.size == (16, 12)
+    assert len(source.warnings) == 1 and source.warnings[0].startswith("<stdin>: Corrupt EXIF data")
+    assert not [w for w in recwarn.list if "EXIF" in str(w.message)]  # not also a Python warning
+
+
+def test_temporaries_of_live_writers_are_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from compactedit_cli.imaging import TEMP_PREFIX, TEMP_SUFFIX, remove_stale_temporaries, write_atomic
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{TEMP_PREFIX}{done.stdout.strip()}-abc{TEMP_SUFFIX}"  # its writer has exited
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def{TEMP_SUFFIX}"  # another batch, still writing
+    legacy = tmp_path / f"{TEMP_PREFIX}xyz{TEMP_SUFFIX}"
+    for path in (dead, live, legacy):
+        path.write_bytes(b"partial")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert live.exists() and not dead.exists() and not legacy.exists()
+    write_atomic(tmp_path / "out.bin", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.bin"])
