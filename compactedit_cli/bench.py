@@ -43,9 +43,6 @@ STAGES = ("vlm_encode", "vae_encode", "denoise", "denoise_step", "vae_decode", "
 _SPANS = ("vlm_encode", "vae_encode", "denoise", "vae_decode", "postprocess")  # consecutive: they sum to end_to_end
 RANDOM_WEIGHTS = ("full", "mid", "tiny")
 INSTRUCTION = "make the sky a deep sunset orange and add a red kite"
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}  # fmt: skip
-
 ProgressHook = Callable[[int, int, str], None]
 """``progress(done, total, description)``: called before the first and after every edit (for a progress bar)."""
 
@@ -168,17 +165,20 @@ def _bench_resolution(
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype names ``edit`` takes (one table, in :mod:`runner`); None or "auto" is the device's default."""
     import torch
 
+    from .errors import UsageError
     from .pipeline import default_dtype
+    from .runner import parse_dtype
 
-    if dtype is None:
-        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise BenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return getattr(torch, DTYPES[dtype])
+    try:
+        parsed = None if dtype is None else parse_dtype(dtype)
+    except UsageError as exc:
+        raise BenchError(str(exc)) from None
+    return parsed or default_dtype(device)
 
 
 def _load(
@@ -520,7 +520,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-guidance-scale", type=float)
     parser.add_argument("--distilled", action="store_true")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--device")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"))
