@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # The tested versions (.ci/constraints.txt and its resolution); the image's own huggingface_hub and tokenizers suffice.
-WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19 importlib_metadata==10.2.0)
+WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -84,9 +84,29 @@ bench sync-check 60 --resolutions "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --rep
 bench cfg 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
 bench distilled 80 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
 bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
+say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; fast path and VAE layout before/after"
+[ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
+bounded 100 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --resolution "${RESOLUTIONS[-1]}" \
+    --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
 bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
 bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
 bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
 
 say "done in ${SECONDS}s; reports in $OUT_DIR"
 ls -l "$OUT_DIR" | tee -a "$LOG"
+# One line per report and size, last, so the end of the output is the summary (medians; peak over the timed runs).
+python3 - "$OUT_DIR" 2>&1 <<'EOF' | tee -a "$LOG"
+import json, pathlib, sys
+print(f"{'report':20s} {'size':>9s} {'e2e s':>7s} {'VLM':>6s} {'VAE enc':>7s} {'denoise':>7s} {'step ms':>7s} "
+      f"{'VAE dec':>7s} {'peak GiB':>8s} {'compile s':>9s}")
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    report = json.loads(path.read_text())
+    for r in report.get("results", []):
+        st, mem, size = r["stages"], r["memory"], r["model_size"]
+        peak = mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**30
+        comp = r.get("compile_warmup_s")
+        print(f"{path.stem:20s} {size['height']:>4d}x{size['width']:<4d} {st['end_to_end']['median']:7.3f} "
+              f"{st['vlm_encode']['median']:6.3f} {st['vae_encode']['median']:7.3f} {st['denoise']['median']:7.3f} "
+              f"{st['denoise_step']['median'] * 1e3:7.1f} {st['vae_decode']['median']:7.3f} {peak:8.2f} "
+              f"{'' if comp is None else f'{comp:9.1f}'}")
+EOF
