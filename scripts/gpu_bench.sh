@@ -13,7 +13,9 @@
 #
 # Knobs for a CPU dry run of the whole script (e.g. BENCH_DEVICE=cpu BENCH_WEIGHTS=tiny BENCH_RESOLUTIONS=64
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
-# BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/).
+# BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
+# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg distilled
+# offload-model profile offload-sequential cfg-compile distilled-compile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +59,9 @@ if torch.cuda.is_available():
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 
+# Whether step $1 is wanted (BENCH_ONLY unset or naming it).
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
+
 # Runs a command with at most $1 seconds, and never past the deadline; skipped when under 20 s are left.
 bounded() {
     local cap=$1; shift
@@ -66,12 +71,15 @@ bounded() {
 }
 
 # 0. The equivalence tests on this device first, including "no host-device sync in the CUDA denoise loop".
-say "tests: optimisations on $DEVICE"
-bounded 120 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
-    -k "cuda or fast_path or lean or offload" 2>&1 | tee -a "$LOG"
+if want tests; then
+    say "tests: optimisations on $DEVICE"
+    bounded 120 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
+        -k "cuda or fast_path or lean or offload or norm" 2>&1 | tee -a "$LOG"
+fi
 
 bench() {  # bench NAME CAP_SECONDS [run_bench options...]
     local name=$1 cap=$2; shift 2
+    want "$name" || return 0
     say "bench $name: $*"
     bounded "$cap" python3 -m compactedit_cli.bench --random-weights "$WEIGHTS" --device "$DEVICE" \
         --steps "$STEPS" --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$LOG"
@@ -84,10 +92,12 @@ bench sync-check 60 --resolutions "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --rep
 bench cfg 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
 bench distilled 80 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
 bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
-say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; fast path and VAE layout before/after"
-[ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
-bounded 100 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --resolution "${RESOLUTIONS[-1]}" \
-    --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
+if want profile; then
+    say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; speed options before/after"
+    [ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
+    bounded 120 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
+        --resolution "${RESOLUTIONS[-1]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
+fi
 bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
 bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
 bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile

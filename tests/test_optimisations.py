@@ -62,6 +62,55 @@ def test_lean_linear_attention_matches_diffusers(qk_norm, dtype, atol):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize(("affine", "bias"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-6), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("slice_elements", [2**25, 300, 1], ids=["whole", "slices", "rows"])
+def test_lean_rms_norm_matches_diffusers(affine, bias, dtype, atol, slice_elements, monkeypatch):
+    """Same dtype, strides and (bf16: identical) values as diffusers' RMSNorm, on the DC-AE's permuted layout."""
+    from diffusers.models.normalization import RMSNorm
+
+    from compactedit_cli.models.norm import LeanRMSNorm, use_lean_norms
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-5, elementwise_affine=affine, bias=bias)
+    for param in norm.parameters():
+        torch.nn.init.normal_(param)
+    norm = norm.to(dtype)
+    x = (torch.randn(2, 64, 9, 7) * 3).to(dtype).movedim(1, -1)  # what the DC-AE's blocks hand their norms
+    expected = norm(x)
+    use_lean_norms(norm)
+    assert type(norm) is LeanRMSNorm
+    monkeypatch.setattr(LeanRMSNorm, "slice_elements", slice_elements)
+    actual = norm(x)
+    assert (actual.dtype, actual.stride()) == (expected.dtype, expected.stride())
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+    use_lean_norms(norm, False)
+    assert type(norm) is RMSNorm
+
+
+def test_sliced_norms_change_no_edit(pipe, monkeypatch):
+    """Norms run in slices of a few rows (as at 2K) give the plain path's pixels."""
+    from compactedit_cli.models.norm import LeanRMSNorm
+
+    monkeypatch.setattr(LeanRMSNorm, "slice_elements", 64)
+    fast = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
+    pipe.set_fast_path(False)
+    plain = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
+    difference = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(plain, dtype=np.int16))
+    assert difference.max() <= 1
+
+
+def test_fast_path_switches_the_norms_of_the_dit_and_the_vae(pipe):
+    from compactedit_cli.models.norm import LeanRMSNorm
+
+    def lean(module: torch.nn.Module) -> int:
+        return sum(isinstance(m, LeanRMSNorm) for m in module.modules())
+
+    assert lean(pipe.transformer) > 0 and lean(pipe.vae) > 0
+    pipe.set_fast_path(False)
+    assert lean(pipe.transformer) == lean(pipe.vae) == 0
+
+
 def test_forward_on_projected_context_is_sanas_forward(pipe):
     transformer = pipe.transformer
     transformer.use_lean_attention(False)
