@@ -10,6 +10,8 @@ changes no number, and temporaries stay the size of one slice whichever kernel P
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.normalization import RMSNorm
@@ -40,13 +42,14 @@ class LeanRMSNorm(RMSNorm):
             out = self._normalise(x)
             return out if out.stride() == x.stride() else torch.empty_like(x, dtype=out.dtype).copy_(out)
         dim = max(range(x.dim() - 1), key=lambda d: x.shape[d])
-        pieces = x.split(max(1, self.slice_elements * x.shape[dim] // x.numel()), dim=dim)
-        first = self._normalise(pieces[0])
+        size = max(1, self.slice_elements * x.shape[dim] // x.numel())
+        results = map(self._normalise, x.split(size, dim=dim))
+        first = next(results)
         out = torch.empty_like(x, dtype=first.dtype)  # the input's strides, as the reference keeps them
         start = 0
-        for index, piece in enumerate(pieces):
-            out.narrow(dim, start, piece.shape[dim]).copy_(first if index == 0 else self._normalise(piece))
-            start += piece.shape[dim]
+        for values in itertools.chain([first], results):  # narrow, not split: autograd allows writes into it
+            out.narrow(dim, start, values.shape[dim]).copy_(values)
+            start += values.shape[dim]
         return out
 
 
