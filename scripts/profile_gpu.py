@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compactedit_cli.fullsize import random_pipeline, real_configs, scaled_configs
 from compactedit_cli.guidance import Guidance
+from compactedit_cli.measure import DeviceClock
 from compactedit_cli.pipeline import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE
 
 INSTRUCTION = "make the sky a deep sunset orange and add a red kite"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(device: torch.device, work: Callable[[], Any], repeats: int) -> tuple[float, int | None, Any]:
@@ -49,12 +44,11 @@ def timed(device: torch.device, work: Callable[[], Any], repeats: int) -> tuple[
     seconds = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    clock = DeviceClock(device)
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+        start = clock.now()
         out = work()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock.now() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return statistics.median(seconds), peak, out
 
@@ -73,7 +67,7 @@ def kernel_table(device: torch.device, work: Callable[[], Any]) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         work()
-        sync(device)
+        DeviceClock(device).now()  # drain the device inside the profiled region
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
 
