@@ -319,6 +319,7 @@ def run_bench(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
     offload: str = "none",
     random_weights: str | None = None,
     model: str | Path | EditPipeline | None = None,
@@ -337,14 +338,18 @@ def run_bench(
     are then used) or random weights: ``"full"`` (the real architecture, built in seconds on a GPU), ``"mid"``
     (1/8 width, 4 layers: CPU-sized) or ``"tiny"`` (the test checkpoint, loaded with ``from_pretrained``).
     Guidance scales default to the model's (4.5 / 1.2); ``distilled`` runs one unguided branch. ``offload`` and
-    ``compile`` are the pipeline's options; ``sync_check`` makes a host-device sync in the CUDA denoise loop raise.
+    ``compile`` and ``cuda_graphs`` are the pipeline's options (their capture or compile cost shows in each size's
+    ``first_run_overhead_s``); ``sync_check`` makes a host-device sync in the CUDA denoise loop raise.
     Every value in the returned dict is JSON-serialisable.
     """
     import torch
 
     from .pipeline import default_device
+    from .runner import quietly
 
     _check_options(resolutions, steps, batch, warmup, repeats, random_weights, model)
+    if cuda_graphs and offload != "none":
+        raise BenchError("cuda_graphs and offload do not mix: a graph replays the weights where it captured them")
     device = torch.device(device) if device is not None else default_device()
     dtype = _parse_dtype(dtype, device)
     total = 1 + len(resolutions) * (warmup + repeats)
@@ -363,7 +368,8 @@ def run_bench(
         pipe, loaded = _load(model, random_weights, device, dtype, offload, stack, clock)
         tick("loaded")
         guidance = _guidance(pipe, distilled, guidance_scale, image_guidance_scale)
-        compile_message = pipe.compile() if compile and not pipe.compiled else None
+        compile_message = quietly(pipe.compile) if compile and not pipe.compiled else None
+        graphs_message = quietly(pipe.use_cuda_graphs) if cuda_graphs else None
         pipe.sync_check = sync_check
         clock = DeviceClock(pipe.device)
         plan = {
@@ -396,6 +402,9 @@ def run_bench(
                 "compile": compile,
                 "compiled": pipe.compiled,
                 "compile_message": compile_message,
+                "cuda_graphs": cuda_graphs,
+                "cuda_graphs_active": pipe.cuda_graphs is not None,
+                "cuda_graphs_message": graphs_message,
                 "offload": pipe.offload,
                 "fast_path": pipe.fast_path,
                 "sync_check": sync_check,
@@ -477,7 +486,7 @@ def report_table(report: dict[str, Any]) -> Table:
     title = (
         f"{report['model']['source']}\n{report['device']['name']} ({s['device']}, {s['dtype']}), {s['steps']} steps, "
         f"{s['guidance_branches']} branch(es), batch {s['batch']}, offload {s['offload']}, "
-        f"compile {'on' if s['compiled'] else 'off'}"
+        f"compile {'on' if s['compiled'] else 'off'}, CUDA graphs {'on' if s['cuda_graphs_active'] else 'off'}"
     )
     memory_kind = _memory_cell(report["results"][0]["memory"])[1] if report["results"] else "memory"
     caption = (
@@ -523,6 +532,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--device")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

@@ -12,9 +12,12 @@ so benchmarks can time them one by one and tests can check them against the refe
 Speed and memory options, each checked against the plain path (``tests/test_optimisations.py``):
 
 * the fast path (on by default, :meth:`EditPipeline.set_fast_path`): the context projection is computed once per
-  edit instead of at every step, self-attention runs through a leaner linear-attention processor, and RMSNorms
-  run fused and, on large inputs, in slices (the DC-AE's float32 temporaries set the peak at 2K otherwise);
+  edit instead of at every step, self-attention runs through a leaner linear-attention processor, the feed-forward
+  runs its 1×1 convolutions as matrix products over tokens, RMSNorms run fused and, on large inputs, in slices (the
+  DC-AE's float32 temporaries set the peak at 2K otherwise), and the DC-AE runs channels-last;
 * ``compile`` (:meth:`EditPipeline.compile`): ``torch.compile`` of the repeated transformer blocks;
+* CUDA graphs (:meth:`EditPipeline.use_cuda_graphs`): each denoising step replayed as one captured graph (CUDA and
+  the fast path only; not with offload);
 * ``offload`` (:meth:`EditPipeline.enable_offload`): ``"model"`` or ``"sequential"`` weight offload to the CPU;
 * VAE tiling (``pipe.vae_tiling``): automatic when the device is short of memory. Tiling changes pixels (the
   DC-AE's attention sees one tile), so it is never turned on where the whole image fits.
@@ -41,9 +44,11 @@ from .checkpoint import Components, load_components
 from .compiling import compile_unavailable
 from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
 from .errors import UsageError
+from .graphs import GraphedStep
 from .guidance import Guidance
 from .imaging import SourceImage, as_source, restore_geometry, to_model_pixels, to_pil
 from .memory import free_device_bytes, vae_activation_bytes
+from .models.feedforward import use_token_feed_forward
 from .models.norm import use_lean_norms
 from .offload import OFFLOAD_MODES, WeightOffloader, stage_offloader
 
@@ -165,6 +170,9 @@ def _in_stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return decorate
 
 
+_GRAPHS_AND_OFFLOAD = "CUDA graphs and weight offload do not mix: a graph replays the weights where they were captured"
+
+
 def _check_offload(mode: str) -> None:
     if mode not in OFFLOAD_MODES:
         raise UsageError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
@@ -209,6 +217,7 @@ class EditPipeline:
         self.vae_tiling: bool | None = None  # None: decided per call, see _use_vae_tiling
         self.sync_check = False  # True: on CUDA, a device sync inside the denoise loop raises
         self.compiled = False
+        self.cuda_graphs: GraphedStep | None = None  # set by use_cuda_graphs
         self.set_fast_path(True)
 
     @classmethod
@@ -222,12 +231,14 @@ class EditPipeline:
         *,
         offload: str = "none",
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> EditPipeline:
         """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.checkpoint`).
 
         ``offload`` (``"none"``, ``"model"``, ``"sequential"``) loads the weights into CPU memory and moves each
         stage's weights to ``device`` only while it runs (see :meth:`enable_offload`). ``compile=True`` calls
-        :meth:`compile`, which warns and carries on uncompiled where ``torch.compile`` cannot run.
+        :meth:`compile`, which warns and carries on uncompiled where ``torch.compile`` cannot run; ``cuda_graphs``
+        likewise calls :meth:`use_cuda_graphs`.
         """
         _check_offload(offload)
         device = torch.device(device) if device is not None else default_device()
@@ -244,6 +255,8 @@ class EditPipeline:
         pipe.enable_offload(offload)
         if compile:
             pipe.compile()
+        if cuda_graphs:
+            pipe.use_cuda_graphs()
         return pipe
 
     @property
@@ -279,17 +292,20 @@ class EditPipeline:
     # ---- speed and memory ---------------------------------------------------------------------------------------
 
     def set_fast_path(self, enabled: bool = True) -> None:
-        """Fast path (default): the context is projected once per edit, self-attention uses the lean processor, and
-        the DiT's and DC-AE's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm` (fewer passes, and
-        the VAE's peak memory at 2K cut by its float32 temporaries).
+        """Fast path (default): the context is projected once per edit, self-attention uses the lean processor, the
+        feed-forwards' 1×1 convolutions run as matrix products over tokens, the DiT's and DC-AE's RMSNorms run as
+        :class:`~compactedit_cli.models.norm.LeanRMSNorm` (fewer passes, and the VAE's peak memory at 2K cut by its
+        float32 temporaries), and the DC-AE's convolutions run channels-last (a faster encode with a lower peak).
 
         ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
         tested against.
         """
         self.fast_path = enabled
         self.transformer.use_lean_attention(enabled)
+        use_token_feed_forward(self.transformer, enabled)
         for module in (self.transformer, self.vae):
             use_lean_norms(module, enabled)
+        self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def enable_offload(self, mode: str = "model") -> None:
         """Keep weights in CPU memory, moving them to the device per stage: ``"model"``, ``"sequential"``, ``"none"``.
@@ -301,6 +317,8 @@ class EditPipeline:
         ``"none"`` puts everything back on the device.
         """
         _check_offload(mode)
+        if mode != "none" and self.cuda_graphs is not None:
+            raise UsageError(_GRAPHS_AND_OFFLOAD)
         if self._offloader is not None:
             self._offloader.restore()
             self._offloader = None
@@ -324,6 +342,8 @@ class EditPipeline:
             message = f"torch.compile skipped: {reason}"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return message
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
         self.transformer.compile_repeated_blocks(backend=backend, mode=mode)
         parts = f"{len(self.transformer.transformer_blocks)} transformer blocks"
         if vae_decoder:
@@ -331,6 +351,27 @@ class EditPipeline:
             parts += " and the VAE decoder"
         self.compiled = True
         return f"compiled {parts} with torch.compile (backend {backend}, mode {mode or 'default'})"
+
+    def use_cuda_graphs(self, enabled: bool = True) -> str:
+        """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.graphs`), or stop (``False``).
+
+        The graph is captured at the first step of each new size, after two eager warm-up steps, and replaces the
+        fast path's transformer call; the plain path stays eager. It needs CUDA, and the weights must stay put,
+        so it refuses weight offload. Elsewhere it warns and leaves the pipeline eager. Returns a one-line account.
+        """
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()
+            self.cuda_graphs = None
+        if not enabled:
+            return "CUDA graphs off"
+        if self.device.type != "cuda":
+            message = f"CUDA graphs skipped: they need a CUDA device, and this pipeline runs on {self.device.type}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return message
+        if self.offload != "none":
+            raise UsageError(_GRAPHS_AND_OFFLOAD)
+        self.cuda_graphs = GraphedStep(self.transformer.forward_projected)
+        return "denoising steps replay as a CUDA graph, captured at the first step of each size"
 
     def _use_vae_tiling(self, batch: int, height: int, width: int) -> bool:
         """``vae_tiling`` if set; else tile only when the device has less free memory than the VAE needs."""
@@ -435,7 +476,8 @@ class EditPipeline:
                 hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False
             )[0]
         projected = transformer.project_context(context)
-        return lambda x, t: transformer.forward_projected(x, projected, t)
+        step = self.cuda_graphs or transformer.forward_projected
+        return lambda x, t: step(x, projected, t)
 
     def _sync_guard(self) -> AbstractContextManager[None]:
         """With ``sync_check`` on CUDA, any host-device sync inside the loop raises instead of silently stalling."""

@@ -44,6 +44,7 @@ class ModelOptions:
     offline: bool = False
     offload: str = "none"
     compile: bool = False
+    cuda_graphs: bool = False
 
 
 def parse_device(name: str) -> Any:
@@ -93,6 +94,8 @@ def load_pipeline(
     """
     if options.offload not in OFFLOAD_MODES:
         raise UsageError(f"unknown offload mode {options.offload!r} (use {', '.join(OFFLOAD_MODES)})")
+    if options.cuda_graphs and options.offload != "none":
+        raise UsageError("--cuda-graphs and --offload do not mix: a graph replays the weights where it captured them")
     device, dtype = parse_device(options.device), parse_dtype(options.dtype)
     ref = parse_model(options.model or DEFAULT_MODEL, options.revision)
     status(f"resolving {ref.spec}")
@@ -103,12 +106,21 @@ def load_pipeline(
     pipe = EditPipeline.from_pretrained(resolved.path, device=device, dtype=dtype, offload=options.offload)
     pipe.model_name = resolved.label()
     if options.compile:
-        with warnings.catch_warnings():  # the reason comes back as the message; say it once, in one line
-            warnings.simplefilter("ignore", RuntimeWarning)
-            message = pipe.compile()
+        message = quietly(pipe.compile)
         if not pipe.compiled:
             warn(message)
+    if options.cuda_graphs:
+        message = quietly(pipe.use_cuda_graphs)
+        if pipe.cuda_graphs is None:
+            warn(message)
     return LoadedModel(pipe, resolved)
+
+
+def quietly(switch: Callable[[], str]) -> str:
+    """Run a speed switch whose reason for not applying comes back as its message: said once, in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return switch()
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 # The full-size benchmark on one NVIDIA GPU (H100/H200 class), offline, in under 8 minutes.
 #
 # It builds the real VIBE architecture (Qwen3-VL-2B + 1.6B VIBE DiT + DC-AE f32c32) with random weights (no
-# download) and times edits at 1024² and 2048²: 3-way CFG and distilled (1 branch), eager and torch.compile, and
-# the offload modes. Each configuration runs in its own process (clean memory peaks) through
+# download) and times edits at 1024² and 2048²: 3-way CFG and distilled (1 branch), eager and torch.compile, each
+# also with CUDA graphs, and the offload modes. Each configuration runs in its own process (clean memory peaks) through
 # `python -m compactedit_cli.bench`, which needs no Typer CLI. Results: one JSON report per configuration plus
 # gpu_bench.log, in OUT_DIR (default: $OUT if set, else ./bench-results).
 #
@@ -14,8 +14,9 @@
 # Knobs for a CPU dry run of the whole script (e.g. BENCH_DEVICE=cpu BENCH_WEIGHTS=tiny BENCH_RESOLUTIONS=64
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
-# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg distilled
-# offload-model profile offload-sequential cfg-compile distilled-compile).
+# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-graphs
+# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile). Steps that
+# would run past the budget are skipped, so the least important come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,7 +75,7 @@ bounded() {
 if want tests; then
     say "tests: optimisations on $DEVICE"
     bounded 120 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
-        -k "cuda or fast_path or lean or offload or norm" 2>&1 | tee -a "$LOG"
+        -k "cuda or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
 fi
 
 bench() {  # bench NAME CAP_SECONDS [run_bench options...]
@@ -87,19 +88,21 @@ bench() {  # bench NAME CAP_SECONDS [run_bench options...]
     [ "$status" -eq 0 ] || say "bench $name ended with status $status"
 }
 
-# Most important first; torch.compile last (its first edit per size compiles, which takes the longest).
+# Most important first: the 3-way CFG numbers the targets are about, eager and compiled, with and without CUDA graphs.
 bench sync-check 60 --resolutions "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --repeats 1 --sync-check
 bench cfg 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
+bench cfg-graphs 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs
+bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
+bench cfg-compile-graphs 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
 bench distilled 80 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
-bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
 if want profile; then
-    say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; speed options before/after"
+    say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; before/afters at ${RESOLUTIONS[0]}"
     [ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
     bounded 120 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
-        --resolution "${RESOLUTIONS[-1]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
+        --resolution "${RESOLUTIONS[-1]}" --built-in-resolution "${RESOLUTIONS[0]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
 fi
+bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
 bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
-bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
 bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
 
 say "done in ${SECONDS}s; reports in $OUT_DIR"
@@ -108,15 +111,15 @@ ls -l "$OUT_DIR" | tee -a "$LOG"
 python3 - "$OUT_DIR" 2>&1 <<'EOF' | tee -a "$LOG"
 import json, pathlib, sys
 print(f"{'report':20s} {'size':>9s} {'e2e s':>7s} {'VLM':>6s} {'VAE enc':>7s} {'denoise':>7s} {'step ms':>7s} "
-      f"{'VAE dec':>7s} {'peak GiB':>8s} {'compile s':>9s}")
+      f"{'VAE dec':>7s} {'alloc GiB':>9s} {'rsvd GiB':>8s} {'1st +s':>7s}")
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     report = json.loads(path.read_text())
     for r in report.get("results", []):
         st, mem, size = r["stages"], r["memory"], r["model_size"]
         peak = mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**30
-        comp = r.get("compile_warmup_s")
+        reserved = mem.get("peak_reserved_bytes", 0) / 2**30
         print(f"{path.stem:20s} {size['height']:>4d}x{size['width']:<4d} {st['end_to_end']['median']:7.3f} "
               f"{st['vlm_encode']['median']:6.3f} {st['vae_encode']['median']:7.3f} {st['denoise']['median']:7.3f} "
-              f"{st['denoise_step']['median'] * 1e3:7.1f} {st['vae_decode']['median']:7.3f} {peak:8.2f} "
-              f"{'' if comp is None else f'{comp:9.1f}'}")
+              f"{st['denoise_step']['median'] * 1e3:7.1f} {st['vae_decode']['median']:7.3f} {peak:9.2f} "
+              f"{reserved:8.2f} {r['first_run_overhead_s']:7.1f}")
 EOF

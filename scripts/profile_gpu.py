@@ -5,11 +5,15 @@ are what they are. For one square size (default 2048²) on random full-size weig
 
 - ``profile.json``: per stage (VLM encode, VAE encode, one 3-way-CFG denoise step, VAE decode) the median time, the
   FLOPs counted by ``torch.utils.flop_counter`` and so the achieved TFLOP/s, and the stage's peak allocated memory;
-  the denoise step and the VAE with the fast path off (diffusers' plain forward and norms) for a before/after; the
-  VAE in ``channels_last`` for a before/after (time, peak, largest difference from the default layout); the stages again
-  with ``torch.backends.cudnn.benchmark`` on; one block's GLUMBConv feed-forward as cuDNN 1×1 convolutions (as
-  diffusers runs it) against the same weights as token-layout matrix products;
+  the denoise step and the VAE with the fast path off (diffusers' plain forward, norms, feed-forward and layout) for
+  a before/after; and before/afters of the choices built in from the start (``built_in``, at a second size): the
+  pipeline's dtype (bf16 on CUDA) against float32 for a denoise step, the guidance branches as one batch against
+  one forward each, the VLM once against once per branch, and the 20-step loop without against with a device sync
+  per step;
 - ``kernels.txt``: ``torch.profiler``'s top kernels of each stage, by self device time.
+
+The experiments of the first H200 lease (VAE ``channels_last``, ``cudnn.benchmark``, the feed-forward as matrix
+products) are in BENCHMARKS.md; the two that paid are now part of the fast path, so its before/after includes them.
 
 CPU dry run: ``python scripts/profile_gpu.py --device cpu --weights mid --resolution 256 --out /tmp/p``.
 """
@@ -25,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from compactedit_cli.fullsize import random_pipeline, real_configs, scaled_configs
 from compactedit_cli.guidance import Guidance
 from compactedit_cli.measure import DeviceClock
-from compactedit_cli.pipeline import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE
+from compactedit_cli.pipeline import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, StepState
 
 INSTRUCTION = "make the sky a deep sunset orange and add a red kite"
 
@@ -72,16 +75,63 @@ def kernel_table(device: torch.device, work: Callable[[], Any]) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
 
 
-def feed_forward_as_linear(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GLUMBConv with its 1×1 convolutions as matrix products over (B, H·W, C) tokens; same weights, same maths."""
-    batch, _, height, width = x.shape
-    tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
-    hidden = F.silu(F.linear(tokens, ff.conv_inverted.weight.flatten(1), ff.conv_inverted.bias))
-    hidden = ff.conv_depth(hidden.view(batch, height, width, -1).permute(0, 3, 1, 2))
-    hidden, gate = hidden.chunk(2, dim=1)
-    hidden = (hidden * F.silu(gate)).permute(0, 2, 3, 1).reshape(batch, height * width, -1)
-    out = F.linear(hidden, ff.conv_point.weight.flatten(1))
-    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+def stage_calls(pipe, edge: int) -> tuple[dict[str, Callable[[], Any]], Callable[..., torch.Tensor]]:
+    """The four stages of an edge² edit as calls on fixed inputs, and its loop as ``denoise(steps, callback)``."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (edge, edge, 3), dtype=np.uint8))
+    height, width = pipe.model_size((edge, edge))
+    guidance = Guidance(DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)
+    conditioning = pipe.encode_prompt([image], [INSTRUCTION])
+    image_latents = pipe.encode_image([image], height, width)
+    noise = pipe.initial_noise(1, height, width, 0)
+
+    def denoise(steps: int, callback: Callable[[StepState], None] | None = None) -> torch.Tensor:
+        return pipe.denoise(noise, image_latents, conditioning.cond, conditioning.null, guidance, steps, callback)
+
+    latents = denoise(1)
+    stages = {
+        "vlm_encode": lambda: pipe.encode_prompt([image], [INSTRUCTION]),
+        "vae_encode": lambda: pipe.encode_image([image], height, width),
+        "denoise_step": lambda: denoise(1),
+        "vae_decode": lambda: pipe.decode(latents),
+    }
+    return stages, denoise
+
+
+def built_in(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, Any]:
+    """Before/afters (seconds, medians) of the choices built in from the start, each as [built in, alternative]."""
+    stages, denoise = stage_calls(pipe, edge)
+    report: dict[str, Any] = {"size": edge}
+    usual, _, _ = timed(device, stages["denoise_step"], repeats)
+    pipe.transformer.to(torch.float32)  # the loop follows the transformer's dtype
+    fp32, _, _ = timed(device, stages["denoise_step"], repeats)
+    pipe.transformer.to(pipe.dtype)
+    report[f"denoise_step_{str(pipe.dtype).removeprefix('torch.')}_vs_float32"] = [usual, fp32]
+
+    seen: list[StepState] = []
+    denoise(1, seen.append)
+    x, t = seen[0].model_input, seen[0].model_timestep
+    context = pipe.transformer.project_context(seen[0].context)
+    forward = pipe.transformer.forward_projected
+    with torch.inference_mode():
+        batched, _, _ = timed(device, lambda: forward(x, context, t), repeats)
+        rows = range(x.shape[0])
+        one_each, _, _ = timed(
+            device, lambda: [forward(x[i : i + 1], context[i : i + 1], t[i : i + 1]) for i in rows], repeats
+        )
+    report["denoise_step_batched_vs_one_forward_per_branch"] = [batched, one_each]
+
+    once, _, _ = timed(device, stages["vlm_encode"], repeats)
+    per_branch, _, _ = timed(device, lambda: [stages["vlm_encode"]() for _ in range(x.shape[0])], repeats)
+    report["vlm_once_vs_per_branch"] = [once, per_branch]
+
+    sync = DeviceClock(device).now  # a clock read synchronises the device
+    free, _, _ = timed(device, lambda: denoise(DEFAULT_STEPS), 1)
+    synced, _, _ = timed(device, lambda: denoise(DEFAULT_STEPS, lambda _state: sync()), 1)
+    report[f"denoise_{DEFAULT_STEPS}_steps_no_sync_vs_sync_per_step"] = [free, synced]
+    for name, value in report.items():
+        if isinstance(value, list):
+            print(f"{edge}² {name}: {value[0] * 1e3:.1f} ms against {value[1] * 1e3:.1f} ms")
+    return report
 
 
 def main() -> None:
@@ -90,31 +140,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", choices=("full", "mid"), default="full")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--built-in-resolution", type=int, default=1024, help="size of the built-in before/afters")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     configs = real_configs() if args.weights == "full" else scaled_configs()
     pipe = random_pipeline(configs, device=device)
-    edge = args.resolution
-    pixels = np.random.default_rng(0).integers(0, 256, (edge, edge, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    height, width = pipe.model_size((edge, edge))
-    guidance = Guidance(DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)
-    conditioning = pipe.encode_prompt([image], [INSTRUCTION])
-    image_latents = pipe.encode_image([image], height, width)
-    noise = pipe.initial_noise(1, height, width, 0)
-
-    def step() -> torch.Tensor:
-        return pipe.denoise(noise, image_latents, conditioning.cond, conditioning.null, guidance, 1)
-
-    latents = step()
-    stages: dict[str, Callable[[], Any]] = {
-        "vlm_encode": lambda: pipe.encode_prompt([image], [INSTRUCTION]),
-        "vae_encode": lambda: pipe.encode_image([image], height, width),
-        "denoise_step": step,
-        "vae_decode": lambda: pipe.decode(latents),
-    }
+    stages, _ = stage_calls(pipe, args.resolution)
+    height, width = pipe.model_size((args.resolution, args.resolution))
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type,
         "torch": torch.__version__,
@@ -147,38 +181,7 @@ def main() -> None:
         print(f"{name}, fast path off: {seconds * 1e3:.1f} ms, peak {report['plain_path'][name]['peak_allocated_gib']}")
     pipe.set_fast_path(True)
 
-    reference = pipe.decode(latents).float()
-    pipe.vae.to(memory_format=torch.channels_last)
-    layout = {}
-    for name in ("vae_encode", "vae_decode"):
-        seconds, peak, _ = timed(device, stages[name], args.repeats)
-        layout[name] = {"seconds": seconds, "peak_allocated_gib": None if peak is None else peak / 2**30}
-        print(f"{name} channels_last: {seconds * 1e3:.1f} ms")
-    layout["decode_max_abs_diff"] = (pipe.decode(latents).float() - reference).abs().max().item()
-    report["vae_channels_last"] = layout
-    torch.backends.cudnn.benchmark = True
-    pipe.vae.to(memory_format=torch.contiguous_format)
-    report["cudnn_benchmark_seconds"] = {}
-    for name, work in stages.items():
-        seconds, _, _ = timed(device, work, args.repeats)
-        report["cudnn_benchmark_seconds"][name] = seconds
-        print(f"{name} with cudnn.benchmark: {seconds * 1e3:.1f} ms")
-    torch.backends.cudnn.benchmark = False
-
-    ff = pipe.transformer.transformer_blocks[0].ff
-    channels = ff.conv_inverted.in_channels
-    rows, cols = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
-    tokens = torch.randn(3, rows * cols, channels, device=device, dtype=pipe.dtype)
-    x = tokens.unflatten(1, (rows, cols)).permute(0, 3, 1, 2)  # the layout Sana's block hands its feed-forward
-    with torch.inference_mode():
-        conv_s, _, conv_out = timed(device, lambda: ff(x), args.repeats * 10)
-        linear_s, _, linear_out = timed(device, lambda: feed_forward_as_linear(ff, x), args.repeats * 10)
-    report["feed_forward_block"] = {
-        "conv_seconds": conv_s,
-        "linear_seconds": linear_s,
-        "max_abs_diff": (conv_out.float() - linear_out.float()).abs().max().item(),
-    }
-    print(f"one feed-forward: conv {conv_s * 1e3:.2f} ms, linear {linear_s * 1e3:.2f} ms")
+    report["built_in"] = built_in(pipe, device, args.built_in_resolution, args.repeats)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

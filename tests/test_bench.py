@@ -71,7 +71,7 @@ def test_report_carries_memory_settings_versions_and_device(report):
         assert 0 <= row["foreign_cpu_share"] <= 1
     settings = report["settings"]
     for key in ("resolutions", "steps", "guidance_scale", "image_guidance_scale", "distilled", "batch", "dtype",
-                "device", "compile", "offload", "random_weights", "warmup", "repeats"):  # fmt: skip
+                "device", "compile", "cuda_graphs", "offload", "random_weights", "warmup", "repeats"):  # fmt: skip
         assert key in settings, key
     assert settings["guidance_branches"] == 3 and settings["dtype"] == "float32" and settings["offload"] == "none"
     assert set(report["versions"]) >= {"python", "torch", "diffusers", "transformers", "compactedit"}
@@ -126,6 +126,7 @@ def test_loaded_pipeline_distilled_and_offload(tiny_pipe):
         ({"random_weights": "tiny", "steps": 0}, "steps"),
         ({"random_weights": "tiny", "repeats": 0}, "repeats"),
         ({"random_weights": "tiny", "dtype": "int8"}, "dtype"),
+        ({"random_weights": "tiny", "cuda_graphs": True, "offload": "model"}, "do not mix"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(kwargs, message):
@@ -203,3 +204,8 @@ def test_bench_command_json(cli):
     assert bad.exit_code == 2 and "alternatives" in bad.stderr
     table = cli(*quick, "-r", "64")
     assert table.exit_code == 0 and "VAE dec" in table.stderr
+    graphed = cli(*quick, "-r", "64", "--cuda-graphs", "--json")
+    assert graphed.exit_code == 0 and graphed.stderr.count("CUDA graphs skipped") == 1
+    settings = json.loads(graphed.stdout)["settings"]
+    assert settings["cuda_graphs"] and not settings["cuda_graphs_active"]
+    assert "CUDA graphs skipped" in settings["cuda_graphs_message"]

@@ -262,3 +262,16 @@ def test_corrupt_exif_is_one_warning_line(cli, tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "EXIF" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "bad-exif.jpg" in warnings[0]
+
+
+def test_cuda_graphs_flag(cli, tiny_checkpoint, photo, tmp_path):
+    """On the CPU the flag says once that it does not apply and the edit runs eagerly; with offload it is refused."""
+    plain, graphed = tmp_path / "plain.png", tmp_path / "graphed.png"
+    assert cli("edit", photo, "x", "-o", plain, "-m", tiny_checkpoint, *FAST).exit_code == 0
+    result = cli("edit", photo, "x", "-o", graphed, "--cuda-graphs", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("CUDA graphs skipped") == 1 and "Traceback" not in result.stderr
+    assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(graphed)))
+    mixed = tmp_path / "mixed.png"
+    refused = cli("edit", photo, "x", "-o", mixed, "--cuda-graphs", "--offload", "model", "-m", tiny_checkpoint)
+    assert refused.exit_code == 2 and "--offload" in refused.stderr and not mixed.exists()

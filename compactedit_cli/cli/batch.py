@@ -55,6 +55,7 @@ def batch(
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
+    cuda_graphs: opt.CudaGraphs = False,
     no_binning: opt.Binning = False,
     fmt: opt.OutputFormat = None,
     quality: opt.Quality = None,
@@ -109,7 +110,7 @@ def batch(
     with make_progress() as progress:
         task = progress.add_task("loading model", total=None)
         loaded = load_pipeline(
-            opt.model_options(model, revision, device, dtype, offline, offload, compile_),
+            opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs),
             status=lambda message: progress.update(task, description=message),
             warn=warn,
         )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import options as opt
-from .common import console, emit_json, handle_errors, make_progress
+from .common import console, emit_json, handle_errors, make_progress, warn
 
 EXAMPLES = """
 Examples:
@@ -59,6 +59,7 @@ def bench(
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
+    cuda_graphs: opt.CudaGraphs = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per resolution.")] = 1,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per resolution.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print the full report as JSON on stdout.")] = False,
@@ -82,7 +83,7 @@ def bench(
 
     if random_weights is not None and model is not None:
         raise UsageError("--random-weights and --model are alternatives; give one")
-    settings = opt.model_options(model, revision, device, dtype, offline, offload, compile_)
+    settings = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
     source = None
     if random_weights is None:
         ref = parse_model(settings.model or "vibe", settings.revision)
@@ -105,6 +106,7 @@ def bench(
                 dtype=parse_dtype(settings.dtype),
                 device=parse_device(settings.device),
                 compile=settings.compile,
+                cuda_graphs=settings.cuda_graphs,
                 offload=settings.offload,
                 random_weights=random_weights,
                 model=source,
@@ -114,6 +116,11 @@ def bench(
             )
         except BenchError as exc:
             raise UsageError(str(exc)) from None
+    used = report["settings"]  # a speed option that could not apply here says why, once
+    if used["compile"] and not used["compiled"]:
+        warn(used["compile_message"])
+    if used["cuda_graphs"] and not used["cuda_graphs_active"]:
+        warn(used["cuda_graphs_message"])
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -59,6 +59,7 @@ def edit(
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
+    cuda_graphs: opt.CudaGraphs = False,
     no_binning: opt.Binning = False,
     fmt: opt.OutputFormat = None,
     quality: opt.Quality = None,
@@ -143,7 +144,7 @@ def edit(
     started = time.perf_counter()
     with edit_progress() as progress:
         loaded = load_pipeline(
-            opt.model_options(model, revision, device, dtype, offline, offload, compile_),
+            opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs),
             status=progress.status,
             warn=warn,
         )

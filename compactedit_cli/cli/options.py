@@ -115,6 +115,14 @@ Offload = Annotated[
 Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the transformer (slow first run).", rich_help_panel=PERF)
 ]
+CudaGraphs = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graphs",
+        help="Replay each denoising step as a CUDA graph (CUDA only; not with --offload).",
+        rich_help_panel=PERF,
+    ),
+]
 OutputFormat = Annotated[
     str | None,
     typer.Option(
@@ -162,6 +170,7 @@ def model_options(
     offline: bool,
     offload: str | None,
     compile_: bool,
+    cuda_graphs: bool = False,
 ):
     """Flags first, then the config file, then built-in defaults."""
     from .. import settings
@@ -176,4 +185,5 @@ def model_options(
         offline=offline,
         offload=offload or saved.get("offload", "none"),
         compile=compile_,
+        cuda_graphs=cuda_graphs,
     )

@@ -1,0 +1,82 @@
+"""One denoising step replayed as a CUDA graph, so the host launches it with one call instead of ~1,000 kernels.
+
+At 1024² an eager step on an H200 waits on the host: a distilled step took 35 ms at 1024² and 40 ms at 2048²
+(BENCHMARKS.md §G.3). A captured graph replays every kernel of the step with no Python in between. The price: the
+inputs are copied into fixed buffers first, the step's activations keep their own memory pool for as long as the
+graph lives, and the weights must stay where they were at capture (so no weight offload).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+WARMUP_CALLS = 2  # before capture, on a side stream: cuBLAS workspaces, lazy inits and any compiling happen here
+
+Signature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+
+
+class GraphedStep:
+    """Calls ``step(*tensors)`` through a CUDA graph captured for the latest input shapes; eager where it cannot.
+
+    Only one graph is kept: a new shape (another size bin, another batch) captures again and frees the old pool.
+    Each call returns a fresh tensor, so nothing a caller keeps is overwritten by the next replay.
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor]) -> None:
+        self.step = step
+        self.captures = 0
+        self.failure: str | None = None
+        self._signature: Signature | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._output: torch.Tensor | None = None
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.failure is not None or tensors[0].device.type != "cuda":
+            return self.step(*tensors)
+        signature = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        if signature != self._signature:
+            self.release()
+            try:
+                self._capture(tensors)
+            except RuntimeError as error:  # an op the graph cannot hold: say so once, then stay eager
+                self.release()
+                self.failure = str(error).splitlines()[0]
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning, 2)
+                return self.step(*tensors)
+            self._signature = signature
+        for buffer, tensor in zip(self._inputs, tensors, strict=True):
+            buffer.copy_(tensor)
+        self._graph.replay()
+        return self._output.clone()
+
+    def _capture(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self._inputs = tuple(t.clone() for t in tensors)
+        # Capturing synchronises the device once; that is set-up, not a sync inside the loop, so the loop's
+        # sync check (``torch.cuda.set_sync_debug_mode``) is paused around it.
+        debug_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            side = torch.cuda.Stream(tensors[0].device)
+            side.wait_stream(torch.cuda.current_stream(tensors[0].device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self.step(*self._inputs)
+            torch.cuda.current_stream(tensors[0].device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._output = self.step(*self._inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(debug_mode)
+        self._graph = graph
+        self.captures += 1
+
+    def release(self) -> None:
+        """Drop the graph and its memory pool (the next CUDA call captures again)."""
+        self._graph = None
+        self._inputs = ()
+        self._output = None
+        self._signature = None
