@@ -419,6 +419,17 @@ def run_bench(
         }
 
 
+def unapplied_options(report: dict[str, Any]) -> list[str]:
+    """Why a requested speed option did not apply (no compiler, no CUDA), one message each, for the caller to say."""
+    used = report["settings"]
+    messages = []
+    if used["compile"] and not used["compiled"]:
+        messages.append(used["compile_message"])
+    if used["cuda_graphs"] and not used["cuda_graphs_active"]:
+        messages.append(used["cuda_graphs_message"])
+    return messages
+
+
 # ---- fixed cost of a process --------------------------------------------------------------------------------------
 
 # What one ``compactedit edit`` process pays before any pixel work, probe by probe (each a fresh interpreter).
@@ -557,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for message in unapplied_options(report):
+        print(f"warning: {message}", file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -13,16 +13,16 @@ from collections.abc import Callable
 
 import torch
 
-WARMUP_CALLS = 2  # before capture, on a side stream: cuBLAS workspaces, lazy inits and any compiling happen here
-
 Signature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 
 
 class GraphedStep:
     """Calls ``step(*tensors)`` through a CUDA graph captured for the latest input shapes; eager where it cannot.
 
-    Only one graph is kept: a new shape (another size bin, another batch) captures again and frees the old pool.
-    Each call returns a fresh tensor, so nothing a caller keeps is overwritten by the next replay.
+    The call that meets a new shape runs the step once eagerly on a side stream (cuBLAS workspaces, lazy inits and
+    any compiling happen there, and its result answers the call), then captures. Only one graph is kept: a new shape
+    (another size bin, another batch) captures again and frees the old pool. Each call returns a fresh tensor, so
+    nothing a caller keeps is overwritten by the next replay.
     """
 
     def __init__(self, step: Callable[..., torch.Tensor]) -> None:
@@ -41,38 +41,43 @@ class GraphedStep:
         if signature != self._signature:
             self.release()
             try:
-                self._capture(tensors)
+                result = self._capture(tensors)
             except RuntimeError as error:  # an op the graph cannot hold: say so once, then stay eager
                 self.release()
                 self.failure = str(error).splitlines()[0]
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning, 2)
                 return self.step(*tensors)
             self._signature = signature
+            return result
         for buffer, tensor in zip(self._inputs, tensors, strict=True):
             buffer.copy_(tensor)
         self._graph.replay()
         return self._output.clone()
 
-    def _capture(self, tensors: tuple[torch.Tensor, ...]) -> None:
+    def _capture(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Warm up on a side stream, then capture; returns the warm-up's result, which is this call's answer."""
         self._inputs = tuple(t.clone() for t in tensors)
+        main = torch.cuda.current_stream(tensors[0].device)
         # Capturing synchronises the device once; that is set-up, not a sync inside the loop, so the loop's
         # sync check (``torch.cuda.set_sync_debug_mode``) is paused around it.
         debug_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode(0)
         try:
             side = torch.cuda.Stream(tensors[0].device)
-            side.wait_stream(torch.cuda.current_stream(tensors[0].device))
+            side.wait_stream(main)
             with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    self.step(*self._inputs)
-            torch.cuda.current_stream(tensors[0].device).wait_stream(side)
+                result = self.step(*self._inputs)
+            main.wait_stream(side)
+            result.record_stream(main)  # made on the side stream, used on the main one
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._output = self.step(*self._inputs)
         finally:
             torch.cuda.set_sync_debug_mode(debug_mode)
+            torch.cuda.set_stream(main)  # a failed capture_end leaves torch.cuda.graph's capture stream current
         self._graph = graph
         self.captures += 1
+        return result
 
     def release(self) -> None:
         """Drop the graph and its memory pool (the next CUDA call captures again)."""

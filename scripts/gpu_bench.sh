@@ -75,7 +75,7 @@ bounded() {
 if want tests; then
     say "tests: optimisations on $DEVICE"
     bounded 120 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
-        -k "cuda or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
+        -k "cuda or graph or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
 fi
 
 bench() {  # bench NAME CAP_SECONDS [run_bench options...]

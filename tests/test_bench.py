@@ -147,6 +147,8 @@ def test_module_entry_point_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["settings"]["steps"] == 1
     printed = capsys.readouterr().out
     assert "[2/2] 64px run 1" in printed and "random:tiny" in printed  # progress lines, then the table
+    assert main([*argv, "--cuda-graphs"]) == 0
+    assert capsys.readouterr().err.count("warning: CUDA graphs skipped") == 1  # off CUDA: said once, then eager
     assert main(["--random-weights", "tiny", "--steps", "0", "--device", "cpu"]) == 2
 
 

@@ -76,7 +76,7 @@ def bench(
     """
     import json
 
-    from ..bench import BenchError, report_table, run_bench
+    from ..bench import BenchError, report_table, run_bench, unapplied_options
     from ..errors import UsageError
     from ..runner import parse_device, parse_dtype
     from ..weights import is_offline, parse_model, resolve
@@ -116,11 +116,8 @@ def bench(
             )
         except BenchError as exc:
             raise UsageError(str(exc)) from None
-    used = report["settings"]  # a speed option that could not apply here says why, once
-    if used["compile"] and not used["compiled"]:
-        warn(used["compile_message"])
-    if used["cuda_graphs"] and not used["cuda_graphs_active"]:
-        warn(used["cuda_graphs_message"])
+    for message in unapplied_options(report):
+        warn(message)
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
