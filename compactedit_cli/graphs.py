@@ -10,43 +10,44 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
-
-Signature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+from torch.utils import _pytree as pytree
 
 
 class GraphedStep:
-    """Calls ``step(*tensors)`` through a CUDA graph captured for the latest input shapes; eager where it cannot.
+    """Calls ``step(*args)`` through a CUDA graph captured for the latest input shapes; eager where it cannot.
 
-    The call that meets a new shape runs the step once eagerly on a side stream (cuBLAS workspaces, lazy inits and
-    any compiling happen there, and its result answers the call), then captures. Only one graph is kept: a new shape
-    (another size bin, another batch) captures again and frees the old pool. Each call returns a fresh tensor, so
-    nothing a caller keeps is overwritten by the next replay.
+    ``args`` are tensors or tuples of tensors. The call that meets a new shape runs the step once eagerly on a side
+    stream (cuBLAS workspaces, lazy inits and any compiling happen there, and its result answers the call), then
+    captures. Only one graph is kept: a new shape (another size bin, another batch) captures again and frees the old
+    pool. Each call returns a fresh tensor, so nothing a caller keeps is overwritten by the next replay.
     """
 
     def __init__(self, step: Callable[..., torch.Tensor]) -> None:
         self.step = step
         self.captures = 0
         self.failure: str | None = None
-        self._signature: Signature | None = None
+        self._signature: Any = None
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._inputs: list[torch.Tensor] = []
         self._output: torch.Tensor | None = None
 
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: Any) -> torch.Tensor:
+        tensors, spec = pytree.tree_flatten(args)
         if self.failure is not None or tensors[0].device.type != "cuda":
-            return self.step(*tensors)
-        signature = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+            return self.step(*args)
+        signature = (spec, [(t.shape, t.dtype, t.device) for t in tensors])
         if signature != self._signature:
             self.release()
             try:
-                result = self._capture(tensors)
+                result = self._capture(tensors, spec)
             except RuntimeError as error:  # an op the graph cannot hold: say so once, then stay eager
                 self.release()
                 self.failure = str(error).splitlines()[0]
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning, 2)
-                return self.step(*tensors)
+                return self.step(*args)
             self._signature = signature
             return result
         for buffer, tensor in zip(self._inputs, tensors, strict=True):
@@ -54,9 +55,10 @@ class GraphedStep:
         self._graph.replay()
         return self._output.clone()
 
-    def _capture(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _capture(self, tensors: list[torch.Tensor], spec: pytree.TreeSpec) -> torch.Tensor:
         """Warm up on a side stream, then capture; returns the warm-up's result, which is this call's answer."""
-        self._inputs = tuple(t.clone() for t in tensors)
+        self._inputs = [t.clone() for t in tensors]
+        args = pytree.tree_unflatten(self._inputs, spec)
         main = torch.cuda.current_stream(tensors[0].device)
         # Capturing synchronises the device once; that is set-up, not a sync inside the loop, so the loop's
         # sync check (``torch.cuda.set_sync_debug_mode``) is paused around it.
@@ -66,12 +68,12 @@ class GraphedStep:
             side = torch.cuda.Stream(tensors[0].device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                result = self.step(*self._inputs)
+                result = self.step(*args)
             main.wait_stream(side)
             result.record_stream(main)  # made on the side stream, used on the main one
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._output = self.step(*self._inputs)
+                self._output = self.step(*args)
         finally:
             torch.cuda.set_sync_debug_mode(debug_mode)
             torch.cuda.set_stream(main)  # a failed capture_end leaves torch.cuda.graph's capture stream current
@@ -82,6 +84,6 @@ class GraphedStep:
     def release(self) -> None:
         """Drop the graph and its memory pool (the next CUDA call captures again)."""
         self._graph = None
-        self._inputs = ()
+        self._inputs = []
         self._output = None
         self._signature = None

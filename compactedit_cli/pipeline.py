@@ -11,10 +11,11 @@ so benchmarks can time them one by one and tests can check them against the refe
 
 Speed and memory options, each checked against the plain path (``tests/test_optimisations.py``):
 
-* the fast path (on by default, :meth:`EditPipeline.set_fast_path`): the context projection is computed once per
-  edit instead of at every step, self-attention runs through a leaner linear-attention processor, the feed-forward
-  runs its 1×1 convolutions as matrix products over tokens, RMSNorms run fused and, on large inputs, in slices (the
-  DC-AE's float32 temporaries set the peak at 2K otherwise), and the DC-AE runs channels-last;
+* the fast path (on by default, :meth:`EditPipeline.set_fast_path`): the context projection and every block's
+  cross-attention keys and values are computed once per edit instead of at every step, both attentions run through
+  leaner processors, the feed-forward runs its 1×1 convolutions as matrix products over tokens, RMSNorms run fused
+  and, on large inputs, in slices (the DC-AE's float32 temporaries set the peak at 2K otherwise), and the DC-AE
+  runs channels-last;
 * ``compile`` (:meth:`EditPipeline.compile`): ``torch.compile`` of the repeated transformer blocks;
 * CUDA graphs (:meth:`EditPipeline.use_cuda_graphs`): each denoising step replayed as one captured graph (CUDA and
   the fast path only; not with offload);
@@ -292,10 +293,11 @@ class EditPipeline:
     # ---- speed and memory ---------------------------------------------------------------------------------------
 
     def set_fast_path(self, enabled: bool = True) -> None:
-        """Fast path (default): the context is projected once per edit, self-attention uses the lean processor, the
-        feed-forwards' 1×1 convolutions run as matrix products over tokens, the DiT's and DC-AE's RMSNorms run as
-        :class:`~compactedit_cli.models.norm.LeanRMSNorm` (fewer passes, and the VAE's peak memory at 2K cut by its
-        float32 temporaries), and the DC-AE's convolutions run channels-last (a faster encode with a lower peak).
+        """Fast path (default): the context is projected once per edit, down to each block's cross-attention keys
+        and values; both attentions use the lean processors; the feed-forwards' 1×1 convolutions run as matrix
+        products over tokens; the DiT's and DC-AE's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm`
+        (fewer passes, and the VAE's peak memory at 2K cut by its float32 temporaries); and the DC-AE's convolutions
+        run channels-last (a faster encode with a lower peak).
 
         ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
         tested against.
@@ -469,15 +471,17 @@ class EditPipeline:
         return latents
 
     def _noise_model(self, context: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The transformer as the loop calls it; the fast path projects the context here, once, not at every step."""
+        """The transformer as the loop calls it; the fast path readies the context here, once, not at every step."""
         transformer = self.transformer
         if not self.fast_path:
             return lambda x, t: transformer(
                 hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False
             )[0]
-        projected = transformer.project_context(context)
+        ready = transformer.project_context(context)
+        if self.offload != "sequential":  # streamed blocks hold their weights only inside their own forward
+            ready = transformer.context_keys_values(ready)
         step = self.cuda_graphs or transformer.forward_projected
-        return lambda x, t: step(x, projected, t)
+        return lambda x, t: step(x, ready, t)
 
     def _sync_guard(self) -> AbstractContextManager[None]:
         """With ``sync_check`` on CUDA, any host-device sync inside the loop raises instead of silently stalling."""

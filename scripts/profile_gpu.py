@@ -110,13 +110,15 @@ def built_in(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, A
     seen: list[StepState] = []
     denoise(1, seen.append)
     x, t = seen[0].model_input, seen[0].model_timestep
-    context = pipe.transformer.project_context(seen[0].context)
     forward = pipe.transformer.forward_projected
     with torch.inference_mode():
-        batched, _, _ = timed(device, lambda: forward(x, context, t), repeats)
+        keys, values = pipe.transformer.context_keys_values(pipe.transformer.project_context(seen[0].context))
+        batched, _, _ = timed(device, lambda: forward(x, (keys, values), t), repeats)
         rows = range(x.shape[0])
         one_each, _, _ = timed(
-            device, lambda: [forward(x[i : i + 1], context[i : i + 1], t[i : i + 1]) for i in rows], repeats
+            device,
+            lambda: [forward(x[i : i + 1], (keys[:, i : i + 1], values[:, i : i + 1]), t[i : i + 1]) for i in rows],
+            repeats,
         )
     report["denoise_step_batched_vs_one_forward_per_branch"] = [batched, one_each]
 

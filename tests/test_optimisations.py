@@ -65,6 +65,33 @@ def test_lean_linear_attention_matches_diffusers(qk_norm, dtype, atol):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_context_attention_with_ready_keys_and_values_matches_diffusers(qk_norm, dtype, atol):
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0, SanaTransformerBlock
+
+    from compactedit_cli.models.attention import ContextAttnProcessor, context_keys_values
+
+    torch.manual_seed(0)
+    block = SanaTransformerBlock(
+        dim=64, num_attention_heads=4, attention_head_dim=16, num_cross_attention_heads=2,
+        cross_attention_head_dim=24, cross_attention_dim=48, qk_norm=qk_norm,
+    )  # fmt: skip
+    attn = block.attn2.to(dtype).eval()
+    x, context = torch.randn(3, 40, 64, dtype=dtype), torch.randn(3, 7, 48, dtype=dtype)
+    with torch.no_grad():
+        attn.set_processor(SanaAttnProcessor2_0())
+        expected = attn(x, encoder_hidden_states=context)
+        attn.set_processor(ContextAttnProcessor())
+        from_context = attn(x, encoder_hidden_states=context)
+        ready = attn(x, encoder_hidden_states=context_keys_values(attn, context))
+    for actual in (from_context, ready):
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
+    with pytest.raises(ValueError, match="mask"):
+        attn(x, encoder_hidden_states=context, attention_mask=torch.ones(3, 7))
+
+
 @pytest.mark.parametrize(("affine", "bias"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-6), (torch.bfloat16, 0.0)])
 @pytest.mark.parametrize("slice_elements", [2**25, 300, 1], ids=["whole", "slices", "rows"])
@@ -164,16 +191,35 @@ def test_token_feed_forward_keeps_glumbconvs_norm_and_residual():
 
 
 def test_forward_on_projected_context_is_sanas_forward(pipe):
+    """Sana's forward with diffusers' processors against ours on a context projected once (keys, values and all)."""
     transformer = pipe.transformer
-    transformer.use_lean_attention(False)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(3, transformer.config.in_channels, 6, 5, generator=generator)
     context = torch.randn(3, 8, transformer.config.caption_channels, generator=generator)
     t = torch.tensor([999, 999, 999])
     with torch.no_grad():
+        projected = transformer.project_context(context)
+        keys, values = transformer.context_keys_values(projected)
+        fast = transformer.forward_projected(x, (keys, values), t)
+        projected_only = transformer.forward_projected(x, projected, t)
+        transformer.use_lean_attention(False)
         plain = transformer(hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False)[0]
-        fast = transformer.forward_projected(x, transformer.project_context(context), t)
-    assert torch.equal(fast, plain)
+    blocks, heads = len(transformer.transformer_blocks), transformer.config.num_cross_attention_heads
+    assert keys.shape[:4] == values.shape[:4] == (blocks, 3, heads, 8)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(projected_only, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_offload_leaves_the_keys_and_values_to_the_streamed_blocks(pipe, monkeypatch):
+    """Streamed blocks have their weights only inside their own forward, so nothing may use them before it."""
+    ready = []
+    original = pipe.transformer.context_keys_values
+    monkeypatch.setattr(pipe.transformer, "context_keys_values", lambda p: ready.append(1) or original(p))
+    _latents(pipe)
+    assert ready == [1]  # once per edit, not per step
+    pipe.enable_offload("sequential")
+    _latents(pipe)
+    assert ready == [1]
 
 
 def test_denoise_loop_reads_no_tensor_values(pipe, monkeypatch):
@@ -214,7 +260,7 @@ def test_cuda_graphs_are_skipped_with_a_message_off_cuda(pipe):
 
 
 def test_the_loop_calls_the_graphed_step_with_the_projected_context(pipe, monkeypatch):
-    """The wiring the CUDA graph relies on: every step goes through it, with (input, projected context, timestep).
+    """The wiring the CUDA graph relies on: every step goes through it with (input, (keys, values), timestep).
 
     Off CUDA a ``GraphedStep`` calls its step directly, so the latents must equal the fast path's exactly.
     """
@@ -224,15 +270,15 @@ def test_the_loop_calls_the_graphed_step_with_the_projected_context(pipe, monkey
     calls = []
 
     def step(x, context, t):
-        calls.append((x.shape, context.shape, t.shape))
+        calls.append((x.shape, context[0].shape, t.shape))
         return pipe.transformer.forward_projected(x, context, t)
 
     pipe.cuda_graphs = GraphedStep(step)
     torch.testing.assert_close(_latents(pipe), eager, atol=0, rtol=0)
     assert len(calls) == 3 and pipe.cuda_graphs.captures == 0  # 3 steps, nothing captured on the CPU
-    (x_shape, context_shape, t_shape) = calls[0]
-    assert x_shape[0] == context_shape[0] == t_shape[0] == 2 * 3  # two rows, three guidance branches
-    assert context_shape[-1] == pipe.transformer.config.cross_attention_dim  # projected, not the raw context
+    (x_shape, keys_shape, t_shape) = calls[0]
+    assert x_shape[0] == keys_shape[1] == t_shape[0] == 2 * 3  # two rows, three guidance branches
+    assert keys_shape[0] == len(pipe.transformer.transformer_blocks)  # every block's keys, computed before the loop
     with pytest.raises(UsageError, match="CUDA graphs"):
         pipe.enable_offload("model")  # a graph replays fixed weight addresses
 

@@ -1,8 +1,12 @@
-"""A leaner processor for Sana's ReLU linear self-attention, with the reference's fp32 accumulation.
+"""Leaner processors for Sana's two attentions, same maths as diffusers'.
 
-Per head, with ReLU'd queries q_n and keys k_n: out_n = (q_n · Σ_m k_m v_mᵀ) / (q_n · Σ_m k_m). diffusers computes
-the denominator by padding the values with a row of ones (a copy of the whole value tensor) and slicing it off
-again; here the key sum is its own small product, so nothing the size of the values is allocated twice.
+Self-attention (ReLU linear attention, in fp32 like the reference): per head, with ReLU'd queries q_n and keys k_n,
+out_n = (q_n · Σ_m k_m v_mᵀ) / (q_n · Σ_m k_m). diffusers computes the denominator by padding the values with a row
+of ones (a copy of the whole value tensor) and slicing it off again; here the key sum is its own small product, so
+nothing the size of the values is allocated twice.
+
+Cross-attention (softmax, SDPA): its keys and values come from the edit's context alone, so the same for all 20
+steps; :func:`context_keys_values` computes them once per edit and the processor takes them ready-made.
 """
 
 from __future__ import annotations
@@ -43,3 +47,40 @@ class LinearAttnProcessor:
         if dtype == torch.float16:
             out = out.clip(-65504, 65504)
         return out
+
+
+def context_keys_values(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-attention's keys and values for ``context`` (B, S, C): each (B, heads, S, head_dim), for SDPA."""
+    key, value = attn.to_k(context), attn.to_v(context)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    batch = context.shape[0]
+    return (
+        key.view(batch, -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2),
+        value.view(batch, -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2),
+    )
+
+
+class ContextAttnProcessor:
+    """Drop-in for ``SanaAttnProcessor2_0`` (no mask) that also takes the context as precomputed (keys, values)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("ContextAttnProcessor takes no attention mask (VIBE's context has none)")
+        if isinstance(encoder_hidden_states, torch.Tensor):
+            encoder_hidden_states = context_keys_values(attn, encoder_hidden_states)
+        key, value = encoder_hidden_states
+        query = attn.to_q(hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        batch, length, _ = query.shape
+        query = query.view(batch, length, attn.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, length, -1).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor

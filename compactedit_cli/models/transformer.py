@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from diffusers import SanaTransformer2DModel
 from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 from torch import nn
 
-from .attention import LinearAttnProcessor
+from .attention import ContextAttnProcessor, LinearAttnProcessor, context_keys_values
 from .connector import MetaConnector
 
 
@@ -61,9 +62,10 @@ class VibeEditingTransformer(SanaTransformer2DModel):
         return cond, null.expand_as(cond)
 
     def use_lean_attention(self, enabled: bool = True) -> None:
-        """Self-attention through :class:`LinearAttnProcessor` (``True``) or diffusers' reference processor."""
+        """Both attentions through the lean processors of :mod:`.attention` (``True``) or diffusers' reference ones."""
         for block in self.transformer_blocks:
             block.attn1.set_processor(LinearAttnProcessor() if enabled else SanaLinearAttnProcessor2_0())
+            block.attn2.set_processor(ContextAttnProcessor() if enabled else SanaAttnProcessor2_0())
 
     def project_context(self, context: torch.Tensor) -> torch.Tensor:
         """The blocks' view of a context (caption projection, then RMSNorm), which Sana's forward recomputes per call.
@@ -72,17 +74,32 @@ class VibeEditingTransformer(SanaTransformer2DModel):
         """
         return self.caption_norm(self.caption_projection(context))
 
+    def context_keys_values(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's cross-attention keys and values of a projected context, stacked: (blocks, B, heads, S, D).
+
+        Sana's blocks project them again at every step, though they depend on the context alone.
+        """
+        pairs = [context_keys_values(block.attn2, projected) for block in self.transformer_blocks]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
     def forward_projected(
-        self, hidden_states: torch.Tensor, projected_context: torch.Tensor, timestep: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        timestep: torch.Tensor,
     ) -> torch.Tensor:
-        """Sana's forward for what VIBE uses (no masks, guidance embedding or control), on a projected context."""
+        """Sana's forward for what VIBE uses (no masks, guidance embedding or control) on a context made ready once:
+        projected (:meth:`project_context`), or further, as every block's keys and values
+        (:meth:`context_keys_values`, which needs the lean cross-attention of :meth:`use_lean_attention`).
+        """
         batch, _, height, width = hidden_states.shape
         p = self.config.patch_size
         rows, cols = height // p, width // p
         x = self.patch_embed(hidden_states).contiguous()  # every block then sees one layout: one compiled graph
         modulation, embedded_timestep = self.time_embed(timestep, batch_size=batch, hidden_dtype=x.dtype)
-        for block in self.transformer_blocks:
-            x = block(x, None, projected_context, None, modulation, rows, cols)
+        for index, block in enumerate(self.transformer_blocks):
+            ready = context if isinstance(context, torch.Tensor) else (context[0][index], context[1][index])
+            x = block(x, None, ready, None, modulation, rows, cols)
         x = self.proj_out(self.norm_out(x, embedded_timestep, self.scale_shift_table))
         x = x.reshape(batch, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(batch, -1, rows * p, cols * p)
