@@ -15,8 +15,8 @@
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-graphs
-# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile). Steps that
-# would run past the budget are skipped, so the least important come last.
+# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile vae-compile).
+# Steps that would run past the budget are skipped, so the least important come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,15 +95,20 @@ bench cfg-graphs 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --
 bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
 bench cfg-compile-graphs 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
 bench distilled 80 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
+[ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
 if want profile; then
     say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; before/afters at ${RESOLUTIONS[0]}"
-    [ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
     bounded 120 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
         --resolution "${RESOLUTIONS[-1]}" --built-in-resolution "${RESOLUTIONS[0]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
 fi
 bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
 bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
 bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
+if want vae-compile; then
+    say "VAE decoder, eager against torch.compile, at ${RESOLUTIONS[-1]}"
+    bounded 150 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --vae-compile \
+        --resolution "${RESOLUTIONS[-1]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
+fi
 
 say "done in ${SECONDS}s; reports in $OUT_DIR"
 ls -l "$OUT_DIR" | tee -a "$LOG"

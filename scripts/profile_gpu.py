@@ -10,7 +10,8 @@ are what they are. For one square size (default 2048²) on random full-size weig
   pipeline's dtype (bf16 on CUDA) against float32 for a denoise step, the guidance branches as one batch against
   one forward each, the VLM once against once per branch, and the 20-step loop without against with a device sync
   per step;
-- ``kernels.txt``: ``torch.profiler``'s top kernels of each stage, by self device time.
+- ``kernels.txt``: ``torch.profiler``'s top kernels of each stage, by self device time;
+- with ``--vae-compile`` instead, only ``vae-compile.json``: the VAE decode eager against a compiled decoder.
 
 The experiments of the first H200 lease (VAE ``channels_last``, ``cudnn.benchmark``, the feed-forward as matrix
 products) are in BENCHMARKS.md; the two that paid are now part of the fast path, so its before/after includes them.
@@ -136,6 +137,33 @@ def built_in(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, A
     return report
 
 
+def vae_decoder_compiled(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, Any]:
+    """VAE decode at edge², eager against ``torch.compile`` of the decoder (``EditPipeline.compile(vae_decoder=True)``).
+
+    Its own run (``--vae-compile``), since compiling the DC-AE decoder takes a while; the first compiled decode's
+    extra time is reported apart.
+    """
+    stages, _ = stage_calls(pipe, edge)
+    decode = stages["vae_decode"]
+    eager, eager_peak, reference = timed(device, decode, repeats)
+    clock = DeviceClock(device)
+    pipe.vae.decoder.compile()
+    start = clock.now()
+    decode()
+    first = clock.now() - start
+    compiled, compiled_peak, out = timed(device, decode, repeats)
+    report = {
+        "size": edge,
+        "decode_eager_s": eager,
+        "decode_compiled_s": compiled,
+        "first_compiled_decode_s": first,
+        "peak_allocated_gib": [None if p is None else p / 2**30 for p in (eager_peak, compiled_peak)],
+        "max_abs_diff": (out.float() - reference.float()).abs().max().item(),
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=2048)
@@ -143,12 +171,17 @@ def main() -> None:
     parser.add_argument("--weights", choices=("full", "mid"), default="full")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--built-in-resolution", type=int, default=1024, help="size of the built-in before/afters")
+    parser.add_argument("--vae-compile", action="store_true", help="only time the compiled VAE decoder (its own run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     configs = real_configs() if args.weights == "full" else scaled_configs()
     pipe = random_pipeline(configs, device=device)
+    if args.vae_compile:
+        report = vae_decoder_compiled(pipe, device, args.resolution, args.repeats)
+        (args.out / "vae-compile.json").write_text(json.dumps(report, indent=2))
+        return
     stages, _ = stage_calls(pipe, args.resolution)
     height, width = pipe.model_size((args.resolution, args.resolution))
     report: dict[str, Any] = {
