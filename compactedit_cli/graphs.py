@@ -43,6 +43,9 @@ class GraphedStep:
             self.release()
             try:
                 result = self._capture(tensors, spec)
+            except torch.OutOfMemoryError:  # the caller's to handle (batch retries smaller); capture again next time
+                self.release()
+                raise
             except RuntimeError as error:  # an op the graph cannot hold: say so once, then stay eager
                 self.release()
                 self.failure = str(error).splitlines()[0]

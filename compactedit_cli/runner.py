@@ -179,12 +179,15 @@ def ensure_folder(folder: Path) -> None:
         raise OutputError(f"cannot write to the output folder {folder}: permission denied")
 
 
-def free_memory() -> None:
-    """Give back what a failed edit held: collect its garbage, then return cached device memory to the driver."""
+def free_memory(pipe: Any = None) -> None:
+    """Give back what a failed edit held: collect its garbage, drop ``pipe``'s CUDA graph (its memory pool; the next
+    step captures again), then return cached device memory to the driver."""
     import gc
 
     import torch
 
+    if pipe is not None and pipe.cuda_graphs is not None:
+        pipe.cuda_graphs.release()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -146,8 +146,8 @@ def test_out_of_memory_fails_one_item_frees_memory_and_goes_on(
     freed = []
     real_free = runner.free_memory
 
-    def free_memory() -> None:
-        real_free()
+    def free_memory(pipe=None) -> None:
+        real_free(pipe)
         freed.append(all(ref() is None for ref in oom_on_marked_image))
 
     monkeypatch.setattr(runner, "free_memory", free_memory)
@@ -162,6 +162,18 @@ def test_out_of_memory_fails_one_item_frees_memory_and_goes_on(
     assert "Traceback" not in result.stderr
     assert freed == [True, True]  # after the batch and after the item: what the failed attempt held is gone
     assert sorted(p.name for p in out.glob("*.png")) == ["p00.png", "p02.png"]
+
+
+def test_freeing_memory_drops_the_pipelines_cuda_graph():
+    """After an out-of-memory failure the graph's private pool goes too; the next step captures again."""
+    from types import SimpleNamespace
+
+    released = []
+    pipe = SimpleNamespace(cuda_graphs=SimpleNamespace(release=lambda: released.append(True)))
+    runner.free_memory(pipe)
+    assert released == [True]
+    runner.free_memory(SimpleNamespace(cuda_graphs=None))  # graphs off: nothing to drop
+    runner.free_memory()
 
 
 def test_out_of_memory_in_edit_is_one_line_with_a_hint(cli, tiny_checkpoint, tmp_path, oom_on_marked_image):

@@ -136,7 +136,7 @@ def batch(
             batch_size=batch_size,
             binning=not no_binning,
             on_item=on_item,
-            free_memory=free_memory,
+            free_memory=lambda: free_memory(loaded.pipe),
         )
         log = ResultsLog(output_dir)
         try:
