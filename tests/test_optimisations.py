@@ -65,9 +65,9 @@ def test_lean_linear_attention_matches_diffusers(qk_norm, dtype, atol):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+@pytest.mark.parametrize(("qk_norm", "rescale"), [(None, 1.0), ("rms_norm_across_heads", 1.0), (None, 2.0)])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_context_attention_with_ready_keys_and_values_matches_diffusers(qk_norm, dtype, atol):
+def test_context_attention_with_ready_keys_and_values_matches_diffusers(qk_norm, rescale, dtype, atol):
     from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0, SanaTransformerBlock
 
     from compactedit_cli.models.attention import ContextAttnProcessor, context_keys_values
@@ -78,6 +78,7 @@ def test_context_attention_with_ready_keys_and_values_matches_diffusers(qk_norm,
         cross_attention_head_dim=24, cross_attention_dim=48, qk_norm=qk_norm,
     )  # fmt: skip
     attn = block.attn2.to(dtype).eval()
+    attn.rescale_output_factor = rescale
     x, context = torch.randn(3, 40, 64, dtype=dtype), torch.randn(3, 7, 48, dtype=dtype)
     with torch.no_grad():
         attn.set_processor(SanaAttnProcessor2_0())

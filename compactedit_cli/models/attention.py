@@ -83,4 +83,5 @@ class ContextAttnProcessor:
         query = query.view(batch, length, attn.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, length, -1).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor

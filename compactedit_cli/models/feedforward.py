@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 from torch import nn
 
+from .swap import swap_classes
+
 
 class TokenGLUMBConv(GLUMBConv):
     """``GLUMBConv`` for Sana's blocks (no norm, no residual): same weights, same maths, fewer layout changes."""
@@ -31,6 +33,4 @@ class TokenGLUMBConv(GLUMBConv):
 
 def use_token_feed_forward(module: nn.Module, enabled: bool = True) -> None:
     """Switch every ``GLUMBConv`` in ``module`` to :class:`TokenGLUMBConv` (or back); weights are untouched."""
-    for child in module.modules():
-        if isinstance(child, GLUMBConv):
-            child.__class__ = TokenGLUMBConv if enabled else GLUMBConv
+    swap_classes(module, GLUMBConv, TokenGLUMBConv, enabled)

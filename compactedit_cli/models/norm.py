@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+from .swap import swap_classes
+
 SLICE_ELEMENTS = 2**25  # elements per slice: float32 temporaries of at most 128 MiB
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -55,6 +57,4 @@ class LeanRMSNorm(RMSNorm):
 
 def use_lean_norms(module: nn.Module, enabled: bool = True) -> None:
     """Switch every diffusers ``RMSNorm`` in ``module`` to :class:`LeanRMSNorm` (or back); weights are untouched."""
-    for child in module.modules():
-        if isinstance(child, RMSNorm):
-            child.__class__ = LeanRMSNorm if enabled else RMSNorm
+    swap_classes(module, RMSNorm, LeanRMSNorm, enabled)
