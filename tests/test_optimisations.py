@@ -320,7 +320,7 @@ def test_graphed_step_replays_new_inputs_and_captures_again_for_new_shapes():
 
 
 @CUDA
-def test_a_step_that_cannot_be_captured_runs_eagerly_after_one_warning():
+def test_a_step_a_cuda_graph_cannot_hold_runs_eagerly_after_one_warning():
     from compactedit_cli.graphs import GraphedStep
 
     def step(x: torch.Tensor) -> torch.Tensor:
