@@ -164,6 +164,27 @@ def test_out_of_memory_fails_one_item_frees_memory_and_goes_on(
     assert sorted(p.name for p in out.glob("*.png")) == ["p00.png", "p02.png"]
 
 
+def test_a_python_warning_during_an_edit_is_one_warning_line(cli, tiny_checkpoint, tmp_path, monkeypatch):
+    """Fault injection at the denoise loop: a warning raised mid-edit (as a failed CUDA graph capture raises one)."""
+    import warnings
+
+    real = EditPipeline.denoise
+
+    def denoise(self, *args, **kwargs):
+        message = "CUDA graph capture failed, running eagerly: operation not permitted\ndetail"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditPipeline, "denoise", denoise)
+    photo = make_photo(tmp_path / "p.png", (64, 64))
+    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: CUDA graph capture failed, running eagerly: operation not permitted" in result.stderr.splitlines()
+    assert "RuntimeWarning" not in result.stderr and "detail" not in result.stderr
+    quiet = cli("edit", photo, "x", "-o", tmp_path / "q.png", "-q", "-m", tiny_checkpoint, *FAST)
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
 def test_freeing_memory_drops_the_pipelines_cuda_graph():
     """After an out-of-memory failure the graph's private pool goes too; the next step captures again."""
     from types import SimpleNamespace

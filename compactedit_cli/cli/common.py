@@ -6,6 +6,7 @@ import functools
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -60,6 +61,13 @@ def fail(message: str) -> None:
     console.print(f"error: {message}", markup=False, style="red", soft_wrap=True)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+    """A Python warning raised while a command runs (ours, such as a failed CUDA graph capture, or a library's)
+    prints as one ``warning:`` line, like the command's own."""
+    lines = str(message).strip().splitlines()
+    warn(lines[0] if lines else category.__name__)
+
+
 def handle_errors(fn: F) -> F:
     """Turn every failure into one line on stderr and a documented exit code (``-v`` adds the traceback)."""
 
@@ -69,7 +77,9 @@ def handle_errors(fn: F) -> F:
         Verbosity.verbose = bool(kwargs.get("verbose", False))
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except CompactEditError as exc:
