@@ -74,7 +74,7 @@ bounded() {
 # 0. The equivalence tests on this device first, including "no host-device sync in the CUDA denoise loop".
 if want tests; then
     say "tests: optimisations on $DEVICE"
-    bounded 120 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
+    bounded 180 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
         -k "cuda or graph or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
 fi
 
