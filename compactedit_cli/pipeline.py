@@ -357,13 +357,12 @@ class EditPipeline:
     def use_cuda_graphs(self, enabled: bool = True) -> str:
         """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.graphs`), or stop (``False``).
 
-        The graph is captured at the first step of each new size, after two eager warm-up steps, and replaces the
-        fast path's transformer call; the plain path stays eager. It needs CUDA, and the weights must stay put,
-        so it refuses weight offload. Elsewhere it warns and leaves the pipeline eager. Returns a one-line account.
+        The graph is captured at the first step of each new size, whose answer comes from one eager warm-up run,
+        and replaces the fast path's transformer call; the plain path stays eager. It needs CUDA, and the weights
+        must stay put, so it refuses weight offload. Elsewhere it warns and leaves the pipeline eager. Returns a
+        one-line account.
         """
-        if self.cuda_graphs is not None:
-            self.cuda_graphs.release()
-            self.cuda_graphs = None
+        self.cuda_graphs = None  # a graph held before goes with its memory pool
         if not enabled:
             return "CUDA graphs off"
         if self.device.type != "cuda":
