@@ -403,8 +403,7 @@ def run_bench(
                 "compiled": pipe.compiled,
                 "compile_message": compile_message,
                 "cuda_graphs": cuda_graphs,
-                "cuda_graphs_active": pipe.cuda_graphs is not None,
-                "cuda_graphs_message": graphs_message,
+                **_graphs_outcome(pipe, graphs_message),
                 "offload": pipe.offload,
                 "fast_path": pipe.fast_path,
                 "sync_check": sync_check,
@@ -417,6 +416,19 @@ def run_bench(
             "model": {**loaded, "parameters": _parameter_counts(pipe)},
             "results": results,
         }
+
+
+def _graphs_outcome(pipe: EditPipeline, message: str | None) -> dict[str, Any]:
+    """Whether the runs replayed CUDA graphs, read after them: a capture can fail at the first step and go eager."""
+    graphed = pipe.cuda_graphs
+    failure = None if graphed is None else graphed.failure
+    if failure is not None:
+        message = f"CUDA graph capture failed, ran eagerly: {failure}"
+    return {
+        "cuda_graphs_active": graphed is not None and failure is None,
+        "cuda_graphs_message": message,
+        "cuda_graph_captures": 0 if graphed is None else graphed.captures,
+    }
 
 
 def unapplied_options(report: dict[str, Any]) -> list[str]:

@@ -1,15 +1,17 @@
 """One denoising step replayed as a CUDA graph, so the host launches it with one call instead of ~1,000 kernels.
 
-At 1024² an eager step on an H200 waits on the host: a distilled step took 35 ms at 1024² and 40 ms at 2048²
-(BENCHMARKS.md §G.3). A captured graph replays every kernel of the step with no Python in between. The price: the
-inputs are copied into fixed buffers first, the step's activations keep their own memory pool for as long as the
-graph lives, and the weights must stay where they were at capture (so no weight offload).
+It is for steps short enough that the host's launching shows: on an H100 a distilled step took 21.4 ms at 1024²
+and 39.6 ms at 2048² with 4× the tokens (BENCHMARKS.md). A 3-way step at 1024² keeps that GPU busy, and went only
+from 33.0 to 32.0 ms with a graph. The price: the inputs are copied into fixed buffers first, the step's activations
+keep their own memory pool for as long as the graph lives, and the weights must stay where they were at capture (so
+no weight offload).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -75,7 +77,9 @@ class GraphedStep:
             main.wait_stream(side)
             result.record_stream(main)  # made on the side stream, used on the main one
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # The same stream again: compiled code may guard on the current stream, and a compile that starts inside
+            # a capture breaks it and leaves the CUDA RNG unusable. So any compile still wanted now raises instead.
+            with torch.cuda.graph(graph, stream=side), no_compiling():
                 self._output = self.step(*args)
         finally:
             torch.cuda.set_sync_debug_mode(debug_mode)
@@ -90,3 +94,8 @@ class GraphedStep:
         self._inputs = []
         self._output = None
         self._signature = None
+
+
+def no_compiling() -> AbstractContextManager[None]:
+    """While active, a ``torch.compile``d function that would compile raises (a ``RuntimeError``) instead."""
+    return torch.compiler.set_stance("fail_on_recompile")

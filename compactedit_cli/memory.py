@@ -4,7 +4,7 @@ At 2048² the VAE, not the DiT, sets the peak: its first and last stages run 128
 ``VAE_BYTES_PER_PIXEL_FP32`` is the peak extra memory of the real DC-AE f32c32 per output pixel, measured on the CPU
 (fp32, batch 1): 2,435 bytes for a decode and 2,560 for an encode at 512² (peak RSS over the inputs and weights),
 plus 25% for allocator fragmentation. It scales with the element size, so bf16 needs half: 1,600 bytes, and an
-H200 measured about 1,550 for a bf16 encode at 2048² (``BENCHMARKS.md``, section G).
+H200 measured about 1,550 for a bf16 encode at 2048² (``BENCHMARKS.md``, section H).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-graphs
-# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile vae-compile).
+# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile, and
+# vae-compile, which runs only when named: it answered its question, 108 s on an H100).
 # Steps that would run past the budget are skipped, so the least important come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,8 +61,9 @@ if torch.cuda.is_available():
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 
-# Whether step $1 is wanted (BENCH_ONLY unset or naming it).
-want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
+# Whether step $1 is wanted (BENCH_ONLY unset or naming it), and whether BENCH_ONLY names it.
+named() { [[ " ${BENCH_ONLY:-} " == *" $1 "* ]]; }
+want() { [ -z "${BENCH_ONLY:-}" ] || named "$1"; }
 
 # Runs a command with at most $1 seconds, and never past the deadline; skipped when under 20 s are left.
 bounded() {
@@ -104,7 +106,7 @@ fi
 bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
 bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
 bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
-if want vae-compile; then
+if named vae-compile; then
     say "VAE decoder, eager against torch.compile, at ${RESOLUTIONS[-1]}"
     bounded 150 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --vae-compile \
         --resolution "${RESOLUTIONS[-1]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"

@@ -138,7 +138,7 @@ def built_in(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, A
 
 
 def vae_decoder_compiled(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, Any]:
-    """VAE decode at edge², eager against the decoder under ``torch.compile`` (as ``EditPipeline.compile`` does it).
+    """VAE decode at edge², eager against the decoder under ``torch.compile``: the measurement behind its staying eager.
 
     Its own run (``--vae-compile``), since compiling the DC-AE decoder takes a while; the first compiled decode's
     extra time is reported apart.

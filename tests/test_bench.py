@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -210,4 +211,20 @@ def test_bench_command_json(cli):
     assert graphed.exit_code == 0 and graphed.stderr.count("CUDA graphs skipped") == 1
     settings = json.loads(graphed.stdout)["settings"]
     assert settings["cuda_graphs"] and not settings["cuda_graphs_active"]
-    assert "CUDA graphs skipped" in settings["cuda_graphs_message"]
+    assert "CUDA graphs skipped" in settings["cuda_graphs_message"] and settings["cuda_graph_captures"] == 0
+
+
+def test_a_failed_capture_is_reported_as_eager():
+    """The report says what ran: a graph that failed to capture at the first step means eager steps."""
+    from compactedit_cli.bench import _graphs_outcome, unapplied_options
+    from compactedit_cli.graphs import GraphedStep
+
+    graphed = GraphedStep(lambda x: x)
+    graphed.captures, graphed.failure = 1, "operation not permitted when stream is capturing"
+    outcome = _graphs_outcome(SimpleNamespace(cuda_graphs=graphed), "denoising steps replay as a CUDA graph")
+    assert not outcome["cuda_graphs_active"] and outcome["cuda_graph_captures"] == 1
+    assert "ran eagerly: operation not permitted" in outcome["cuda_graphs_message"]
+    settings = {"compile": False, "compiled": False, "cuda_graphs": True, **outcome}
+    assert unapplied_options({"settings": settings}) == [outcome["cuda_graphs_message"]]
+    graphed.failure = None
+    assert _graphs_outcome(SimpleNamespace(cuda_graphs=graphed), "replaying")["cuda_graphs_active"]

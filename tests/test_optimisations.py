@@ -334,6 +334,21 @@ def test_a_step_a_cuda_graph_cannot_hold_runs_eagerly_after_one_warning():
     torch.testing.assert_close(graphed(x + 1), step(x + 1))
 
 
+def test_no_compiling_turns_a_compile_into_an_error_and_lets_cached_code_run():
+    """What keeps a compile out of a CUDA graph capture; dynamo's guards are the same on the CPU."""
+    from compactedit_cli.graphs import no_compiling
+
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend="eager")
+    x = torch.ones(3)
+    double(x)
+    with no_compiling():
+        torch.testing.assert_close(double(x + 1), x * 4)  # compiled for this shape already
+        with pytest.raises(RuntimeError, match="recompile"):
+            double(torch.ones(2, 2))
+    torch.testing.assert_close(double(torch.ones(2, 2)), torch.full((2, 2), 2.0))  # compiles again outside
+
+
 @CUDA
 def test_cuda_graphs_over_compiled_blocks_match_eager(tiny_checkpoint):
     pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)

@@ -113,7 +113,12 @@ Offload = Annotated[
     ),
 ]
 Compile = Annotated[
-    bool, typer.Option("--compile", help="torch.compile the transformer (slow first run).", rich_help_panel=PERF)
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the transformer: ~30% faster guided steps after a slow first edit per size (for batches).",
+        rich_help_panel=PERF,
+    ),
 ]
 CudaGraphs = Annotated[
     bool,
