@@ -228,3 +228,29 @@ def test_a_failed_capture_is_reported_as_eager():
     assert unapplied_options({"settings": settings}) == [outcome["cuda_graphs_message"]]
     graphed.failure = None
     assert _graphs_outcome(SimpleNamespace(cuda_graphs=graphed), "replaying")["cuda_graphs_active"]
+
+
+def test_a_capture_failing_during_the_runs_is_said_by_the_report_not_mid_run(tiny_checkpoint):
+    """A GPU capture fails inside the first step; here a step that fails the same way stands in for the capture."""
+    import warnings
+
+    from compactedit_cli.graphs import GraphedStep
+    from compactedit_cli.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    graphed = GraphedStep(pipe.transformer.forward_projected)
+
+    def failing_capture(*args):
+        graphed.failure = "operation not permitted when stream is capturing"
+        warnings.warn(f"CUDA graph capture failed, running eagerly: {graphed.failure}", RuntimeWarning, 2)
+        return pipe.transformer.forward_projected(*args)
+
+    graphed.step = failing_capture
+    pipe.cuda_graphs = graphed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "CUDA graph capture failed")
+        report = run_bench(model=pipe, resolutions=[96], steps=1, warmup=0, repeats=1, binning=False)
+    settings = report["settings"]
+    assert (
+        not settings["cuda_graphs_active"] and "ran eagerly: operation not permitted" in settings["cuda_graphs_message"]
+    )
