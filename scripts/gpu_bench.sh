@@ -15,8 +15,8 @@
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-graphs
-# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile, and
-# vae-compile, which runs only when named: it answered its question, 108 s on an H100).
+# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile cfg-batch4
+# distilled-batch4; and vae-compile, which runs only when named: it answered its question, 108 s on an H100).
 # Steps that would run past the budget are skipped, so the least important come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +106,9 @@ fi
 bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
 bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
 bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
+# What `batch --batch-size 4` gains per image, against cfg and distilled at batch 1.
+bench cfg-batch4 80 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 2 --batch 4
+bench distilled-batch4 80 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 2 --batch 4 --distilled
 if named vae-compile; then
     say "VAE decoder, eager against torch.compile, at ${RESOLUTIONS[-1]}"
     bounded 150 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --vae-compile \
@@ -114,10 +117,11 @@ fi
 
 say "done in ${SECONDS}s; reports in $OUT_DIR"
 ls -l "$OUT_DIR" | tee -a "$LOG"
-# One line per report and size, last, so the end of the output is the summary (medians; peak over the timed runs).
+# One line per report and size, last, so the end of the output is the summary (medians of a whole batch of imgs;
+# peak over the timed runs).
 python3 - "$OUT_DIR" 2>&1 <<'EOF' | tee -a "$LOG"
 import json, pathlib, sys
-print(f"{'report':20s} {'size':>9s} {'e2e s':>7s} {'VLM':>6s} {'VAE enc':>7s} {'denoise':>7s} {'step ms':>7s} "
+print(f"{'report':20s} {'size':>9s} {'imgs':>4s} {'e2e s':>7s} {'VLM':>6s} {'VAE enc':>7s} {'denoise':>7s} {'step ms':>7s} "
       f"{'VAE dec':>7s} {'alloc GiB':>9s} {'rsvd GiB':>8s} {'1st +s':>7s}")
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     report = json.loads(path.read_text())
@@ -125,7 +129,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         st, mem, size = r["stages"], r["memory"], r["model_size"]
         peak = mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**30
         reserved = mem.get("peak_reserved_bytes", 0) / 2**30
-        print(f"{path.stem:20s} {size['height']:>4d}x{size['width']:<4d} {st['end_to_end']['median']:7.3f} "
+        print(f"{path.stem:20s} {size['height']:>4d}x{size['width']:<4d} {report['settings']['batch']:4d} "
+              f"{st['end_to_end']['median']:7.3f} "
               f"{st['vlm_encode']['median']:6.3f} {st['vae_encode']['median']:7.3f} {st['denoise']['median']:7.3f} "
               f"{st['denoise_step']['median'] * 1e3:7.1f} {st['vae_decode']['median']:7.3f} {peak:9.2f} "
               f"{reserved:8.2f} {r['first_run_overhead_s']:7.1f}")
