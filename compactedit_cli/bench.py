@@ -345,6 +345,7 @@ def run_bench(
     """
     import torch
 
+    from .graphs import CAPTURE_FAILED
     from .pipeline import default_device
     from .runner import quietly
 
@@ -384,7 +385,7 @@ def run_bench(
         }
         about, versions = _environment(pipe.device)  # before the runs: the load average is of other work
         with warnings.catch_warnings():  # a failed capture is said once, from the report (unapplied_options)
-            warnings.filterwarnings("ignore", "CUDA graph capture failed", RuntimeWarning)
+            warnings.filterwarnings("ignore", CAPTURE_FAILED, RuntimeWarning)
             results = [_bench_resolution(pipe, edge, plan, clock, tick) for edge in resolutions]
         return {
             "schema": SCHEMA,
@@ -423,10 +424,12 @@ def run_bench(
 
 def _graphs_outcome(pipe: EditPipeline, message: str | None) -> dict[str, Any]:
     """Whether the runs replayed CUDA graphs, read after them: a capture can fail at the first step and go eager."""
+    from .graphs import CAPTURE_FAILED
+
     graphed = pipe.cuda_graphs
     failure = None if graphed is None else graphed.failure
     if failure is not None:
-        message = f"CUDA graph capture failed, ran eagerly: {failure}"
+        message = f"{CAPTURE_FAILED}, ran eagerly: {failure}"
     return {
         "cuda_graphs_active": graphed is not None and failure is None,
         "cuda_graphs_message": message,

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+CAPTURE_FAILED = "CUDA graph capture failed"  # how a failed capture begins its warning and its report line
+
 
 class GraphedStep:
     """Calls ``step(*args)`` through a CUDA graph captured for the latest input shapes; eager where it cannot.
@@ -51,7 +53,7 @@ class GraphedStep:
             except RuntimeError as error:  # an op the graph cannot hold: say so once, then stay eager
                 self.release()
                 self.failure = str(error).splitlines()[0]
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning, 2)
+                warnings.warn(f"{CAPTURE_FAILED}, running eagerly: {self.failure}", RuntimeWarning, 2)
                 return self.step(*args)
             self._signature = signature
             return result
