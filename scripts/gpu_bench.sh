@@ -4,7 +4,7 @@
 # It builds the real VIBE architecture (Qwen3-VL-2B + 1.6B VIBE DiT + DC-AE f32c32) with random weights (no
 # download) and times edits at 1024² and 2048²: 3-way CFG and distilled (1 branch), eager and torch.compile, each
 # also with CUDA graphs, and the offload modes. Each configuration runs in its own process (clean memory peaks) through
-# `python -m compactedit_cli.bench`, which needs no Typer CLI. Results: one JSON report per configuration plus
+# `python -m compactedit_cli.bench.run`, which needs no Typer CLI. Results: one JSON report per configuration plus
 # gpu_bench.log, in OUT_DIR (default: $OUT if set, else ./bench-results).
 #
 #   1. Where PyPI is reachable, fetch the wheels the GPU image lacks (transformers 5.24, diffusers 0.42 and the
@@ -84,7 +84,7 @@ bench() {  # bench NAME CAP_SECONDS [run_bench options...]
     local name=$1 cap=$2; shift 2
     want "$name" || return 0
     say "bench $name: $*"
-    bounded "$cap" python3 -m compactedit_cli.bench --random-weights "$WEIGHTS" --device "$DEVICE" \
+    bounded "$cap" python3 -m compactedit_cli.bench.run --random-weights "$WEIGHTS" --device "$DEVICE" \
         --steps "$STEPS" --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$LOG"
     local status=${PIPESTATUS[0]}
     [ "$status" -eq 0 ] || say "bench $name ended with status $status"

@@ -34,10 +34,10 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from compactedit_cli.fullsize import random_pipeline, real_configs, scaled_configs
-from compactedit_cli.guidance import Guidance
-from compactedit_cli.measure import DeviceClock
-from compactedit_cli.pipeline import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, StepState
+from compactedit_cli.bench.measure import DeviceClock
+from compactedit_cli.engine.guidance import Guidance
+from compactedit_cli.engine.pipeline import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, StepState
+from compactedit_cli.random_weights.full import random_pipeline, real_configs, scaled_configs
 
 INSTRUCTION = "make the sky a deep sunset orange and add a red kite"
 

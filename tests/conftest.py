@@ -31,7 +31,7 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random checkpoint in the published layout (4.57 processor files, as the real one ships)."""
-    from compactedit_cli.testing import build_tiny_checkpoint
+    from compactedit_cli.random_weights.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
 
@@ -41,7 +41,7 @@ def tiny_pipe(tiny_checkpoint):
     """The tiny checkpoint loaded on the CPU in float32, through the same loader as a real checkpoint."""
     import torch
 
-    from compactedit_cli.pipeline import EditPipeline
+    from compactedit_cli.engine.pipeline import EditPipeline
 
     return EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
 
@@ -61,7 +61,7 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def cached_model(hf_cache, tiny_checkpoint) -> str:
     """The tiny checkpoint installed in the test's HF cache as ``acme/tiny-vibe``."""
-    from compactedit_cli.testing import install_in_hf_cache
+    from compactedit_cli.random_weights.tiny import install_in_hf_cache
 
     install_in_hf_cache(tiny_checkpoint, hf_cache, "acme/tiny-vibe", "1" * 40)
     return "acme/tiny-vibe"

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from compactedit_cli.bench import STAGES, BenchError, main, report_table, run_bench
+from compactedit_cli.bench.run import STAGES, BenchError, main, report_table, run_bench
 
 SPANS = ("vlm_encode", "vae_encode", "denoise", "vae_decode", "postprocess")
 
@@ -53,7 +53,7 @@ def test_report_has_every_stage_with_statistics(report):
 
 
 def test_resolutions_are_binned_as_edit_bins_them(report):
-    from compactedit_cli.binning import closest_bin
+    from compactedit_cli.engine.binning import closest_bin
 
     for row in report["results"]:
         edge = row["resolution"]
@@ -155,7 +155,7 @@ def test_module_entry_point_writes_json(tmp_path, capsys):
 
 def test_importing_the_bench_module_imports_no_heavy_library():
     code = (
-        "import sys, compactedit_cli, compactedit_cli.bench; "
+        "import sys, compactedit_cli, compactedit_cli.bench.run; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -168,7 +168,7 @@ def test_checkpoint_folder_is_loaded_and_timed(tiny_checkpoint):
 
 
 def test_startup_probes_run_in_fresh_interpreters(monkeypatch):
-    from compactedit_cli import bench
+    from compactedit_cli.bench import run as bench
 
     probes = {"interpreter": "pass", "sees_the_tiny_model": "import pathlib; assert pathlib.Path({folder!r}).is_dir()"}
     monkeypatch.setattr(bench, "STARTUP_PROBES", probes)
@@ -216,8 +216,8 @@ def test_bench_command_json(cli):
 
 def test_a_failed_capture_is_reported_as_eager():
     """The report says what ran: a graph that failed to capture at the first step means eager steps."""
-    from compactedit_cli.bench import _graphs_outcome, unapplied_options
-    from compactedit_cli.graphs import GraphedStep
+    from compactedit_cli.bench.run import _graphs_outcome, unapplied_options
+    from compactedit_cli.speed.graphs import GraphedStep
 
     graphed = GraphedStep(lambda x: x)
     graphed.captures, graphed.failure = 1, "operation not permitted when stream is capturing"
@@ -234,8 +234,8 @@ def test_a_capture_failing_during_the_runs_is_said_by_the_report_not_mid_run(tin
     """A GPU capture fails inside the first step; here a step that fails the same way stands in for the capture."""
     import warnings
 
-    from compactedit_cli.graphs import GraphedStep
-    from compactedit_cli.pipeline import EditPipeline
+    from compactedit_cli.engine.pipeline import EditPipeline
+    from compactedit_cli.speed.graphs import GraphedStep
 
     pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu")
     graphed = GraphedStep(pipe.transformer.forward_projected)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compactedit_cli.checkpoint import load_components, read_header, verify_folder
+from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.errors import CheckpointError
-from compactedit_cli.pipeline import EditPipeline
-from compactedit_cli.testing import TinySpec, build_tiny_checkpoint
+from compactedit_cli.loading.checkpoint import load_components, read_header, verify_folder
+from compactedit_cli.random_weights.tiny import TinySpec, build_tiny_checkpoint
 
 CPU = torch.device("cpu")
 

@@ -98,7 +98,7 @@ def test_manifest_jsonl(cli, tiny_checkpoint, tmp_path):
     assert (out / "hat.webp").is_file() and (out / "nested" / "car.png").is_file()
     records = results(out)
     assert [r["seed"] for r in records] == [5, 42]
-    from compactedit_cli import metadata
+    from compactedit_cli.files import metadata
 
     second = metadata.read(out / "nested" / "car.png")
     assert (second["steps"], second["guidance_scale"], second["image_guidance_scale"]) == (2, 3.0, 1.0)
@@ -187,6 +187,6 @@ def test_random_seeds_are_recorded(cli, tiny_checkpoint, tmp_path):
     assert cli("batch", src, "-i", "x", "-o", out, "--seed", "random", "-m", tiny_checkpoint, *FAST).exit_code == 0
     seeds = [r["seed"] for r in results(out)]
     assert all(isinstance(s, int) for s in seeds)
-    from compactedit_cli import metadata
+    from compactedit_cli.files import metadata
 
     assert metadata.read(out / "p.png")["seed"] == seeds[0]

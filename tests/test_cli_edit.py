@@ -12,7 +12,7 @@ import pytest
 from conftest import make_photo
 from PIL import Image
 
-from compactedit_cli import metadata as meta_io
+from compactedit_cli.files import metadata as meta_io
 
 FAST = ["--steps", "2"]
 

@@ -20,8 +20,8 @@ from conftest import make_photo
 from corpus import IMAGE_CASES, Fails, ImageCase, Works, large_photo, marked
 from PIL import Image
 
-from compactedit_cli import metadata as meta_io
-from compactedit_cli.imaging import TEMP_PREFIX, open_image
+from compactedit_cli.files import metadata as meta_io
+from compactedit_cli.files.imaging import TEMP_PREFIX, open_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.single_thread
 
@@ -296,7 +296,7 @@ def peak_kb():
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0])
 
-import compactedit_cli.pipeline
+import compactedit_cli.engine.pipeline
 from compactedit_cli.cli import app
 
 before = peak_kb()

@@ -22,9 +22,10 @@ import torch
 from conftest import Invoke, make_photo, single_thread
 from PIL import Image
 
-from compactedit_cli import imaging, runner
-from compactedit_cli.imaging import TEMP_PREFIX
-from compactedit_cli.pipeline import EditPipeline
+from compactedit_cli import runner_tmp as runner
+from compactedit_cli.engine.pipeline import EditPipeline
+from compactedit_cli.files import imaging
+from compactedit_cli.files.imaging import TEMP_PREFIX
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.single_thread
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from compactedit_cli.fullsize import (
+from compactedit_cli.models.connector import EDIT_HEAD_NUM_HEADS
+from compactedit_cli.random_weights.full import (
     build_processor,
     count_parameters,
     meta_models,
@@ -16,7 +17,6 @@ from compactedit_cli.fullsize import (
     remap_special_tokens,
     scaled_configs,
 )
-from compactedit_cli.models.connector import EDIT_HEAD_NUM_HEADS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_meta_build_allocates_nothing(real_models):
 
 
 def test_edit_head_constants_match_the_model_code():
-    from compactedit_cli.configs import load_config
+    from compactedit_cli.random_weights.configs import load_config
 
     document = load_config("vibe_transformer")
     assert document["edit_head_num_heads"] == EDIT_HEAD_NUM_HEADS
@@ -105,7 +105,7 @@ def test_random_text_encoder_has_real_rotary_tables():
     """``to_empty`` leaves buffers uninitialised; the build must recompute them as a normal construction does."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from compactedit_cli.fullsize import random_components
+    from compactedit_cli.random_weights.full import random_components
 
     configs = scaled_configs(width_divisor=16, layers=1)
     built = random_components(configs, "cpu", torch.float32).text_encoder

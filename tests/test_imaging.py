@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compactedit_cli.imaging import normalise, open_image, restore_geometry
+from compactedit_cli.files.imaging import normalise, open_image, restore_geometry
 
 
 def _marked(width: int = 40, height: int = 24) -> Image.Image:
@@ -122,7 +122,7 @@ def test_temporaries_of_live_writers_are_kept(tmp_path):
     import subprocess
     import sys
 
-    from compactedit_cli.imaging import TEMP_PREFIX, TEMP_SUFFIX, remove_stale_temporaries, write_atomic
+    from compactedit_cli.files.imaging import TEMP_PREFIX, TEMP_SUFFIX, remove_stale_temporaries, write_atomic
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / f"{TEMP_PREFIX}{done.stdout.strip()}-abc{TEMP_SUFFIX}"  # its writer has exited

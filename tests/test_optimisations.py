@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from compactedit_cli.compiling import compile_unavailable
+from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.errors import UsageError
-from compactedit_cli.memory import vae_activation_bytes
-from compactedit_cli.pipeline import EditPipeline
-from compactedit_cli.testing import TinySpec, build_vae, vae_config
+from compactedit_cli.random_weights.tiny import TinySpec, build_vae, vae_config
+from compactedit_cli.speed.compiling import compile_unavailable
+from compactedit_cli.speed.tiling import vae_activation_bytes
 
 ATOL, RTOL = 5e-5, 1e-6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by scripts/gpu_bench.sh)")
@@ -265,7 +265,7 @@ def test_the_loop_calls_the_graphed_step_with_the_projected_context(pipe, monkey
 
     Off CUDA a ``GraphedStep`` calls its step directly, so the latents must equal the fast path's exactly.
     """
-    from compactedit_cli.graphs import GraphedStep
+    from compactedit_cli.speed.graphs import GraphedStep
 
     eager = _latents(pipe)
     calls = []
@@ -301,7 +301,7 @@ def test_cuda_graphs_match_eager_and_capture_once_per_size(tiny_checkpoint):
 
 @CUDA
 def test_graphed_step_replays_new_inputs_and_captures_again_for_new_shapes():
-    from compactedit_cli.graphs import GraphedStep
+    from compactedit_cli.speed.graphs import GraphedStep
 
     def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ w) + 1
@@ -321,7 +321,7 @@ def test_graphed_step_replays_new_inputs_and_captures_again_for_new_shapes():
 
 @CUDA
 def test_a_step_a_cuda_graph_cannot_hold_runs_eagerly_after_one_warning():
-    from compactedit_cli.graphs import GraphedStep
+    from compactedit_cli.speed.graphs import GraphedStep
 
     def step(x: torch.Tensor) -> torch.Tensor:
         return x * x.sum().item()  # a host read: fine eagerly, not allowed while capturing
@@ -336,7 +336,7 @@ def test_a_step_a_cuda_graph_cannot_hold_runs_eagerly_after_one_warning():
 
 def test_no_compiling_turns_a_compile_into_an_error_and_lets_cached_code_run():
     """What keeps a compile out of a CUDA graph capture; dynamo's guards are the same on the CPU."""
-    from compactedit_cli.graphs import no_compiling
+    from compactedit_cli.speed.graphs import no_compiling
 
     torch._dynamo.reset()
     double = torch.compile(lambda x: x * 2, backend="eager")
@@ -442,14 +442,14 @@ def test_pipeline_decode_tiles_when_asked_and_stays_close(pipe):
 
 def test_automatic_vae_tiling_rule(pipe, monkeypatch):
     assert not pipe._use_vae_tiling(1, 2048, 2048)  # the CPU reports no free-memory figure
-    monkeypatch.setattr("compactedit_cli.pipeline.free_device_bytes", lambda _device: 6 * 2**30)
+    monkeypatch.setattr("compactedit_cli.engine.pipeline.free_device_bytes", lambda _device: 6 * 2**30)
     assert pipe._use_vae_tiling(1, 2048, 2048)  # fp32 2048² needs ~12.5 GiB by the estimate
     assert not pipe._use_vae_tiling(1, 1024, 1024)
     pipe.vae_tiling = False
     assert not pipe._use_vae_tiling(1, 2048, 2048)
     pipe.vae_tiling = None
     pipe.enable_offload("model")  # offload alone does not tile: tiling changes pixels, so only when memory is short
-    monkeypatch.setattr("compactedit_cli.pipeline.free_device_bytes", lambda _device: 2**40)
+    monkeypatch.setattr("compactedit_cli.engine.pipeline.free_device_bytes", lambda _device: 2**40)
     assert not pipe._use_vae_tiling(1, 2048, 2048)
     assert vae_activation_bytes(2, 64, 64, torch.bfloat16) * 2 == vae_activation_bytes(2, 64, 64, torch.float32)
 

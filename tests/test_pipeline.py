@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from compactedit_cli.engine.guidance import Guidance
+from compactedit_cli.engine.pipeline import EditRequest
 from compactedit_cli.errors import UsageError
-from compactedit_cli.guidance import Guidance
-from compactedit_cli.pipeline import EditRequest
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -13,7 +13,7 @@ from conftest import make_photo
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from compactedit_cli import metadata as meta_io
+from compactedit_cli.files import metadata as meta_io
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.single_thread
 

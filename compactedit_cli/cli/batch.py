@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import options as opt
+from . import flags as opt
 from .common import console, handle_errors, info, make_progress, warn
 
 EXAMPLES = """
@@ -69,8 +69,8 @@ def batch(
 
     Existing outputs are skipped, so re-running resumes; OUT_DIR/results.jsonl records every item.
     """
-    from .. import settings
-    from ..batch import (
+    from .. import config_file as settings
+    from ..batch.run import (
         DEFAULT_GLOB,
         Defaults,
         ResultsLog,
@@ -80,8 +80,8 @@ def batch(
         resolve_format,
     )
     from ..errors import ExitCode, UsageError
-    from ..imaging import output_format, remove_stale_temporaries
-    from ..runner import OutputOptions, ensure_folder, free_memory, load_pipeline, record_for, save_outputs
+    from ..files.imaging import output_format, remove_stale_temporaries
+    from ..runner_tmp import OutputOptions, ensure_folder, free_memory, load_pipeline, record_for, save_outputs
 
     if (input_dir is None) == (manifest is None):
         raise UsageError("give either INPUT_DIR (with -i) or --manifest")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import options as opt
+from . import flags as opt
 from .common import console, emit_json, handle_errors, make_progress, warn
 
 EXAMPLES = """
@@ -76,10 +76,10 @@ def bench(
     """
     import json
 
-    from ..bench import BenchError, report_table, run_bench, unapplied_options
+    from ..bench.run import BenchError, report_table, run_bench, unapplied_options
     from ..errors import UsageError
-    from ..runner import parse_device, parse_dtype
-    from ..weights import is_offline, parse_model, resolve
+    from ..loading.hub import is_offline, parse_model, resolve
+    from ..runner_tmp import parse_device, parse_dtype
 
     if random_weights is not None and model is not None:
         raise UsageError("--random-weights and --model are alternatives; give one")

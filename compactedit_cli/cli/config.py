@@ -21,7 +21,7 @@ Key = Annotated[str, typer.Argument(help="model, device, dtype, offload or outpu
 @handle_errors
 def show() -> None:
     """Print the saved defaults as JSON."""
-    from .. import settings
+    from .. import config_file as settings
 
     emit_json({"path": str(settings.config_path()), "values": settings.load()})
 
@@ -30,7 +30,7 @@ def show() -> None:
 @handle_errors
 def set_(key: Key, value: Annotated[str, typer.Argument(metavar="VALUE")]) -> None:
     """Save a default."""
-    from .. import settings
+    from .. import config_file as settings
 
     print(settings.set_value(key, value))
 
@@ -39,7 +39,7 @@ def set_(key: Key, value: Annotated[str, typer.Argument(metavar="VALUE")]) -> No
 @handle_errors
 def unset(key: Key) -> None:
     """Forget a default."""
-    from .. import settings
+    from .. import config_file as settings
 
     print(settings.unset_value(key))
 
@@ -47,6 +47,6 @@ def unset(key: Key) -> None:
 @app.command()
 def path() -> None:
     """Print where the config file lives."""
-    from .. import settings
+    from .. import config_file as settings
 
     print(settings.config_path())

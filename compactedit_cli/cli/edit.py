@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from . import options as opt
+from . import flags as opt
 from .common import edit_progress, emit_json, handle_errors, info, warn
 
 EXAMPLES = """
@@ -89,10 +89,10 @@ def edit(
 
     The output has exactly the input's size and lines up with it pixel for pixel.
     """
-    from ..conditioning import check_instruction
+    from ..engine.conditioning import check_instruction
     from ..errors import UsageError
-    from ..imaging import open_image, output_format
-    from ..runner import (
+    from ..files.imaging import open_image, output_format
+    from ..runner_tmp import (
         OutputOptions,
         default_output,
         load_pipeline,
@@ -164,7 +164,7 @@ def edit(
         warn(message)
     records = [record_for(result.parameters, i, loaded, source_label(image)) for i in range(len(result.images))]
     if to_stdout:
-        from ..runner import encode_output
+        from ..runner_tmp import encode_output
 
         sys.stdout.buffer.write(encode_output(result.images[0], records[0], options))
         sys.stdout.buffer.flush()
@@ -190,7 +190,7 @@ def edit(
 
 def _replayed(path: Path) -> dict:
     """The parameters recorded in ``path`` that are safe to reuse; each ignored value gets a warning."""
-    from .. import metadata as meta_io
+    from ..files import metadata as meta_io
 
     settings, ignored = meta_io.replayable(meta_io.read(path))
     for message in ignored:

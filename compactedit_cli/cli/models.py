@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .common import console, emit_json, handle_errors, info
-from .options import Offline, Quiet, Revision, Verbose
+from .flags import Offline, Quiet, Revision, Verbose
 
 app = typer.Typer(
     help="Download, list, inspect and remove models (kept in the Hugging Face cache: HF_HOME / HF_HUB_CACHE).",
@@ -53,8 +53,8 @@ def download(
     """Download a model into the Hugging Face cache (resumes an interrupted download) and verify it."""
     import os
 
-    from ..weights import download as fetch
-    from ..weights import is_offline, parse_model
+    from ..loading.hub import download as fetch
+    from ..loading.hub import is_offline, parse_model
 
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -71,7 +71,7 @@ def list_models(json_output: Json = False, quiet: Quiet = False, verbose: Verbos
     """List cached editing models with their size and revision."""
     from rich.table import Table
 
-    from ..weights import list_cached
+    from ..loading.hub import list_cached
 
     models = list_cached()
     if json_output:
@@ -97,8 +97,8 @@ def remove(
     verbose: Verbose = False,
 ) -> None:
     """Remove a model's cached files (all revisions, or one with --revision)."""
-    from ..weights import parse_model
-    from ..weights import remove as delete
+    from ..loading.hub import parse_model
+    from ..loading.hub import remove as delete
 
     freed = delete(parse_model(model, revision))
     info(f"removed {model}, freed {_size(freed)}")
@@ -116,7 +116,7 @@ def model_info(
     """Components, config summary, parameter counts and dtypes of a cached model or local folder."""
     from rich.table import Table
 
-    from ..weights import describe, parse_model, resolve
+    from ..loading.hub import describe, parse_model, resolve
 
     resolved = resolve(parse_model(model, revision), download=False)
     summary = {"model": resolved.label(), **describe(resolved.path)}

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .common import console, emit_json, handle_errors
-from .options import Device, Quiet, Verbose
+from .flags import Device, Quiet, Verbose
 
 
 def environment() -> dict[str, object]:
@@ -59,8 +59,8 @@ def selftest(
     import numpy as np
     from PIL import Image
 
-    from .. import metadata as meta_io
-    from ..testing import build_tiny_checkpoint
+    from ..files import metadata as meta_io
+    from ..random_weights.tiny import build_tiny_checkpoint
     from .common import Verbosity
     from .edit import edit
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .checkpoint import Components
+    from ..loading.checkpoint import Components
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .errors import UsageError
+from ..errors import UsageError
 
 EDIT_TEMPLATE = "what will this image be like if {instruction}"
 

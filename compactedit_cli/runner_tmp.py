@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import metadata as meta_io
 from .errors import OutputError, UsageError
-from .imaging import FORMAT_EXTENSIONS, encode, write_atomic
-from .weights import DEFAULT_MODEL, ResolvedModel, is_offline, parse_model, resolve
+from .files import metadata as meta_io
+from .files.imaging import FORMAT_EXTENSIONS, encode, write_atomic
+from .loading.hub import DEFAULT_MODEL, ResolvedModel, is_offline, parse_model, resolve
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -101,7 +101,7 @@ def load_pipeline(
     status(f"resolving {ref.spec}")
     resolved = resolve(ref, offline=is_offline(options.offline))
     status(f"loading {resolved.label()}")
-    from .pipeline import EditPipeline
+    from .engine.pipeline import EditPipeline
 
     pipe = EditPipeline.from_pretrained(resolved.path, device=device, dtype=dtype, offload=options.offload)
     pipe.model_name = resolved.label()

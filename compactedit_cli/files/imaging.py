@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .errors import DiskFullError, InputImageError, OutputError, UsageError
+from ..errors import DiskFullError, InputImageError, OutputError, UsageError
 
 # Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 120_000_000

@@ -381,8 +381,8 @@ def build_transformer(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """A random VIBE editing transformer from its config dict (qk_norm may be a legacy bool)."""
-    from .checkpoint import SANA_FIELDS
-    from .models.transformer import EditHeadSpec, VibeEditingTransformer
+    from ..loading.checkpoint import SANA_FIELDS
+    from ..models.transformer import EditHeadSpec, VibeEditingTransformer
 
     sana = {k: v for k, v in config.items() if k in SANA_FIELDS}
     if isinstance(sana.get("qk_norm"), bool):

@@ -19,9 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import CheckpointError
-from .models.transformer import EditHeadSpec, VibeEditingTransformer
-from .processor import load_processor
+from ..engine.processor import load_processor
+from ..errors import CheckpointError
+from ..models.transformer import EditHeadSpec, VibeEditingTransformer
 
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 

@@ -4,10 +4,11 @@ Benchmarks need the real shapes, not the real weights: compute and memory depend
 configs come from ``configs/*.json`` (the VIBE reference's values). Each model is built on the meta device and then
 allocated on the target device and filled in place, so a full-size build takes seconds on a GPU.
 
-There are no tokenizer files either: the processor uses the tiny BPE tokenizer of :mod:`compactedit_cli.testing`,
-and the text encoder's special-token ids are remapped to it while its vocabulary stays 151,936 wide, so the
-embedding table and every matrix keep their real size. The image processor keeps the real patch 16, merge 2 and
-temporal patch 2, so the VLM sees as many image tokens as it would with the published checkpoint.
+There are no tokenizer files either: the processor uses the tiny BPE tokenizer of
+:mod:`compactedit_cli.random_weights.tiny`, and the text encoder's special-token ids are remapped to it while its
+vocabulary stays 151,936 wide, so the embedding table and every matrix keep their real size. The image processor
+keeps the real patch 16, merge 2 and temporal patch 2, so the VLM sees as many image tokens as it would with the
+published checkpoint.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Components
+from ..engine.pipeline import EditPipeline, default_device, default_dtype
+from ..loading.checkpoint import Components
 from .configs import load_config
-from .pipeline import EditPipeline, default_device, default_dtype
-from .testing import CHAT_TEMPLATE, TinySpec, build_text_encoder, build_transformer, build_vae, train_tokenizer
+from .tiny import CHAT_TEMPLATE, TinySpec, build_text_encoder, build_transformer, build_vae, train_tokenizer
 
 # Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
 _TOP_LEVEL_TOKENS = {
@@ -120,7 +121,7 @@ def build_processor(configs: ModelConfigs):
     """The tiny tokenizer (in memory) with the configured image processor: no tokenizer files needed."""
     from transformers import PreTrainedTokenizerFast
 
-    from .processor import ImageTextProcessor, TorchResizeImageProcessor
+    from ..engine.processor import ImageTextProcessor, TorchResizeImageProcessor
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(TinySpec().vocab_size),

@@ -39,19 +39,19 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__
+from .. import __version__
+from ..errors import UsageError
+from ..files.imaging import SourceImage, as_source, restore_geometry, to_model_pixels, to_pil
+from ..loading.checkpoint import Components, load_components
+from ..models.feedforward import use_token_feed_forward
+from ..models.norm import use_lean_norms
+from ..speed.compiling import compile_unavailable
+from ..speed.graphs import GraphedStep
+from ..speed.offload import OFFLOAD_MODES, WeightOffloader, stage_offloader
+from ..speed.tiling import free_device_bytes, vae_activation_bytes
 from .binning import closest_bin
-from .checkpoint import Components, load_components
-from .compiling import compile_unavailable
 from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
-from .errors import UsageError
-from .graphs import GraphedStep
 from .guidance import Guidance
-from .imaging import SourceImage, as_source, restore_geometry, to_model_pixels, to_pil
-from .memory import free_device_bytes, vae_activation_bytes
-from .models.feedforward import use_token_feed_forward
-from .models.norm import use_lean_norms
-from .offload import OFFLOAD_MODES, WeightOffloader, stage_offloader
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
@@ -234,7 +234,7 @@ class EditPipeline:
         compile: bool = False,
         cuda_graphs: bool = False,
     ) -> EditPipeline:
-        """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.checkpoint`).
+        """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.loading.checkpoint`).
 
         ``offload`` (``"none"``, ``"model"``, ``"sequential"``) loads the weights into CPU memory and moves each
         stage's weights to ``device`` only while it runs (see :meth:`enable_offload`). ``compile=True`` calls
@@ -353,7 +353,7 @@ class EditPipeline:
         return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode or 'default'})"
 
     def use_cuda_graphs(self, enabled: bool = True) -> str:
-        """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.graphs`), or stop (``False``).
+        """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).
 
         The graph is captured at the first step of each new size, whose answer comes from one eager warm-up run,
         and replaces the fast path's transformer call; the plain path stays eager. It needs CUDA, and the weights

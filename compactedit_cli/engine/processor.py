@@ -24,7 +24,7 @@ from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.processing_utils import ProcessorMixin
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Image-processor fields taken from the saved config; everything else keeps the class defaults.
 _IMAGE_PROCESSOR_FIELDS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size")

@@ -153,7 +153,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail; tra
 
 def parse_seed(value: str) -> int:
     """An integer seed in the reference's range, or 'random' for a fresh one."""
-    from ..pipeline import MAX_SEED, random_seed
+    from ..engine.pipeline import MAX_SEED, random_seed
 
     text = value.strip().lower()
     if text == "random":
@@ -178,8 +178,8 @@ def model_options(
     cuda_graphs: bool = False,
 ):
     """Flags first, then the config file, then built-in defaults."""
-    from .. import settings
-    from ..runner import ModelOptions
+    from .. import config_file as settings
+    from ..runner_tmp import ModelOptions
 
     saved = settings.load()
     return ModelOptions(

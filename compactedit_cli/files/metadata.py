@@ -21,8 +21,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
-from .errors import UsageError
+from .. import __version__
+from ..errors import UsageError
 
 SCHEMA = "compactedit/1"
 XMP_NAMESPACE = "https://github.com/compactedit/compactedit/ns/1.0/"
@@ -141,7 +141,7 @@ def _is_scale(value: Any) -> bool:
 
 def _passes(check: Callable[[Any], Any], value: Any) -> bool:
     """Whether ``check`` accepts ``value``: returns something truthy instead of raising a user-facing error."""
-    from .errors import CompactEditError
+    from ..errors import CompactEditError
 
     try:
         return bool(check(value))
@@ -150,7 +150,7 @@ def _passes(check: Callable[[Any], Any], value: Any) -> bool:
 
 
 def _is_revision(value: Any) -> bool:
-    from .weights import REVISION
+    from ..loading.hub import REVISION
 
     return isinstance(value, str) and REVISION.match(value) is not None and ".." not in value
 
@@ -160,9 +160,9 @@ def _checks() -> dict[str, Callable[[Any], bool]]:
 
     A recorded model must be a hub id or alias: it is never taken as a path (``/etc``, ``../x``, a local folder).
     """
-    from .conditioning import check_instruction
-    from .pipeline import MAX_SEED
-    from .weights import parse_model
+    from ..engine.conditioning import check_instruction
+    from ..engine.pipeline import MAX_SEED
+    from ..loading.hub import parse_model
 
     return {
         "instruction": lambda v: _passes(check_instruction, v),

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .conditioning import check_instruction
-from .errors import (
+from ..engine.conditioning import check_instruction
+from ..errors import (
     CompactEditError,
     DiskFullError,
     InputImageError,
@@ -34,7 +34,7 @@ from .errors import (
     internal_error,
     is_out_of_memory,
 )
-from .imaging import (
+from ..files.imaging import (
     FORMAT_EXTENSIONS,
     OUTPUT_EXTENSIONS,
     SourceImage,
@@ -348,7 +348,7 @@ class Runner:
         )
 
     def _seed(self, item: BatchItem) -> int:
-        from .pipeline import random_seed
+        from ..engine.pipeline import random_seed
 
         if item.seed is not None:
             return item.seed
@@ -395,7 +395,7 @@ class Runner:
 
     def _edit_chunk(self, chunk: list[tuple[BatchItem, SourceImage]], finish: Callable, summary: BatchSummary) -> None:
         """Edit one same-bin chunk; if it fails, retry its items one by one, so only the culprit fails."""
-        from .pipeline import EditRequest
+        from ..engine.pipeline import EditRequest
 
         steps, guidance, image_guidance = self._settings(chunk[0][0])
         seeds = [self._seed(item) for item, _ in chunk]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError, UsageError
 from .checkpoint import (
     COMPONENTS,
     CONFIG_FILES,
@@ -24,7 +25,6 @@ from .checkpoint import (
     verify_folder,
     weight_files,
 )
-from .errors import CheckpointError, UsageError
 
 ALIASES = {
     "vibe": "iitolstykh/VIBE-Image-Edit",

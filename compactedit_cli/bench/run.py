@@ -7,7 +7,7 @@ queued it; steps are timed with device events, so timing them adds no sync insid
 reported too: with ``compile`` the first edit of each size pays for compiling.
 
 No CLI code here, and no heavy import at module level: the command imports this module cheaply and the engine
-only when it runs. ``python -m compactedit_cli.bench`` is a plain entry point that needs no Typer.
+only when it runs. ``python -m compactedit_cli.bench.run`` is a plain entry point that needs no Typer.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from PIL import Image
     from rich.table import Table
 
-    from .pipeline import EditPipeline
+    from ..engine.pipeline import EditPipeline
 
 SCHEMA = "compactedit.bench/1"
 STAGES = ("vlm_encode", "vae_encode", "denoise", "denoise_step", "vae_decode", "postprocess", "end_to_end")
@@ -78,7 +78,7 @@ def _timed_edit(
 
     The first step's time includes the loop's setup (timesteps, the context projection), which runs once per edit.
     """
-    from .imaging import to_pil
+    from ..files.imaging import to_pil
 
     height, width = size
     batch = plan["batch"]
@@ -169,9 +169,9 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     """The dtype names ``edit`` takes (one table, in :mod:`runner`); None or "auto" is the device's default."""
     import torch
 
-    from .errors import UsageError
-    from .pipeline import default_dtype
-    from .runner import parse_dtype
+    from ..engine.pipeline import default_dtype
+    from ..errors import UsageError
+    from ..runner_tmp import parse_dtype
 
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -192,7 +192,7 @@ def _load(
     clock: DeviceClock,
 ) -> tuple[EditPipeline, dict[str, Any]]:
     """The pipeline to measure, and how it was made (source, seconds to load or build)."""
-    from .pipeline import EditPipeline
+    from ..engine.pipeline import EditPipeline
 
     if isinstance(model, EditPipeline):
         if offload != model.offload:
@@ -204,7 +204,7 @@ def _load(
         pipe = EditPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload)
         info["source"] = str(model)
     elif random_weights == "tiny":
-        from .testing import build_tiny_checkpoint
+        from ..random_weights.tiny import build_tiny_checkpoint
 
         folder = build_tiny_checkpoint(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny")
         info["build_s"] = clock.now() - start
@@ -212,7 +212,7 @@ def _load(
         pipe = EditPipeline.from_pretrained(folder, device=device, dtype=dtype, offload=offload)
         info["source"] = "random:tiny (testing.build_tiny_checkpoint, loaded with from_pretrained)"
     else:
-        from .fullsize import random_pipeline, real_configs, scaled_configs
+        from ..random_weights.full import random_pipeline, real_configs, scaled_configs
 
         configs = real_configs() if random_weights == "full" else scaled_configs()
         pipe = random_pipeline(configs, device=device, dtype=dtype, name=f"random:{random_weights}")
@@ -226,7 +226,7 @@ def _load(
 
 
 def _parameter_counts(pipe: EditPipeline) -> dict[str, int]:
-    from .fullsize import count_parameters
+    from ..random_weights.full import count_parameters
 
     c = pipe.components
     return {name: count_parameters(getattr(c, name)) for name in ("text_encoder", "transformer", "vae")}
@@ -247,7 +247,7 @@ def _environment(device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -294,7 +294,7 @@ def _check_options(
 
 
 def _guidance(pipe: EditPipeline, distilled: bool, text: float | None, image: float | None):
-    from .guidance import Guidance
+    from ..engine.guidance import Guidance
 
     if distilled:
         if text or image:
@@ -345,9 +345,9 @@ def run_bench(
     """
     import torch
 
-    from .graphs import CAPTURE_FAILED
-    from .pipeline import default_device
-    from .runner import quietly
+    from ..engine.pipeline import default_device
+    from ..runner_tmp import quietly
+    from ..speed.graphs import CAPTURE_FAILED
 
     _check_options(resolutions, steps, batch, warmup, repeats, random_weights, model)
     if cuda_graphs and offload != "none":
@@ -424,7 +424,7 @@ def run_bench(
 
 def _graphs_outcome(pipe: EditPipeline, message: str | None) -> dict[str, Any]:
     """Whether the runs replayed CUDA graphs, read after them: a capture can fail at the first step and go eager."""
-    from .graphs import CAPTURE_FAILED
+    from ..speed.graphs import CAPTURE_FAILED
 
     graphed = pipe.cuda_graphs
     failure = None if graphed is None else graphed.failure
@@ -451,12 +451,14 @@ def unapplied_options(report: dict[str, Any]) -> list[str]:
 # ---- fixed cost of a process --------------------------------------------------------------------------------------
 
 # What one ``compactedit edit`` process pays before any pixel work, probe by probe (each a fresh interpreter).
-_LOAD_TINY = "from compactedit_cli.pipeline import EditPipeline; pipe = EditPipeline.from_pretrained({folder!r}, 'cpu')"
+_LOAD_TINY = (
+    "from compactedit_cli.engine.pipeline import EditPipeline; pipe = EditPipeline.from_pretrained({folder!r}, 'cpu')"
+)
 STARTUP_PROBES = {
     "interpreter": "pass",
-    "import_bench_module": "import compactedit_cli.bench",
+    "import_bench_module": "import compactedit_cli.bench.run",
     "import_torch": "import torch",
-    "import_pipeline": "import compactedit_cli.pipeline",
+    "import_pipeline": "import compactedit_cli.engine.pipeline",
     "load_tiny": _LOAD_TINY,
     "tiny_edit": _LOAD_TINY + "; from PIL import Image; pipe(Image.new('RGB', (64, 64)), 'x', num_inference_steps=1)",
 }
@@ -469,7 +471,7 @@ def startup_overhead(repeats: int = 5) -> dict[str, Any]:
     """
     import subprocess
 
-    from .testing import build_tiny_checkpoint
+    from ..random_weights.tiny import build_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
@@ -542,11 +544,11 @@ def report_table(report: dict[str, Any]) -> Table:
     return table
 
 
-# ---- python -m compactedit_cli.bench ----------------------------------------------------------------------------
+# ---- python -m compactedit_cli.bench.run ----------------------------------------------------------------------------
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m compactedit_cli.bench", description=run_bench.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m compactedit_cli.bench.run", description=run_bench.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder")
     source.add_argument("--random-weights", choices=RANDOM_WEIGHTS)

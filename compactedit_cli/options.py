@@ -1,0 +1,295 @@
+"""Every option's default, bounds and validation, and the rules between options: one place, and no torch.
+
+Flags, manifest values, the config file and the Python API all go through these checks, so a value means the same
+thing and fails the same way wherever it comes from. Each check raises a one-line :class:`UsageError` that names
+the option as the caller spells it (``--steps`` on the command line, ``steps`` in a manifest line)::
+
+    --steps must be between 1 and 1000 (got 0)
+
+Nothing here imports torch, diffusers or transformers: a command checks everything it was given before the engine
+is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+# ---- defaults and bounds ----------------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "vibe"
+DEFAULT_STEPS = 20
+MAX_STEPS = 1000
+DEFAULT_SEED = 42
+MAX_SEED = 2**31 - 1  # the reference's range (0 … int32 max)
+DEFAULT_GUIDANCE = 4.5  # the reference's text guidance
+DEFAULT_IMAGE_GUIDANCE = 1.2  # and image guidance; a CFG-distilled model runs both at 0
+DEFAULT_NUM_IMAGES = 1
+MAX_NUM_IMAGES = 64
+DEFAULT_BATCH_SIZE = 1
+MAX_BATCH_SIZE = 64
+DEFAULT_QUALITY = 95  # JPEG and WebP
+MAX_QUALITY = 100
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Accepted dtype spellings -> the torch attribute name (None: the device's default).
+DTYPE_NAMES: dict[str, str | None] = {
+    "auto": None,
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
+OUTPUT_EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+FORMAT_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+DEFAULT_FORMAT = "png"
+
+GRAPHS_AND_OFFLOAD = "--cuda-graphs and --offload do not mix: a graph replays the weights where it captured them"
+
+
+# ---- single values ----------------------------------------------------------------------------------------------
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise UsageError(f"{name} must be an integer (got {value!r})")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise UsageError(f"{name} must be an integer (got {value!r})") from None
+    if not isinstance(value, int):
+        raise UsageError(f"{name} must be an integer (got {value!r})")
+    return value
+
+
+def bounded_int(value: Any, name: str, low: int, high: int) -> int:
+    """An integer in ``[low, high]``; strings of digits are accepted (CSV cells, environment variables)."""
+    number = _integer(value, name)
+    if not low <= number <= high:
+        raise UsageError(f"{name} must be between {low} and {high} (got {number})")
+    return number
+
+
+def steps(value: Any, name: str = "--steps") -> int:
+    return bounded_int(value, name, 1, MAX_STEPS)
+
+
+def num_images(value: Any, name: str = "--num-images") -> int:
+    return bounded_int(value, name, 1, MAX_NUM_IMAGES)
+
+
+def batch_size(value: Any, name: str = "--batch-size") -> int:
+    return bounded_int(value, name, 1, MAX_BATCH_SIZE)
+
+
+def quality(value: Any, name: str = "--quality") -> int | None:
+    return None if value is None else bounded_int(value, name, 1, MAX_QUALITY)
+
+
+def seed(value: Any, name: str = "--seed") -> int | None:
+    """A seed in the reference's range; ``None`` or ``"random"`` means a fresh seed per edit (``None``)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "random"):
+        return None
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        raise UsageError(f"{name} must be an integer or 'random' (got {value!r})")
+    return bounded_int(value, name, 0, MAX_SEED)
+
+
+def scale(value: Any, name: str = "--guidance") -> float | None:
+    """A guidance scale: a finite number >= 0; ``None`` keeps the model's default."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise UsageError(f"{name} must be a number (got {value!r})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{name} must be a number (got {value!r})")
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"{name} must be a finite number >= 0 (got {value!r})")
+    return float(value)
+
+
+def offload(value: Any, name: str = "--offload") -> str:
+    text = str(value).strip().lower()
+    if text not in OFFLOAD_MODES:
+        raise UsageError(f"{name} must be one of {', '.join(OFFLOAD_MODES)} (got {value!r})")
+    return text
+
+
+def device(value: Any, name: str = "--device") -> str:
+    """A device name's spelling (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``); whether it exists is the engine's
+    to check, since that needs torch."""
+    text = str(value).strip().lower()
+    if not _DEVICE.match(text):
+        raise UsageError(f"{name} must be one of {', '.join(DEVICE_NAMES)} (got {value!r})")
+    return text
+
+
+def dtype(value: Any, name: str = "--dtype") -> str:
+    """A dtype spelling, kept as given once checked (``bf16``, ``float32``, ``auto``…)."""
+    text = str(value).strip().lower()
+    if text not in DTYPE_NAMES:
+        raise UsageError(f"{name} must be one of auto, bf16, fp16, fp32 (got {value!r})")
+    return text
+
+
+def torch_dtype_name(value: str) -> str | None:
+    """The torch attribute name of a checked dtype spelling (``bf16`` -> ``bfloat16``); ``None`` for ``auto``."""
+    return DTYPE_NAMES[dtype(value)]
+
+
+# Zero-width and other invisible format characters that make an instruction look non-empty.
+_INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn"}
+
+
+def instruction(value: Any, name: str = "instruction") -> str:
+    """An instruction made ready to use: control and zero-width characters removed, whitespace trimmed.
+
+    Empty (or only invisible characters), not text, or not encodable as UTF-8 (bad bytes in argv) is a UsageError.
+    """
+    if not isinstance(value, str):
+        raise UsageError(f"{name} must be text (got {type(value).__name__})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{name} is not valid UTF-8 text") from None
+    cleaned = "".join(
+        " " if ch in "\t\n\r" else ch for ch in value if ch in "\t\n\r" or unicodedata.category(ch) not in _INVISIBLE
+    )
+    cleaned = " ".join(cleaned.split())
+    if not cleaned:
+        raise UsageError(f"{name} is empty")
+    return cleaned
+
+
+# ---- output formats ---------------------------------------------------------------------------------------------
+
+
+def output_format_name(value: Any, name: str = "--format") -> str:
+    """``png``, ``jpg``/``jpeg`` or ``webp`` -> the canonical format name."""
+    key = str(value).strip().lower().lstrip(".")
+    fmt = OUTPUT_EXTENSIONS.get(f".{key}")
+    if fmt is None:
+        raise UsageError(f"{name} must be png, jpg or webp (got {value!r})")
+    return fmt
+
+
+def output_format(path: Path | None, explicit: str | None = None) -> str:
+    """The format of an output: ``explicit`` (``--format``), else the file's extension; they must agree."""
+    suffix = path.suffix.lower() if path is not None else ""
+    from_ext = OUTPUT_EXTENSIONS.get(suffix) if suffix else None
+    if suffix and from_ext is None:
+        raise UsageError(f"unknown output extension {path.suffix!r} in {path} (use .png, .jpg or .webp)")
+    if explicit is not None:
+        fmt = output_format_name(explicit)
+        if from_ext is not None and from_ext != fmt:
+            raise UsageError(f"--format {explicit} conflicts with the extension of {path}")
+        return fmt
+    if from_ext is None:
+        raise UsageError(f"cannot tell the output format of {path}: give it an extension or use --format")
+    return from_ext
+
+
+# ---- groups of options ------------------------------------------------------------------------------------------
+
+
+def _set(obj: object, **values: Any) -> None:
+    for key, value in values.items():
+        object.__setattr__(obj, key, value)
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """The parameters of one edit. Checked when made, so the Python API fails as the command line does.
+
+    ``guidance`` and ``image_guidance`` of ``None`` take the model's defaults (4.5 and 1.2, or 0 for a CFG-distilled
+    model); ``seed`` of ``None`` draws a fresh seed, recorded with the result.
+    """
+
+    steps: int = DEFAULT_STEPS
+    guidance: float | None = None
+    image_guidance: float | None = None
+    seed: int | None = DEFAULT_SEED
+    num_images: int = DEFAULT_NUM_IMAGES
+    binning: bool = True
+
+    def __post_init__(self) -> None:
+        _set(
+            self,
+            steps=steps(self.steps, "steps"),
+            guidance=scale(self.guidance, "guidance"),
+            image_guidance=scale(self.image_guidance, "image_guidance"),
+            seed=seed(self.seed, "seed"),
+            num_images=num_images(self.num_images, "num_images"),
+            binning=bool(self.binning),
+        )
+
+    def replace(self, **changes: Any) -> EditOptions:
+        """A copy with ``changes`` applied (and checked); ``None`` values leave a field as it is."""
+        values = {**self.__dict__, **{k: v for k, v in changes.items() if v is not None}}
+        return EditOptions(**values)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model, where it runs and how: what opening an :class:`~compactedit_cli.editor.Editor` needs.
+
+    Plain strings and flags, so it pickles (a Ray worker rebuilds the Editor from it).
+    """
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    offline: bool = False
+    offload: str = "none"
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        model = str(self.model).strip() if self.model is not None else DEFAULT_MODEL
+        if not model:
+            raise UsageError("--model is empty")
+        _set(
+            self,
+            model=model,
+            device=device(self.device),
+            dtype=dtype(self.dtype),
+            offload=offload(self.offload),
+            offline=bool(self.offline),
+            compile=bool(self.compile),
+            cuda_graphs=bool(self.cuda_graphs),
+        )
+        if self.cuda_graphs and self.offload != "none":
+            raise UsageError(GRAPHS_AND_OFFLOAD)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How outputs are written. ``format`` of ``None`` follows each output's extension."""
+
+    format: str | None = None
+    quality: int | None = None
+    metadata: bool = True
+    sidecar: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        fmt = None if self.format is None else output_format_name(self.format)
+        _set(self, format=fmt, quality=quality(self.quality))
