@@ -13,6 +13,7 @@ is imported.
 from __future__ import annotations
 
 import math
+import random
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -109,6 +110,11 @@ def seed(value: Any, name: str = "--seed") -> int | None:
     return bounded_int(value, name, 0, MAX_SEED)
 
 
+def random_seed() -> int:
+    """A fresh seed in the reference's range."""
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
 def scale(value: Any, name: str = "--guidance") -> float | None:
     """A guidance scale: a finite number >= 0; ``None`` keeps the model's default."""
     if value is None:
@@ -158,8 +164,9 @@ def torch_dtype_name(value: str) -> str | None:
 _INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn"}
 
 
-def instruction(value: Any, name: str = "instruction") -> str:
-    """An instruction made ready to use: control and zero-width characters removed, whitespace trimmed.
+def instruction(value: Any, name: str = "the instruction") -> str:
+    """An instruction made ready to use: control and zero-width characters removed (tabs and line breaks become
+    spaces), surrounding whitespace trimmed; the rest of the text is kept as given.
 
     Empty (or only invisible characters), not text, or not encodable as UTF-8 (bad bytes in argv) is a UsageError.
     """
@@ -169,10 +176,8 @@ def instruction(value: Any, name: str = "instruction") -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError(f"{name} is not valid UTF-8 text") from None
-    cleaned = "".join(
-        " " if ch in "\t\n\r" else ch for ch in value if ch in "\t\n\r" or unicodedata.category(ch) not in _INVISIBLE
-    )
-    cleaned = " ".join(cleaned.split())
+    kept = (" " if ch in "\t\n\r" else ch for ch in value)
+    cleaned = "".join(ch for ch in kept if unicodedata.category(ch) not in _INVISIBLE).strip()
     if not cleaned:
         raise UsageError(f"{name} is empty")
     return cleaned

@@ -22,7 +22,7 @@ import torch
 from conftest import Invoke, make_photo, single_thread
 from PIL import Image
 
-from compactedit_cli import runner_tmp as runner
+from compactedit_cli import editor as editor_module
 from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.files import imaging
 from compactedit_cli.files.imaging import TEMP_PREFIX
@@ -145,13 +145,13 @@ def test_out_of_memory_fails_one_item_frees_memory_and_goes_on(
     src = photos(tmp_path / "src", 3)
     _marked_photo(src / "p01.png")
     freed = []
-    real_free = runner.free_memory
+    real_free = editor_module._release_memory
 
-    def free_memory(pipe=None) -> None:
+    def free_memory(pipe) -> None:
         real_free(pipe)
         freed.append(all(ref() is None for ref in oom_on_marked_image))
 
-    monkeypatch.setattr(runner, "free_memory", free_memory)
+    monkeypatch.setattr(editor_module, "_release_memory", free_memory)
     out = tmp_path / "out"
     result = cli("batch", src, "-i", "x", "-o", out, "--batch-size", "3", "-m", tiny_checkpoint, *FAST)
     assert result.exit_code == 1
@@ -192,10 +192,9 @@ def test_freeing_memory_drops_the_pipelines_cuda_graph():
 
     released = []
     pipe = SimpleNamespace(cuda_graphs=SimpleNamespace(release=lambda: released.append(True)))
-    runner.free_memory(pipe)
+    editor_module._release_memory(pipe)
     assert released == [True]
-    runner.free_memory(SimpleNamespace(cuda_graphs=None))  # graphs off: nothing to drop
-    runner.free_memory()
+    editor_module._release_memory(SimpleNamespace(cuda_graphs=None))  # graphs off: nothing to drop
 
 
 def test_out_of_memory_in_edit_is_one_line_with_a_hint(cli, tiny_checkpoint, tmp_path, oom_on_marked_image):

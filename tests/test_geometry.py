@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from compactedit_cli.engine.binning import aspect_ratio_table, bin_class_for_area, closest_bin
-from compactedit_cli.files.imaging import normalise, restore_geometry, to_model_pixels, to_pil
+from compactedit_cli.engine.pixels import to_model_pixels, to_pil
+from compactedit_cli.files.imaging import normalise, restore_geometry
 
 # (input h, w) -> bin (h, w): worked examples computed with the official functions (vibe-reference §3.1).
 REFERENCE_BINS = [

@@ -9,7 +9,7 @@ import psutil
 import pytest
 from conftest import make_photo
 
-from compactedit_cli.batch import run as batch
+from compactedit_cli.batch import results as batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.single_thread
 

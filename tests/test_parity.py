@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from compactedit_cli.engine.pipeline import EditPipeline
-from compactedit_cli.files.imaging import open_image, to_model_pixels, to_pil
+from compactedit_cli.engine.pixels import to_model_pixels, to_pil
+from compactedit_cli.files.imaging import open_image
 
 ATOL = 1e-5
 DECODED_ATOL = 5e-5  # the decode of 1e-6-close latents; the PNGs are compared to ±1 grey level

@@ -26,8 +26,8 @@ def test_output_has_the_input_size(tiny_pipe):
         result = tiny_pipe(_photo(*size), "make the sky blue", num_inference_steps=2)
         assert [im.size for im in result.images] == [size]
         p = result.parameters
-        assert (p.output_width, p.output_height) == size
-        assert (p.height, p.width) != size[::-1]  # the model ran at a bin, not the odd input size
+        assert tuple(p.size) == size
+        assert tuple(p.model_size) != size  # the model ran at a bin, not the odd input size
 
 
 def test_seed_reproducibility(tiny_pipe):
@@ -65,7 +65,12 @@ def test_list_of_instructions_and_several_images(tiny_pipe):
     image = _photo(80, 80)
     result = tiny_pipe(image, ["add a hat", "remove the car"], num_images_per_prompt=2, num_inference_steps=2)
     assert len(result.images) == 4
-    assert result.parameters.instructions == ["add a hat", "remove the car"]
+    assert [(r.instruction, r.index) for r in result.records] == [
+        ("add a hat", 0),
+        ("add a hat", 1),
+        ("remove the car", 0),
+        ("remove the car", 1),
+    ]
     assert not _same(result.images[0], result.images[1])  # different noise per output
 
 
@@ -91,7 +96,7 @@ def test_batch_refuses_mixed_bins(tiny_pipe):
 
 def test_no_binning_rounds_to_the_vae_factor(tiny_pipe):
     result = tiny_pipe(_photo(100, 70), "x", num_inference_steps=1, resolution_binning=False)
-    assert (result.parameters.height, result.parameters.width) == (64, 96)
+    assert result.parameters.model_size == [96, 64]
     assert result.images[0].size == (100, 70)
     with pytest.raises(UsageError, match="multiples of 32"):
         tiny_pipe(_photo(100, 70), "x", resolution_binning=False, height=70, width=100)

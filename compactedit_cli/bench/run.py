@@ -78,7 +78,7 @@ def _timed_edit(
 
     The first step's time includes the loop's setup (timesteps, the context projection), which runs once per edit.
     """
-    from ..files.imaging import to_pil
+    from ..engine.pixels import to_pil
 
     height, width = size
     batch = plan["batch"]

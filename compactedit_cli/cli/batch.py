@@ -42,9 +42,7 @@ def batch(
     ] = None,
     glob: Annotated[str, typer.Option("--glob", help="Which files of INPUT_DIR to edit.")] = "*",
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=64, help="Same-size images edited together on the GPU.")
-    ] = 1,
+    batch_size: opt.BatchSize = 1,
     steps: opt.Steps = None,
     guidance: opt.Guidance = None,
     image_guidance: opt.ImageGuidance = None,
@@ -69,19 +67,11 @@ def batch(
 
     Existing outputs are skipped, so re-running resumes; OUT_DIR/results.jsonl records every item.
     """
-    from .. import config_file as settings
-    from ..batch.run import (
-        DEFAULT_GLOB,
-        Defaults,
-        ResultsLog,
-        Runner,
-        items_from_folder,
-        items_from_manifest,
-        resolve_format,
-    )
+    from .. import config_file, options
+    from ..batch.plan import DEFAULT_GLOB, items_from_folder, items_from_manifest
     from ..errors import ExitCode, UsageError
-    from ..files.imaging import output_format, remove_stale_temporaries
-    from ..runner_tmp import OutputOptions, ensure_folder, free_memory, load_pipeline, record_for, save_outputs
+    from ..files.imaging import remove_stale_temporaries
+    from ..files.outputs import ensure_folder
 
     if (input_dir is None) == (manifest is None):
         raise UsageError("give either INPUT_DIR (with -i) or --manifest")
@@ -91,14 +81,19 @@ def batch(
         raise UsageError("--glob and --recursive apply to INPUT_DIR, not to --manifest")
     if input_dir is not None and instruction is None:
         raise UsageError("INPUT_DIR needs -i/--instruction")
-    default_fmt = resolve_format(fmt, settings.load().get("output_format"))
+    defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
+    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+    size = options.batch_size(batch_size)
+    written = options.OutputOptions(quality=quality, metadata=not no_metadata, overwrite=overwrite)
+    default_fmt = options.output_format_name(fmt or config_file.load().get("output_format", options.DEFAULT_FORMAT))
     if input_dir is not None:
-        items = items_from_folder(input_dir, instruction, output_dir, default_fmt, glob=glob, recursive=recursive)
+        items = items_from_folder(
+            input_dir, instruction, output_dir, default_fmt, defaults, glob=glob, recursive=recursive
+        )
     else:
-        items = items_from_manifest(manifest, output_dir, default_fmt)
+        items = items_from_manifest(manifest, output_dir, default_fmt, defaults)
     if not items:
         raise UsageError(f"no images to edit in {input_dir} (glob {glob!r}{', recursive' if recursive else ''})")
-    seed_value = None if seed is not None and seed.strip().lower() == "random" else opt.parse_seed(seed or "42")
 
     ensure_folder(output_dir)
     removed = remove_stale_temporaries(output_dir)
@@ -107,40 +102,28 @@ def batch(
     for folder in sorted({item.output.parent for item in items}):
         ensure_folder(folder)
 
+    from ..batch.results import ResultsLog
+    from ..batch.run import run_batch
+    from ..editor import Editor
+
     with make_progress() as progress:
         task = progress.add_task("loading model", total=None)
-        loaded = load_pipeline(
-            opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs),
-            status=lambda message: progress.update(task, description=message),
-            warn=warn,
-        )
+        editor = Editor(model_options, status=lambda message: progress.update(task, description=message))
+        for note in editor.notes:
+            warn(note)
         progress.update(task, description="editing", total=len(items), completed=0)
 
-        def save(item, image, parameters) -> None:
-            options = OutputOptions(
-                fmt=output_format(item.output), quality=quality, metadata=not no_metadata, overwrite=overwrite
-            )
-            record = record_for(parameters, 0, loaded, item.image.name)
-            save_outputs([image], [record], [item.output], options)
-
-        def on_item(record) -> None:
+        def on_item(line) -> None:
             progress.advance(task)
-            messages = {"failed": [record["error"]], "ok": record["warnings"]}.get(record["status"], [])
+            messages = {"failed": [line["error"]], "ok": line["warnings"]}.get(line["status"], [])
             for message in messages:
-                warn(message if record["input"] in message else f"{record['input']}: {message}")
+                warn(message if line["input"] in message else f"{line['input']}: {message}")
 
-        runner = Runner(
-            pipe=loaded.pipe,
-            save=save,
-            defaults=Defaults(seed=seed_value, steps=steps or 20, guidance=guidance, image_guidance=image_guidance),
-            batch_size=batch_size,
-            binning=not no_binning,
-            on_item=on_item,
-            free_memory=lambda: free_memory(loaded.pipe),
-        )
         log = ResultsLog(output_dir)
         try:
-            summary = runner.run(items, log, overwrite=overwrite)
+            summary = run_batch(
+                editor, items, log, overwrite=overwrite, batch_size=size, output_options=written, on_item=on_item
+            )
         except BaseException:
             log.close()
             raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -50,9 +49,7 @@ def edit(
     guidance: opt.Guidance = None,
     image_guidance: opt.ImageGuidance = None,
     seed: opt.Seed = None,
-    num_images: Annotated[
-        int, typer.Option("--num-images", "-n", min=1, max=64, help="Outputs to make; written as OUT-1, OUT-2, …")
-    ] = 1,
+    num_images: opt.NumImages = 1,
     model: opt.Model = None,
     revision: opt.Revision = None,
     device: opt.Device = None,
@@ -89,110 +86,84 @@ def edit(
 
     The output has exactly the input's size and lines up with it pixel for pixel.
     """
-    from ..engine.conditioning import check_instruction
+    from .. import options
     from ..errors import UsageError
-    from ..files.imaging import open_image, output_format
-    from ..runner_tmp import (
-        OutputOptions,
-        default_output,
-        load_pipeline,
-        numbered,
-        prepare_outputs,
-        record_for,
-        save_outputs,
-        source_label,
-    )
+    from ..files.imaging import open_image
+    from ..files.outputs import check_outputs, default_output, numbered
 
-    settings = _replayed(replay) if replay is not None else {}
+    recorded = _replayed(replay) if replay is not None else {}
     if model is None:  # an explicit --model replaces the recorded model and its revision
-        model, revision = settings.get("model"), revision or settings.get("revision")
-    instruction = instruction if instruction is not None else settings.get("instruction")
+        model, revision = recorded.get("model"), revision or recorded.get("revision")
+    instruction = instruction if instruction is not None else recorded.get("instruction")
     if instruction is None:
         raise UsageError("missing INSTRUCTION")
-    check_instruction(instruction)
+    instruction = options.instruction(instruction)
+    chosen = opt.edit_options(
+        steps if steps is not None else recorded.get("steps"),
+        guidance if guidance is not None else recorded.get("guidance_scale"),
+        image_guidance if image_guidance is not None else recorded.get("image_guidance_scale"),
+        seed if seed is not None else recorded.get("seed"),
+        num_images,
+        no_binning or not recorded.get("resolution_binning", True),
+    )
+    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
     if image == "-" and output is None:
         raise UsageError("reading from stdin needs -o (a file, or - for stdout)")
     to_stdout = output == "-"
-    if to_stdout and num_images > 1:
+    if to_stdout and chosen.num_images > 1:
         raise UsageError("-o - writes one image; use a file name with --num-images")
     if to_stdout and json_output:
         raise UsageError("--json and -o - both use stdout; write the image to a file")
     if to_stdout and sidecar:
         raise UsageError("--sidecar needs an output file, not stdout")
-
-    out_path = None if to_stdout or output is None else Path(output)
-    if to_stdout:
-        out_fmt = output_format(None, fmt or "png")
-    elif out_path is None:
-        out_fmt = output_format(None, fmt or "png")
-        out_path = default_output(Path(image), out_fmt)
+    if to_stdout or output is None:
+        out_fmt = options.output_format_name(fmt or options.DEFAULT_FORMAT)
+        out_path = None if to_stdout else default_output(Path(image), out_fmt)
     else:
-        out_fmt = output_format(out_path, fmt)
-    paths = [] if to_stdout else numbered(out_path, num_images)
-    options = OutputOptions(
-        fmt=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar, overwrite=overwrite
+        out_path = Path(output)
+        out_fmt = options.output_format(out_path, fmt)
+    written = options.OutputOptions(
+        format=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar, overwrite=overwrite
     )
-    inputs = [] if image == "-" else [Path(image)]
 
-    # Everything the user can get wrong is checked before the model loads.
+    # Everything the user can get wrong is checked before the engine is imported.
     source = open_image(sys.stdin.buffer.read() if image == "-" else Path(image))
-    prepare_outputs(paths, inputs=inputs, overwrite=overwrite)
-    seed_value = opt.parse_seed(seed) if seed is not None else settings.get("seed", 42)
-    if seed is not None and seed.strip().lower() == "random":
-        info(f"seed: {seed_value}")
+    paths = [] if out_path is None else numbered(out_path, chosen.num_images)
+    check_outputs(paths, inputs=[] if image == "-" else [Path(image)], overwrite=overwrite)
 
-    started = time.perf_counter()
+    from ..editor import Editor
+
     with edit_progress() as progress:
-        loaded = load_pipeline(
-            opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs),
-            status=progress.status,
-            warn=warn,
-        )
-        result = loaded.pipe(
+        editor = Editor(model_options, status=progress.status)
+        for note in editor.notes:
+            warn(note)
+        records = editor.edit(
             source,
             instruction,
-            num_inference_steps=steps or settings.get("steps", 20),
-            guidance_scale=guidance if guidance is not None else settings.get("guidance_scale"),
-            image_guidance_scale=image_guidance if image_guidance is not None else settings.get("image_guidance_scale"),
-            seed=seed_value,
-            num_images_per_prompt=num_images,
-            resolution_binning=not no_binning and settings.get("resolution_binning", True),
-            callback=progress.step,
-            on_stage=progress.stage,
+            sys.stdout.buffer if to_stdout else out_path,
+            edit_options=chosen,
+            output_options=written,
+            source_name=None if image == "-" else Path(image).name,
+            progress=progress,
         )
-    for message in result.parameters.warnings:
+    first = records[0]
+    if chosen.seed is None:
+        info(f"seed: {first.seed}")
+    for message in first.warnings:
         warn(message)
-    records = [record_for(result.parameters, i, loaded, source_label(image)) for i in range(len(result.images))]
-    if to_stdout:
-        from ..runner_tmp import encode_output
-
-        sys.stdout.buffer.write(encode_output(result.images[0], records[0], options))
-        sys.stdout.buffer.flush()
-    else:
-        save_outputs(result.images, records, paths, options)
-    seconds = round(time.perf_counter() - started, 3)
     if json_output:
-        emit_json(
-            {
-                "outputs": [str(p) for p in paths],
-                "seconds": seconds,
-                "model": loaded.resolved.label(),
-                **{k: v for k, v in records[0].items() if k not in ("schema", "software", "source")},
-                "seed": result.parameters.seed,
-                "warnings": result.parameters.warnings,
-            }
-        )
+        emit_json({"outputs": [r.output for r in records], **first.to_dict()})
     elif not to_stdout:
-        for path in paths:
-            print(path)
-    info(f"done in {seconds:.1f}s" if not to_stdout else f"wrote {out_fmt} to stdout in {seconds:.1f}s")
+        for record in records:
+            print(record.output)
+    info(f"done in {first.seconds:.1f}s" if not to_stdout else f"wrote {out_fmt} to stdout in {first.seconds:.1f}s")
 
 
 def _replayed(path: Path) -> dict:
     """The parameters recorded in ``path`` that are safe to reuse; each ignored value gets a warning."""
-    from ..files import metadata as meta_io
+    from ..files import metadata
 
-    settings, ignored = meta_io.replayable(meta_io.read(path))
+    recorded, ignored = metadata.replayable(metadata.read(path))
     for message in ignored:
         warn(f"--replay: {message}")
-    return settings
+    return recorded

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from .. import options
 
 
 def _choices(*values: str):
@@ -26,15 +26,17 @@ OUT = "Output"
 Steps = Annotated[
     int | None,
     typer.Option(
-        "--steps", min=1, max=1000, help="Denoising steps. [default: 20]", rich_help_panel=GEN, show_default=False
+        "--steps",
+        help=f"Denoising steps, 1 to {options.MAX_STEPS}. [default: {options.DEFAULT_STEPS}]",
+        rich_help_panel=GEN,
+        show_default=False,
     ),
 ]
 Guidance = Annotated[
     float | None,
     typer.Option(
         "--guidance",
-        min=0.0,
-        help="Text guidance scale. [default: 4.5; 0 for a CFG-distilled model]",
+        help=f"Text guidance scale. [default: {options.DEFAULT_GUIDANCE}; 0 for a CFG-distilled model]",
         rich_help_panel=GEN,
         show_default=False,
     ),
@@ -43,8 +45,7 @@ ImageGuidance = Annotated[
     float | None,
     typer.Option(
         "--image-guidance",
-        min=0.0,
-        help="Image guidance scale. [default: 1.2; 0 for a CFG-distilled model]",
+        help=f"Image guidance scale. [default: {options.DEFAULT_IMAGE_GUIDANCE}; 0 for a CFG-distilled model]",
         rich_help_panel=GEN,
         show_default=False,
     ),
@@ -52,7 +53,10 @@ ImageGuidance = Annotated[
 Seed = Annotated[
     str | None,
     typer.Option(
-        "--seed", help="Integer seed, or 'random' (printed). [default: 42]", rich_help_panel=GEN, show_default=False
+        "--seed",
+        help=f"Integer seed (0 to {options.MAX_SEED}), or 'random' (printed). [default: {options.DEFAULT_SEED}]",
+        rich_help_panel=GEN,
+        show_default=False,
     ),
 ]
 Binning = Annotated[
@@ -69,7 +73,7 @@ Model = Annotated[
         "--model",
         "-m",
         autocompletion=_choices("vibe", "vibe-distilled"),
-        help="Alias (vibe, vibe-distilled), hub id, or local folder. [default: vibe]",
+        help=f"Alias (vibe, vibe-distilled), hub id, or local folder. [default: {options.DEFAULT_MODEL}]",
         rich_help_panel=MODEL,
         show_default=False,
     ),
@@ -116,7 +120,7 @@ Compile = Annotated[
     bool,
     typer.Option(
         "--compile",
-        help="torch.compile the transformer: ~30% faster guided steps after a slow first edit per size (for batches).",
+        help="torch.compile the transformer: faster steps after a slow first edit of each size (for batches).",
         rich_help_panel=PERF,
     ),
 ]
@@ -141,7 +145,10 @@ OutputFormat = Annotated[
 Quality = Annotated[
     int | None,
     typer.Option(
-        "--quality", min=1, max=100, help="JPEG/WebP quality. [default: 95]", rich_help_panel=OUT, show_default=False
+        "--quality",
+        help=f"JPEG/WebP quality, 1 to {options.MAX_QUALITY}. [default: {options.DEFAULT_QUALITY}]",
+        rich_help_panel=OUT,
+        show_default=False,
     ),
 ]
 Overwrite = Annotated[
@@ -151,20 +158,42 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (a
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail; tracebacks on errors.")]
 
 
-def parse_seed(value: str) -> int:
-    """An integer seed in the reference's range, or 'random' for a fresh one."""
-    from ..engine.pipeline import MAX_SEED, random_seed
+NumImages = Annotated[
+    int,
+    typer.Option(
+        "--num-images",
+        "-n",
+        help=f"Outputs to make, 1 to {options.MAX_NUM_IMAGES}; written as OUT-1, OUT-2, …",
+        rich_help_panel=GEN,
+    ),
+]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        help=f"Same-size images edited together on the GPU, 1 to {options.MAX_BATCH_SIZE}.",
+        rich_help_panel=PERF,
+    ),
+]
 
-    text = value.strip().lower()
-    if text == "random":
-        return random_seed()
-    try:
-        seed = int(text)
-    except ValueError:
-        raise UsageError(f"--seed must be an integer or 'random', got {value!r}") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
-    return seed
+
+def edit_options(
+    steps: int | None,
+    guidance: float | None,
+    image_guidance: float | None,
+    seed: str | None,
+    num_images: int = options.DEFAULT_NUM_IMAGES,
+    no_binning: bool = False,
+) -> options.EditOptions:
+    """The edit parameters from flags, each checked (and named) as the flag it came from."""
+    return options.EditOptions(
+        steps=options.steps(steps if steps is not None else options.DEFAULT_STEPS),
+        guidance=options.scale(guidance, "--guidance"),
+        image_guidance=options.scale(image_guidance, "--image-guidance"),
+        seed=options.seed(seed if seed is not None else options.DEFAULT_SEED),
+        num_images=options.num_images(num_images),
+        binning=not no_binning,
+    )
 
 
 def model_options(
@@ -176,19 +205,18 @@ def model_options(
     offload: str | None,
     compile_: bool,
     cuda_graphs: bool = False,
-):
+) -> options.ModelOptions:
     """Flags first, then the config file, then built-in defaults."""
-    from .. import config_file as settings
-    from ..runner_tmp import ModelOptions
+    from .. import config_file
 
-    saved = settings.load()
-    return ModelOptions(
-        model=model or saved.get("model"),
+    saved = config_file.load()
+    return options.ModelOptions(
+        model=model or saved.get("model", options.DEFAULT_MODEL),
         revision=revision,
-        device=device or saved.get("device", "auto"),
-        dtype=dtype or saved.get("dtype", "auto"),
+        device=options.device(device) if device else saved.get("device", "auto"),
+        dtype=options.dtype(dtype) if dtype else saved.get("dtype", "auto"),
         offline=offline,
-        offload=offload or saved.get("offload", "none"),
+        offload=options.offload(offload) if offload else saved.get("offload", "none"),
         compile=compile_,
         cuda_graphs=cuda_graphs,
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from . import flags as opt
 from .common import console, emit_json, handle_errors
 from .flags import Device, Quiet, Verbose
 
@@ -59,10 +58,9 @@ def selftest(
     import numpy as np
     from PIL import Image
 
-    from ..files import metadata as meta_io
+    from ..editor import Editor
+    from ..files import metadata
     from ..random_weights.tiny import build_tiny_checkpoint
-    from .common import Verbosity
-    from .edit import edit
 
     report = environment()
     started = time.perf_counter()
@@ -73,29 +71,13 @@ def selftest(
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(source)
         output = folder / "output.png"
-        was_quiet = Verbosity.quiet
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # edit prints the output path; not ours to show
-                edit(
-                    image=str(source),
-                    instruction="make the sky blue",
-                    output=str(output),
-                    steps=2,
-                    model=str(checkpoint),
-                    device=device,
-                    offline=True,
-                    quiet=True,
-                )
-        except typer.Exit as exc:
-            if exc.exit_code:
-                raise
-        finally:
-            Verbosity.quiet = was_quiet
+        model = opt.model_options(str(checkpoint), None, device, None, True, None, False)
+        [record] = Editor(model).edit(source, "make the sky blue", output, steps=2)
         with Image.open(output) as result:
             size_ok = result.size == (100, 75)
-        recorded = meta_io.read(output)
+        recorded = metadata.read(output)
         checks = {
-            "output written": output.is_file(),
+            "output written": output.is_file() and record.output == str(output),
             "output has the input size": size_ok,
             "metadata round-trips": recorded.get("instruction") == "make the sky blue" and recorded.get("seed") == 42,
         }

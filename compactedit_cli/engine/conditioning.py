@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..errors import UsageError
+from .. import options
 
 EDIT_TEMPLATE = "what will this image be like if {instruction}"
 
@@ -67,28 +67,16 @@ class Conditioning:
     meta_inputs: MetaInputs
 
 
-def check_instruction(instruction: object, where: str = "") -> str:
-    """``instruction`` unchanged if usable; empty or not encodable as UTF-8 (bad bytes in argv) is a UsageError."""
-    prefix = f"{where}: " if where else ""
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise UsageError(f"{prefix}the instruction is empty")
-    try:
-        instruction.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{prefix}the instruction is not valid UTF-8 text") from None
-    return instruction
-
-
 def fit_instruction(tokenizer, instruction: str, limit: int = MAX_INSTRUCTION_TOKENS) -> tuple[str, str | None]:
     """The instruction cut to ``limit`` tokens before the first token that does not fit, and a warning if cut.
 
     Cutting at the start of the first dropped token never splits a character, even one spread over several
     byte-level tokens (emoji, CJK), and the cut text never tokenizes longer than ``limit``.
     """
-    text = check_instruction(instruction).strip()
+    text = options.instruction(instruction)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) <= limit:
-        return instruction, None
+        return text, None
     cut = text[: offsets[limit][0]].rstrip()
     return cut, f"the instruction is {len(offsets)} tokens long; only the first {limit} are used"
 

@@ -28,55 +28,38 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from .. import __version__
 from ..errors import UsageError
-from ..files.imaging import SourceImage, as_source, restore_geometry, to_model_pixels, to_pil
+from ..files.imaging import SourceImage, as_source, restore_geometry
 from ..loading.checkpoint import Components, load_components
 from ..models.feedforward import use_token_feed_forward
 from ..models.norm import use_lean_norms
+from ..options import random_seed
+from ..record import EditRecord
 from ..speed.compiling import compile_unavailable
 from ..speed.graphs import GraphedStep
 from ..speed.offload import OFFLOAD_MODES, WeightOffloader, stage_offloader
 from ..speed.tiling import free_device_bytes, vae_activation_bytes
 from .binning import closest_bin
 from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
+from .devices import default_device, default_dtype
 from .guidance import Guidance
+from .pixels import to_model_pixels, to_pil
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
 DEFAULT_IMAGE_GUIDANCE = 1.2
 DEFAULT_SEED = 42
 MAX_SEED = 2**31 - 1
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (what the weights were trained and shipped in), float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def random_seed() -> int:
-    """A fresh seed in the reference's range (0 … int32 max)."""
-    return random.SystemRandom().randint(0, MAX_SEED)
 
 
 @dataclass
@@ -92,35 +75,6 @@ class StepState:
     noise_pred_raw: torch.Tensor
     noise_pred: torch.Tensor
     latents: torch.Tensor
-
-
-@dataclass
-class EditParameters:
-    """Every parameter an edit actually ran with: enough to reproduce it."""
-
-    instructions: list[str]
-    num_inference_steps: int
-    guidance_scale: float
-    image_guidance_scale: float
-    guidance_branches: int
-    seed: int | None
-    num_images_per_prompt: int
-    resolution_binning: bool
-    height: int
-    width: int
-    output_width: int
-    output_height: int
-    vlm_min_pixels: int
-    vlm_max_pixels: int
-    scheduler: str
-    dtype: str
-    device: str
-    model: str
-    compactedit_version: str = __version__
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -144,11 +98,16 @@ class EditRequest:
 
 @dataclass
 class EditResult:
-    """The edited images (at the source's size) or the final latents, and the parameters used."""
+    """The edited images (at the source's size) or the final latents, and one record per output row."""
 
     images: list[Image.Image]
     latents: torch.Tensor | None
-    parameters: EditParameters
+    records: list[EditRecord]
+
+    @property
+    def parameters(self) -> EditRecord:
+        """The first output's record (every output of one instruction shares its parameters but ``index``)."""
+        return self.records[0]
 
 
 def _check_scale(name: str, value: float) -> float:
@@ -562,7 +521,7 @@ class EditPipeline:
             output_type,
         )
 
-    def _parameters(
+    def _records(
         self,
         instructions: list[str],
         seed: int | None,
@@ -571,28 +530,33 @@ class EditPipeline:
         source: SourceImage,
         binning: bool,
         notes: list[str],
-    ) -> EditParameters:
-        return EditParameters(
-            instructions=instructions,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance.text_scale,
-            image_guidance_scale=settings.guidance.image_scale,
-            guidance_branches=settings.guidance.branches,
-            seed=seed,
-            num_images_per_prompt=settings.num_images_per_prompt,
-            resolution_binning=binning,
-            height=size[0],
-            width=size[1],
-            output_width=source.size[0],
-            output_height=source.size[1],
-            vlm_min_pixels=self.conditioner.min_pixels,
-            vlm_max_pixels=self.conditioner.max_pixels,
-            scheduler=type(self.scheduler).__name__,
-            dtype=str(self.dtype).removeprefix("torch."),
-            device=str(self.device),
-            model=self.model_name,
-            warnings=[*source.warnings, *notes],
-        )
+    ) -> list[EditRecord]:
+        """One record per output row, in the order the rows come out (instruction-major)."""
+        n = settings.num_images_per_prompt
+        return [
+            EditRecord(
+                instruction=text,
+                steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance.text_scale,
+                image_guidance_scale=settings.guidance.image_scale,
+                guidance_branches=settings.guidance.branches,
+                seed=seed,
+                size=list(source.size),
+                model_size=[size[1], size[0]],
+                resolution_binning=binning,
+                model=self.model_name,
+                dtype=str(self.dtype).removeprefix("torch."),
+                device=str(self.device),
+                scheduler=type(self.scheduler).__name__,
+                vlm_min_pixels=self.conditioner.min_pixels,
+                vlm_max_pixels=self.conditioner.max_pixels,
+                index=index,
+                num_images=n,
+                warnings=[*source.warnings, *notes],
+            )
+            for text in instructions
+            for index in range(n)
+        ]
 
     def __call__(
         self,
@@ -635,8 +599,8 @@ class EditPipeline:
         final, images = self._run(
             [(source, text) for text in instructions], latents, size, settings, callback, on_stage
         )
-        parameters = self._parameters(instructions, seed, settings, size, source, resolution_binning, notes)
-        return EditResult(images=images, latents=final, parameters=parameters)
+        records = self._records(instructions, seed, settings, size, source, resolution_binning, notes)
+        return EditResult(images=images, latents=final, records=records)
 
     def edit_batch(
         self,
@@ -678,7 +642,7 @@ class EditPipeline:
             EditResult(
                 images=images[i * n : (i + 1) * n],
                 latents=None if final is None else final[i * n : (i + 1) * n],
-                parameters=self._parameters([text], seed, settings, size, source, resolution_binning, notes),
+                records=self._records([text], seed, settings, size, source, resolution_binning, notes),
             )
             for i, (source, text, (_, notes), seed) in enumerate(zip(sources, instructions, fitted, seeds, strict=True))
         ]

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
 
 from ..errors import DiskFullError, InputImageError, OutputError, UsageError
+from ..options import DEFAULT_QUALITY
 
 # Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 120_000_000
@@ -139,20 +139,6 @@ def as_source(image: Image.Image | SourceImage | str | Path) -> SourceImage:
     return open_image(image)
 
 
-def to_model_pixels(rgb: Image.Image, height: int, width: int) -> torch.Tensor:
-    """(1, 3, height, width) float32 in [-1, 1]: LANCZOS resize to the bin, as the reference's preprocessing."""
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
-    array = np.asarray(rgb, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
-
-
-def to_pil(decoded: torch.Tensor) -> list[Image.Image]:
-    """VAE output (B, 3, H, W) in [-1, 1] -> 8-bit RGB images, rounded as the reference rounds."""
-    array = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.rint(a * 255).astype(np.uint8)) for a in array]
-
-
 def restore_geometry(edited: Image.Image, source: SourceImage) -> Image.Image:
     """The model's output at the source's exact size, with the source's alpha put back."""
     if edited.size != source.size:
@@ -165,35 +151,9 @@ def restore_geometry(edited: Image.Image, source: SourceImage) -> Image.Image:
 
 # ---- writing outputs -------------------------------------------------------------------------------------------
 
-OUTPUT_EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-FORMAT_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 TEMP_PREFIX = ".compactedit-"
 TEMP_SUFFIX = ".part"
-
-
-def parse_format(name: str) -> str:
-    """``png``, ``jpg``/``jpeg`` or ``webp`` -> the canonical format name."""
-    key = name.lower().lstrip(".")
-    fmt = OUTPUT_EXTENSIONS.get(f".{key}")
-    if fmt is None:
-        raise UsageError(f"unknown output format {name!r} (use png, jpg or webp)")
-    return fmt
-
-
-def output_format(path: Path | None, explicit: str | None = None) -> str:
-    """The format of an output: from ``--format``, else from the file's extension; they must agree."""
-    from_ext = OUTPUT_EXTENSIONS.get(path.suffix.lower()) if path is not None and path.suffix else None
-    if path is not None and path.suffix and from_ext is None:
-        raise UsageError(f"unknown output extension {path.suffix!r} in {path} (use .png, .jpg or .webp)")
-    if explicit is not None:
-        fmt = parse_format(explicit)
-        if from_ext is not None and from_ext != fmt:
-            raise UsageError(f"--format {explicit} conflicts with the extension of {path}")
-        return fmt
-    if from_ext is None:
-        raise UsageError(f"cannot tell the output format of {path}: give it an extension or use --format")
-    return from_ext
 
 
 def encode(image: Image.Image, fmt: str, quality: int | None = None, **save_options) -> bytes:
@@ -204,7 +164,7 @@ def encode(image: Image.Image, fmt: str, quality: int | None = None, **save_opti
         image = flat
     options = dict(save_options)
     if fmt in ("jpeg", "webp"):
-        options["quality"] = 95 if quality is None else quality
+        options["quality"] = DEFAULT_QUALITY if quality is None else quality
     buffer = io.BytesIO()
     image.save(buffer, format=_PIL_FORMATS[fmt], **options)
     return buffer.getvalue()

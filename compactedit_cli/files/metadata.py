@@ -11,7 +11,6 @@ Metadata read back is data only: values are type-checked and nothing in it is us
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from html import escape, unescape
@@ -21,50 +20,11 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import __version__
+from .. import options
 from ..errors import UsageError
 
-SCHEMA = "compactedit/1"
 XMP_NAMESPACE = "https://github.com/compactedit/compactedit/ns/1.0/"
 _XMP_ATTRIBUTE = re.compile(rb'compactedit:params="([^"]*)"')
-
-
-def build(
-    *,
-    instruction: str,
-    steps: int,
-    guidance_scale: float,
-    image_guidance_scale: float,
-    seed: int | None,
-    width: int,
-    height: int,
-    model_width: int,
-    model_height: int,
-    resolution_binning: bool,
-    model: str,
-    revision: str | None,
-    dtype: str,
-    device: str,
-    source: str | None = None,
-) -> dict[str, Any]:
-    """The JSON record of one output: everything needed to re-run the edit."""
-    return {
-        "schema": SCHEMA,
-        "software": f"compactedit {__version__}",
-        "instruction": instruction,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "image_guidance_scale": image_guidance_scale,
-        "seed": seed,
-        "size": [width, height],
-        "model_size": [model_width, model_height],
-        "resolution_binning": resolution_binning,
-        "model": model,
-        "revision": revision,
-        "dtype": dtype,
-        "device": device,
-        "source": source,
-    }
 
 
 def parameters_text(meta: dict[str, Any]) -> str:
@@ -131,22 +91,20 @@ def read(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_scale(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
 def _passes(check: Callable[[Any], Any], value: Any) -> bool:
-    """Whether ``check`` accepts ``value``: returns something truthy instead of raising a user-facing error."""
+    """Whether ``check`` accepts ``value`` as it is (a check that would convert it, or raises, refuses it)."""
     from ..errors import CompactEditError
 
     try:
-        return bool(check(value))
+        return check(value) == value
     except CompactEditError:
         return False
+
+
+def _is_model(value: Any) -> bool:
+    from ..loading.hub import parse_model
+
+    return isinstance(value, str) and _passes(lambda spec: spec if parse_model(spec).repo_id else None, value)
 
 
 def _is_revision(value: Any) -> bool:
@@ -155,25 +113,23 @@ def _is_revision(value: Any) -> bool:
     return isinstance(value, str) and REVISION.match(value) is not None and ".." not in value
 
 
-def _checks() -> dict[str, Callable[[Any], bool]]:
-    """The fields --replay may take from a file, each with the check its value must pass; nothing else is read.
+def _exact(check: Callable[[Any], Any], kind: type) -> Callable[[Any], bool]:
+    """A recorded value must already have the right type: ``"20"`` is not a step count, ``True`` is not a seed."""
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool) and _passes(check, v)
 
-    A recorded model must be a hub id or alias: it is never taken as a path (``/etc``, ``../x``, a local folder).
-    """
-    from ..engine.conditioning import check_instruction
-    from ..engine.pipeline import MAX_SEED
-    from ..loading.hub import parse_model
 
-    return {
-        "instruction": lambda v: _passes(check_instruction, v),
-        "steps": lambda v: _is_int(v, 1, 1000),
-        "guidance_scale": _is_scale,
-        "image_guidance_scale": _is_scale,
-        "seed": lambda v: _is_int(v, 0, MAX_SEED),
-        "model": lambda v: isinstance(v, str) and _passes(lambda spec: parse_model(spec).repo_id, v),
-        "revision": _is_revision,
-        "resolution_binning": lambda v: isinstance(v, bool),
-    }
+# The fields --replay may take from a file, each with the check its value must pass; nothing else is read. A
+# recorded model must be a hub id or alias: it is never taken as a path (``/etc``, ``../x``, a local folder).
+REPLAYABLE: dict[str, Callable[[Any], bool]] = {
+    "instruction": _exact(options.instruction, str),
+    "steps": _exact(options.steps, int),
+    "guidance_scale": _exact(options.scale, (int, float)),
+    "image_guidance_scale": _exact(options.scale, (int, float)),
+    "seed": _exact(options.seed, int),
+    "model": _is_model,
+    "revision": _is_revision,
+    "resolution_binning": lambda v: isinstance(v, bool),
+}
 
 
 def replayable(meta: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -184,7 +140,7 @@ def replayable(meta: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """
     clean: dict[str, Any] = {}
     ignored: list[str] = []
-    for key, check in _checks().items():
+    for key, check in REPLAYABLE.items():
         value = meta.get(key)
         if value is None:
             continue

@@ -1,0 +1,191 @@
+"""Batch planning: the jobs of a folder or a manifest, their outputs confined to the output folder.
+
+* Inputs come from a folder (``--glob``, ``--recursive``; the relative layout is kept under the output folder) or a
+  JSONL/CSV manifest whose relative paths resolve against the manifest's folder.
+* Outputs never leave the output folder: absolute paths, ``..`` and symlinks that point outside are refused.
+* A manifest's values go through the same checks as the flags (:mod:`compactedit_cli.options`); a bad line is a
+  usage error that names it, before anything runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import options
+from ..editor import EditJob
+from ..errors import OutputError, UsageError
+from ..options import FORMAT_EXTENSIONS, OUTPUT_EXTENSIONS, EditOptions
+
+DEFAULT_GLOB = "*"
+INPUT_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+# Manifest columns that set an edit parameter: column -> (EditOptions field, check). The check is the flag's own.
+PARAMETERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "seed": ("seed", options.seed),
+    "steps": ("steps", options.steps),
+    "guidance": ("guidance", options.scale),
+    "image_guidance": ("image_guidance", options.scale),
+}
+TEXT_FIELDS = ("image", "instruction", "output")
+FIELD_ALIASES = {"guidance_scale": "guidance", "image_guidance_scale": "image_guidance", "num_inference_steps": "steps"}
+
+
+@dataclass
+class BatchItem(EditJob):
+    """One planned edit, and the manifest line it came from (for error messages)."""
+
+    line: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Items are identified by their output (what resuming checks)."""
+        return str(self.output)
+
+
+def confined(out_dir: Path, relative: str | Path, where: str) -> Path:
+    """``out_dir / relative``, refused unless it stays inside ``out_dir`` (after resolving symlinks)."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or str(relative).strip() in ("", "."):
+        raise UsageError(f"{where}: output {str(relative)!r} must be a relative path inside the output folder")
+    target = out_dir / rel
+    root = out_dir.resolve()
+    if not target.resolve().is_relative_to(root):
+        raise UsageError(f"{where}: output {str(relative)!r} escapes the output folder (through a symlink)")
+    return target
+
+
+def _output_name(relative: Path, fmt: str) -> Path:
+    return relative.with_suffix(FORMAT_EXTENSIONS[fmt])
+
+
+def _dedupe(items: list[BatchItem]) -> list[BatchItem]:
+    """Two inputs mapping to one output (``a.jpg`` and ``a.png``) keep their source extension in the name."""
+    seen: dict[Path, BatchItem] = {}
+    for item in items:
+        if item.output in seen:
+            other = seen[item.output]
+            if item.line is not None:
+                raise UsageError(
+                    f"manifest lines {other.line} and {item.line} both write {item.output}; give distinct outputs"
+                )
+            suffix = item.source.suffix.lstrip(".")
+            item.output = item.output.with_name(f"{item.output.stem}_{suffix}{item.output.suffix}")
+        seen[item.output] = item
+    return items
+
+
+def items_from_folder(
+    input_dir: Path,
+    instruction: str,
+    out_dir: Path,
+    fmt: str,
+    defaults: EditOptions,
+    *,
+    glob: str = DEFAULT_GLOB,
+    recursive: bool = False,
+) -> list[BatchItem]:
+    """Every image under ``input_dir`` matching ``glob``; the output folder itself is never an input."""
+    if not input_dir.is_dir():
+        raise UsageError(f"input folder not found: {input_dir}")
+    instruction = options.instruction(instruction)
+    out_root = out_dir.resolve()
+    pattern = f"**/{glob}" if recursive else glob
+    items = []
+    for path in sorted(input_dir.glob(pattern)):
+        rel = path.relative_to(input_dir)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() not in INPUT_SUFFIXES or path.resolve().is_relative_to(out_root):
+            continue
+        output = confined(out_dir, _output_name(rel, fmt), str(path))
+        items.append(BatchItem(source=path, instruction=instruction, output=output, options=defaults))
+    return _dedupe(items)
+
+
+def _coerce(record: dict[str, Any], where: str, defaults: EditOptions) -> tuple[dict[str, str], EditOptions]:
+    """A manifest line's text fields, and its edit parameters over the run's defaults, every value checked."""
+    text: dict[str, str] = {}
+    changes: dict[str, Any] = {}
+    for raw_key, value in record.items():
+        key = FIELD_ALIASES.get(raw_key, raw_key)
+        if key not in TEXT_FIELDS and key not in PARAMETERS:
+            known = ", ".join([*TEXT_FIELDS, *PARAMETERS])
+            raise UsageError(f"{where}: unknown field {raw_key!r} (known: {known})")
+        if value is None or value == "":
+            continue
+        if key in PARAMETERS:
+            field, check = PARAMETERS[key]
+            changes[field] = check(value, f"{where}: {raw_key}")
+        elif not isinstance(value, str):
+            raise UsageError(f"{where}: {raw_key} must be text (got {type(value).__name__})")
+        else:
+            text[key] = value
+    for required in ("image", "instruction"):
+        if required not in text:
+            raise UsageError(f"{where}: missing field {required!r}")
+    text["instruction"] = options.instruction(text["instruction"], f"{where}: the instruction")
+    return text, dataclasses.replace(defaults, **changes)
+
+
+def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise UsageError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"manifest {path} is not UTF-8 text (byte {exc.start})") from None
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames:
+            raise UsageError(f"manifest {path} has no header row")
+        for number, row in enumerate(reader, start=2):
+            if None in row:
+                raise UsageError(f"{path}:{number}: more cells than header columns")
+            yield number, dict(row)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}:{number}: each line must be a JSON object")
+        yield number, record
+
+
+def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditOptions) -> list[BatchItem]:
+    """Items of a JSONL (or ``.csv``) manifest; every malformed line is an error that names it."""
+    if not manifest.is_file():
+        raise UsageError(f"manifest not found: {manifest}")
+    base = manifest.resolve().parent
+    items = []
+    for number, record in _manifest_records(manifest):
+        where = f"{manifest}:{number}"
+        clean, chosen = _coerce(record, where, defaults)
+        image = Path(clean["image"]).expanduser()
+        image = image if image.is_absolute() else base / image
+        if "output" in clean:
+            output = confined(out_dir, clean["output"], where)
+            suffix = Path(clean["output"]).suffix.lower()
+            if suffix and suffix not in OUTPUT_EXTENSIONS:
+                raise UsageError(f"{where}: unknown output extension {suffix!r} (use .png, .jpg or .webp)")
+            if not suffix:
+                output = output.with_suffix(FORMAT_EXTENSIONS[fmt])
+        else:
+            output = out_dir / _output_name(Path(image.name), fmt)
+        if output.resolve() == image.resolve():
+            raise OutputError(f"{where}: the output {output} is the input image; refusing to overwrite an input")
+        items.append(
+            BatchItem(source=image, instruction=clean["instruction"], output=output, options=chosen, line=number)
+        )
+    if not items:
+        raise UsageError(f"manifest {manifest} has no items")
+    return _dedupe(items)

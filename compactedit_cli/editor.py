@@ -1,0 +1,320 @@
+"""The library-level edit: image files in, image files out. Every command calls this, and nothing else edits.
+
+::
+
+    from compactedit_cli import Editor
+
+    editor = Editor(model="vibe")                      # resolves, verifies and loads, once
+    [record] = editor.edit("street.jpg", "remove the car", "out.png", seed=7)
+    print(record.output, record.seconds)
+
+:class:`Editor` is built from :class:`~compactedit_cli.options.ModelOptions` (plain values, so it pickles and a
+worker process can rebuild the Editor from it); :meth:`Editor.edit` writes one edit's outputs and returns one
+:class:`~compactedit_cli.record.EditRecord` per file written; :meth:`Editor.edit_many` edits a stream of jobs,
+grouping same-size ones for ``batch_size``, and reports each job's outcome without stopping at one bad job.
+
+This module imports no torch itself: opening an Editor does, so callers check their inputs first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from . import options
+from .errors import (
+    CompactEditError,
+    DiskFullError,
+    OutOfMemoryError,
+    OutputError,
+    UsageError,
+    internal_error,
+    is_out_of_memory,
+)
+from .files import outputs
+from .files.imaging import SourceImage, open_image
+from .options import EditOptions, ModelOptions, OutputOptions
+from .record import EditRecord
+
+
+class Progress(Protocol):
+    """What an edit reports while it runs (a progress bar, a server's event stream)."""
+
+    def stage(self, name: str) -> None: ...
+
+    def step(self, state: Any) -> None: ...
+
+
+@dataclass
+class EditJob:
+    """One edit of :meth:`Editor.edit_many`: a source file, an instruction, an output file and its parameters."""
+
+    source: Path
+    instruction: str
+    output: Path
+    options: EditOptions = field(default_factory=EditOptions)
+
+
+@dataclass
+class JobOutcome:
+    """What became of one job: ``ok`` with its record, or ``failed`` with a one-line error.
+
+    ``fatal`` marks an error every later job would meet too (a full disk): the caller should stop.
+    """
+
+    job: EditJob
+    status: str
+    record: EditRecord | None = None
+    error: str | None = None
+    seed: int | None = None
+    fatal: CompactEditError | None = None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The one line recorded for an edit that raised ``exc``."""
+    if is_out_of_memory(exc):
+        return str(OutOfMemoryError())
+    if isinstance(exc, CompactEditError):
+        return str(exc)
+    return internal_error(exc)
+
+
+class Editor:
+    """A loaded model that edits files into files. Open it once; call :meth:`edit` as often as you like."""
+
+    def __init__(
+        self,
+        model: ModelOptions | str | None = None,
+        *,
+        status: Callable[[str], None] = lambda _message: None,
+        **model_options: Any,
+    ) -> None:
+        """Resolve (downloading unless offline), verify and load the model. ``model`` is a
+        :class:`ModelOptions` or a model name; keyword arguments are the other :class:`ModelOptions` fields.
+        Requested speed options that cannot apply here are listed in :attr:`notes`.
+        """
+        if not isinstance(model, ModelOptions):
+            model = ModelOptions(model=model or options.DEFAULT_MODEL, **model_options)
+        elif model_options:
+            raise UsageError("give either ModelOptions or keyword options, not both")
+        self.options = model
+        self.pipe, self.resolved, self.notes = _load(model, status)
+
+    # ---- one edit ---------------------------------------------------------------------------------------------
+
+    def edit(
+        self,
+        source: str | Path | bytes | SourceImage,
+        instruction: str,
+        output: str | Path | IO[bytes],
+        *,
+        edit_options: EditOptions | None = None,
+        output_options: OutputOptions | None = None,
+        source_name: str | None = None,
+        progress: Progress | None = None,
+        **parameters: Any,
+    ) -> list[EditRecord]:
+        """Edit ``source`` and write the result to ``output``; one record per file written.
+
+        ``source`` is a path, the bytes of an image file, or an already opened
+        :class:`~compactedit_cli.files.imaging.SourceImage`. ``output`` is a path (``num_images`` > 1 writes
+        ``out-1.png``, ``out-2.png``, …) or a binary stream (one image, in ``output_options.format``).
+        ``parameters`` are :class:`EditOptions` fields (``steps``, ``guidance``, ``image_guidance``, ``seed``,
+        ``num_images``, ``binning``), applied over ``edit_options``.
+        """
+        started = time.perf_counter()
+        chosen = (edit_options or EditOptions()).replace(**parameters)
+        out = output_options or OutputOptions()
+        text = options.instruction(instruction)
+        stream = not isinstance(output, (str, Path))
+        paths = [] if stream else outputs.numbered(Path(output), chosen.num_images)
+        if stream and chosen.num_images != 1:
+            raise UsageError("a stream takes one image; write several to a file name")
+        if stream and out.format is None:
+            raise UsageError("writing to a stream needs an output format")
+        for path in paths:
+            options.output_format(path, out.format)
+        inputs = [Path(source)] if isinstance(source, (str, Path)) else []
+        image = source if isinstance(source, SourceImage) else open_image(source)
+        outputs.check_outputs(paths, inputs=inputs, overwrite=out.overwrite)
+        result = self._run(
+            lambda: self.pipe(
+                image,
+                text,
+                num_inference_steps=chosen.steps,
+                guidance_scale=chosen.guidance,
+                image_guidance_scale=chosen.image_guidance,
+                seed=chosen.seed,
+                num_images_per_prompt=chosen.num_images,
+                resolution_binning=chosen.binning,
+                callback=progress.step if progress else None,
+                on_stage=progress.stage if progress else None,
+            )
+        )
+        name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
+        seconds = round(time.perf_counter() - started, 3)
+        records = [self._finish(r, name, seconds) for r in result.records]
+        if stream:
+            output.write(outputs.file_bytes(result.images[0], records[0], out.format, out))
+            output.flush()
+            return records
+        written = []
+        for picture, record, path in zip(result.images, records, paths, strict=True):
+            done = record.but(output=str(path))
+            outputs.save(picture, done, path, out)
+            written.append(done)
+        return written
+
+    # ---- many edits -------------------------------------------------------------------------------------------
+
+    def edit_many(
+        self,
+        jobs: Iterable[EditJob],
+        *,
+        batch_size: int = 1,
+        output_options: OutputOptions | None = None,
+    ) -> Iterator[JobOutcome]:
+        """Edit each job and say what became of it, in the order the jobs finish.
+
+        Jobs that share a model size and parameters are edited ``batch_size`` at a time. A job whose image cannot
+        be opened, whose edit fails (a group that fails is retried one job at a time, after freeing memory, so only
+        the culprit fails) or whose output cannot be written fails alone.
+        """
+        size = options.batch_size(batch_size)
+        out = output_options or OutputOptions()
+        pending: list[tuple[EditJob, SourceImage]] = []
+        pending_key: Any = None
+        for job in jobs:
+            try:
+                image = open_image(job.source)
+                key = (self.pipe.model_size(image.size, binning=job.options.binning), _group_key(job.options))
+            except CompactEditError as exc:
+                yield JobOutcome(job, "failed", error=str(exc))
+                continue
+            if pending and (key != pending_key or len(pending) >= size):
+                yield from self._edit_group(pending, out)
+                pending = []
+            pending.append((job, image))
+            pending_key = key
+        if pending:
+            yield from self._edit_group(pending, out)
+
+    def _edit_group(self, group: list[tuple[EditJob, SourceImage]], out: OutputOptions) -> Iterator[JobOutcome]:
+        from .engine.pipeline import EditRequest
+
+        first = group[0][0].options
+        seeds = [options.random_seed() if job.options.seed is None else job.options.seed for job, _ in group]
+        started = time.perf_counter()
+        try:
+            results = self._run(
+                lambda: self.pipe.edit_batch(
+                    [
+                        EditRequest(image, job.instruction, seed)
+                        for (job, image), seed in zip(group, seeds, strict=True)
+                    ],
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    image_guidance_scale=first.image_guidance,
+                    num_images_per_prompt=first.num_images,
+                    resolution_binning=first.binning,
+                )
+            )
+        except Exception as exc:  # one job can cause anything; the others go on
+            error = describe_failure(exc)
+        else:
+            error = None
+        if error is not None:
+            if len(group) == 1:
+                yield JobOutcome(group[0][0], "failed", error=error, seed=seeds[0])
+                return
+            for one in group:
+                yield from self._edit_group([one], out)
+            return
+        seconds = round((time.perf_counter() - started) / len(group), 3)
+        for (job, _), result in zip(group, results, strict=True):
+            record = self._finish(result.records[0], outputs.source_label(job.source), seconds)
+            record = record.but(output=str(job.output))
+            try:
+                outputs.save(result.images[0], record, job.output, out)
+            except OutputError as exc:
+                fatal = exc if isinstance(exc, DiskFullError) else None
+                yield JobOutcome(job, "failed", error=str(exc), seed=record.seed, fatal=fatal)
+                if fatal is not None:
+                    return
+                continue
+            yield JobOutcome(job, "ok", record=record, seed=record.seed)
+
+    # ---- shared -----------------------------------------------------------------------------------------------
+
+    def _run(self, work: Callable[[], Any]) -> Any:
+        """Run the engine; after an out-of-memory error, give the memory back before reporting it."""
+        try:
+            return work()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        # Past the except block, so the failed attempt's frames (and the tensors they hold) are gone.
+        _release_memory(self.pipe)
+        raise OutOfMemoryError()
+
+    def _finish(self, record: EditRecord, source_name: str | None, seconds: float) -> EditRecord:
+        """The engine's record completed with what only the Editor knows: the model's name and revision."""
+        ref = self.resolved.ref
+        return record.but(
+            model=ref.repo_id or Path(self.resolved.path).name,
+            revision=self.resolved.commit,
+            source=source_name,
+            seconds=seconds,
+        )
+
+
+def _group_key(chosen: EditOptions) -> tuple[Any, ...]:
+    """What jobs must share to run as one batch (everything but the seed)."""
+    return chosen.steps, chosen.guidance, chosen.image_guidance, chosen.num_images, chosen.binning
+
+
+def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any, list[str]]:
+    """Resolve, verify and load: (pipeline, resolved model, notes on speed options that did not apply)."""
+    import warnings
+
+    from .engine.devices import resolve_device, resolve_dtype
+    from .engine.pipeline import EditPipeline
+    from .loading.hub import is_offline, parse_model, resolve
+
+    device = resolve_device(model.device)
+    dtype = resolve_dtype(model.dtype, device)
+    ref = parse_model(model.model, model.revision)
+    status(f"resolving {ref.spec}")
+    resolved = resolve(ref, offline=is_offline(model.offline))
+    status(f"loading {resolved.label()}")
+    pipe = EditPipeline.from_pretrained(resolved.path, device=device, dtype=dtype, offload=model.offload)
+    pipe.model_name = resolved.label()
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if model.compile:
+            message = pipe.compile()
+            if not pipe.compiled:
+                notes.append(message)
+        if model.cuda_graphs:
+            message = pipe.use_cuda_graphs()
+            if pipe.cuda_graphs is None:
+                notes.append(message)
+    return pipe, resolved, notes
+
+
+def _release_memory(pipe: Any) -> None:
+    import gc
+
+    import torch
+
+    if pipe.cuda_graphs is not None:
+        pipe.cuda_graphs.release()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()

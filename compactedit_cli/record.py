@@ -1,0 +1,77 @@
+"""The record of one output: the single shape of an edit's parameters.
+
+The pipeline makes one per output image, and everything that describes an edit derives from it, with the same keys:
+the file's embedded metadata (:meth:`EditRecord.metadata`), ``edit --json``, the lines of ``results.jsonl`` and the
+Python API's results. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from . import __version__
+
+SCHEMA = "compactedit/1"
+
+# What a file's metadata keeps: enough to re-run the edit, and nothing about the machine's files.
+METADATA_FIELDS = (
+    "instruction",
+    "steps",
+    "guidance_scale",
+    "image_guidance_scale",
+    "seed",
+    "size",
+    "model_size",
+    "resolution_binning",
+    "model",
+    "revision",
+    "dtype",
+    "device",
+    "source",
+)
+
+
+@dataclass
+class EditRecord:
+    """One output of one edit: every parameter it was made with, what was written, how long it took, what went odd.
+
+    ``size`` and ``model_size`` are ``[width, height]``: the output's (the input's upright size) and the model's bin.
+    ``index`` counts the outputs of one instruction (0 … ``num_images`` - 1), all drawn from one ``seed``.
+    """
+
+    instruction: str
+    steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    guidance_branches: int
+    seed: int | None
+    size: list[int]
+    model_size: list[int]
+    resolution_binning: bool
+    model: str
+    dtype: str
+    device: str
+    scheduler: str
+    vlm_min_pixels: int
+    vlm_max_pixels: int
+    index: int = 0
+    num_images: int = 1
+    revision: str | None = None
+    source: str | None = None
+    output: str | None = None
+    seconds: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    software: str = f"compactedit {__version__}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metadata(self) -> dict[str, Any]:
+        """What goes into the output file (PNG chunk, XMP, sidecar): the schema, the software and the parameters."""
+        data = self.to_dict()
+        return {"schema": SCHEMA, "software": self.software, **{key: data[key] for key in METADATA_FIELDS}}
+
+    def but(self, **changes: Any) -> EditRecord:
+        """A copy with ``changes`` (the caller's knowledge: the output path, the hub revision, the timing)."""
+        return replace(self, **changes)
