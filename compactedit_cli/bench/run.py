@@ -166,20 +166,18 @@ def _bench_resolution(
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The dtype names ``edit`` takes (one table, in :mod:`runner`); None or "auto" is the device's default."""
+    """The dtype names ``edit`` takes; None or "auto" is the device's default."""
     import torch
 
-    from ..engine.pipeline import default_dtype
+    from ..engine.devices import resolve_dtype
     from ..errors import UsageError
-    from ..runner_tmp import parse_dtype
 
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        parsed = None if dtype is None else parse_dtype(dtype)
+        return resolve_dtype(dtype or "auto", device)
     except UsageError as exc:
         raise BenchError(str(exc)) from None
-    return parsed or default_dtype(device)
 
 
 def _load(

@@ -77,9 +77,9 @@ def bench(
     import json
 
     from ..bench.run import BenchError, report_table, run_bench, unapplied_options
+    from ..engine.devices import resolve_device, resolve_dtype
     from ..errors import UsageError
     from ..loading.hub import is_offline, parse_model, resolve
-    from ..runner_tmp import parse_device, parse_dtype
 
     if random_weights is not None and model is not None:
         raise UsageError("--random-weights and --model are alternatives; give one")
@@ -103,8 +103,8 @@ def bench(
                 image_guidance_scale=image_guidance,
                 distilled=distilled,
                 batch=batch,
-                dtype=parse_dtype(settings.dtype),
-                device=parse_device(settings.device),
+                dtype=resolve_dtype(settings.dtype, resolve_device(settings.device)),
+                device=resolve_device(settings.device),
                 compile=settings.compile,
                 cuda_graphs=settings.cuda_graphs,
                 offload=settings.offload,
