@@ -65,18 +65,25 @@ def _output_name(relative: Path, fmt: str) -> Path:
 
 
 def _dedupe(items: list[BatchItem]) -> list[BatchItem]:
-    """Two inputs mapping to one output (``a.jpg`` and ``a.png``) keep their source extension in the name."""
+    """Outputs are told apart by their real path: two items that would write one file are an error that names both.
+
+    In folder mode, two inputs with one stem (``a.jpg`` and ``a.png``) first keep their source extension in the name.
+    """
     seen: dict[Path, BatchItem] = {}
     for item in items:
-        if item.output in seen:
-            other = seen[item.output]
-            if item.line is not None:
-                raise UsageError(
-                    f"manifest lines {other.line} and {item.line} both write {item.output}; give distinct outputs"
-                )
+        if item.line is None and item.output.resolve() in seen:
             suffix = item.source.suffix.lstrip(".")
             item.output = item.output.with_name(f"{item.output.stem}_{suffix}{item.output.suffix}")
-        seen[item.output] = item
+        real = item.output.resolve()
+        if real in seen:
+            other = seen[real]
+            first, second = (
+                (f"manifest line {other.line}", f"line {item.line}")
+                if item.line is not None
+                else (str(other.source), str(item.source))
+            )
+            raise UsageError(f"{first} and {second} both write {real}; give distinct outputs")
+        seen[real] = item
     return items
 
 

@@ -25,17 +25,29 @@ class ResultsLog:
         self.previous: dict[str, dict[str, Any]] = {}
         try:
             self._repair_and_read()
-            self._handle = self.path.open("a", encoding="utf-8")
+            # No-follow: should a link appear at the path meanwhile, opening fails instead of writing through it.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            self._handle = os.fdopen(fd, "a", encoding="utf-8")
         except OSError as exc:
             raise output_error(exc, str(self.path)) from None
 
     def _repair_and_read(self) -> None:
-        if not self.path.exists():
+        """Read the earlier runs' lines; a torn last line (``kill -9``) is dropped by replacing the file.
+
+        A results.jsonl that is not a regular file (a symlink, a FIFO) is not ours: it is neither read nor written
+        through, only replaced by a fresh file, so nothing outside the output folder is ever touched.
+        """
+        if not self.path.exists() and not self.path.is_symlink():
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):  # torn by kill -9: drop the partial last line
+        if self.path.is_symlink() or not self.path.is_file():
+            write_atomic(self.path, b"", overwrite=True)
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
+        if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
-            self.path.write_bytes(data)
+            write_atomic(self.path, data, overwrite=True)
         for line in data.decode("utf-8", "replace").splitlines():
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 record = json.loads(line)

@@ -96,17 +96,18 @@ def batch(
         raise UsageError(f"no images to edit in {input_dir} (glob {glob!r}{', recursive' if recursive else ''})")
 
     ensure_folder(output_dir)
-    removed = remove_stale_temporaries(output_dir)
-    if removed:
-        info(f"removed {removed} temporary file(s) left by an interrupted run")
-    for folder in sorted({item.output.parent for item in items}):
-        ensure_folder(folder)
 
+    from ..batch.lock import output_folder_lock
     from ..batch.results import ResultsLog
     from ..batch.run import run_batch
     from ..editor import Editor
 
-    with make_progress() as progress:
+    with output_folder_lock(output_dir), make_progress() as progress:
+        removed = remove_stale_temporaries(output_dir)
+        if removed:
+            info(f"removed {removed} temporary file(s) left by an interrupted run")
+        for folder in sorted({item.output.parent for item in items}):
+            ensure_folder(folder)
         task = progress.add_task("loading model", total=None)
         editor = Editor(model_options, status=lambda message: progress.update(task, description=message))
         for note in editor.notes:
