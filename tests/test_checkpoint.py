@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.errors import CheckpointError
-from compactedit_cli.loading.checkpoint import load_components, read_header, verify_folder
+from compactedit_cli.loading.checkpoint import load_components, read_header, resolve_qk_norm, verify_folder
 from compactedit_cli.random_weights.tiny import TinySpec, build_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -66,6 +66,86 @@ def test_qk_norm_forms(tmp_path, qk_norm, resolved):
     assert components.transformer.config.qk_norm == resolved
     has_norm = any(k.endswith("attn1.norm_q.weight") for k in components.transformer.state_dict())
     assert has_norm == (resolved is not None)
+
+
+def _norm_q_widths(root: Path) -> set[int]:
+    shapes = read_header(root / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {shape[0] for name, shape in shapes.items() if name.endswith("attn1.norm_q.weight")}
+
+
+def test_legacy_qk_norm_across_heads_loads_and_edits(tmp_path):
+    from PIL import Image
+
+    spec = TinySpec(qk_norm=True, qk_norm_width="all")
+    root = build_tiny_checkpoint(tmp_path / "ck", spec)
+    assert _norm_q_widths(root) == {spec.dit_heads * spec.dit_head_dim}
+    pipe = EditPipeline.from_pretrained(root, device="cpu")
+    assert pipe.transformer.config.qk_norm == "rms_norm_across_heads"
+    result = pipe(Image.new("RGB", (64, 64), (200, 40, 40)), "make it blue", num_inference_steps=2)
+    assert result.images[0].size == (64, 64)
+
+
+def test_legacy_qk_norm_per_head_is_refused_at_load(tmp_path):
+    """diffusers names a one-head-wide norm ``rms_norm``, which Sana's attention cannot run with several heads."""
+    spec = TinySpec(qk_norm=True, qk_norm_width="head")
+    root = build_tiny_checkpoint(tmp_path / "ck", spec)
+    assert _norm_q_widths(root) == {spec.dit_head_dim}
+    with pytest.raises(CheckpointError) as info:
+        EditPipeline.from_pretrained(root, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "qk_norm true (read as 'rms_norm')" in message and "cannot run" in message
+
+
+def test_qk_norm_is_read_from_any_block(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "ck", TinySpec(qk_norm=True))
+    shapes = read_header(root / "transformer" / "diffusion_pytorch_model.safetensors")
+    later = {k: v for k, v in shapes.items() if not k.startswith("transformer_blocks.0.")}
+    spec = TinySpec()
+    assert resolve_qk_norm(True, later, spec.dit_heads, spec.dit_head_dim, root) == "rms_norm_across_heads"
+    without_norms = {k: v for k, v in shapes.items() if ".norm_" not in k}
+    with pytest.raises(CheckpointError, match="no block has attn1"):
+        resolve_qk_norm(True, without_norms, spec.dit_heads, spec.dit_head_dim, root)
+
+
+def test_qk_norm_widths_must_agree_across_blocks(tmp_path):
+    spec = TinySpec(qk_norm=True)
+    root = build_tiny_checkpoint(tmp_path / "ck", spec)
+
+    def change(state):
+        state["transformer_blocks.1.attn1.norm_q.weight"] = torch.ones(spec.dit_head_dim)
+
+    _edit_transformer_weights(root, change)
+    message = _load_error(root)
+    assert "disagree" in message and f"[{spec.dit_head_dim}, {spec.dit_heads * spec.dit_head_dim}]" in message
+
+
+# ---- geometry the checkpoint implies ----------------------------------------------------------------------------
+
+
+def test_a_16x_vae_fits_the_bins_and_edits(tmp_path):
+    from PIL import Image
+
+    root = build_tiny_checkpoint(tmp_path / "ck", TinySpec(vae_stages=5))
+    pipe = EditPipeline.from_pretrained(root, device="cpu")
+    assert pipe.vae_scale_factor == 16
+    image = Image.new("RGB", (96, 64), (30, 160, 60))
+    binned = pipe(image, "make it red", num_inference_steps=2)
+    assert (binned.parameters.height, binned.parameters.width) == (416, 608)  # the 512-class bin of 2:3
+    assert binned.images[0].size == (96, 64)
+    unbinned = pipe(image, "make it red", num_inference_steps=2, resolution_binning=False, height=48, width=80)
+    assert (unbinned.parameters.height, unbinned.parameters.width) == (48, 80)  # 16x: multiples of 16 are enough
+
+
+@pytest.mark.parametrize(
+    ("spec", "factor", "patch"), [(TinySpec(vae_stages=7), 64, 1), (TinySpec(dit_patch_size=2), 32, 2)]
+)
+def test_vae_factor_the_bins_do_not_fit_is_refused(tmp_path, spec, factor, patch):
+    root = build_tiny_checkpoint(tmp_path / "ck", spec)
+    message = _load_error(root)
+    assert message.startswith(f"{root / 'vae' / 'config.json'}: a {factor}x VAE")
+    assert f"patch_size {patch} needs sizes in multiples of {factor * patch}" in message
+    assert "binning tables are in multiples of 32" in message
 
 
 def test_processor_layouts_give_identical_inputs(tmp_path):

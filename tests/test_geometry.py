@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compactedit_cli.engine.binning import aspect_ratio_table, bin_class_for_area, closest_bin
+from compactedit_cli.engine.binning import (
+    BIN_CLASSES,
+    BIN_MULTIPLE,
+    aspect_ratio_table,
+    bin_class_for_area,
+    closest_bin,
+)
 from compactedit_cli.engine.pixels import to_model_pixels, to_pil
 from compactedit_cli.files.imaging import normalise, restore_geometry
 
@@ -52,6 +58,14 @@ def test_tables_agree_with_pixart_bins():
             assert table[key] == tuple(int(v) for v in pixart[key]), (bin_class, key)
         step = {512: 32, 1024: 64, 2048: 128}[bin_class]
         assert all(h % step == 0 and w % step == 0 for h, w in table.values())
+
+
+def test_bin_multiple_is_the_finest_step_of_all_tables():
+    """The loader checks the VAE factor (times the DiT patch) against it: 32, the 512 class's step."""
+    sides = [side for c in BIN_CLASSES for bin_hw in aspect_ratio_table(c).values() for side in bin_hw]
+    assert BIN_MULTIPLE == 32
+    assert all(side % BIN_MULTIPLE == 0 for side in sides)
+    assert aspect_ratio_table(512)["0.32"] == (288, 896)  # 9 x 32: no 64x VAE can run this bin
 
 
 def test_extreme_ratios_use_the_end_bins():

@@ -7,6 +7,8 @@ tables are the 1024 table scaled by 1/2 and 2, so one table of (ratio, h/64, w/6
 
 from __future__ import annotations
 
+import math
+
 # (ratio key, height / 64, width / 64) of the 1024-px class, in the reference's key order (ties go to the first).
 _BASE_1024: tuple[tuple[str, int, int], ...] = (
     ("0.25", 8, 32), ("0.26", 8, 31), ("0.27", 8, 30), ("0.28", 8, 29), ("0.32", 9, 28),
@@ -32,6 +34,10 @@ def aspect_ratio_table(bin_class: int) -> dict[str, tuple[int, int]]:
         raise ValueError(f"bin class must be one of {BIN_CLASSES}, not {bin_class}")
     unit = 64 * bin_class // 1024
     return {key: (h * unit, w * unit) for key, h, w in _BASE_1024}
+
+
+# The largest size every bin of every class is a multiple of: the VAE factor times the DiT's patch must divide it.
+BIN_MULTIPLE = math.gcd(*(side for c in BIN_CLASSES for bin_hw in aspect_ratio_table(c).values() for side in bin_hw))
 
 
 def bin_class_for_area(height: int, width: int) -> int:

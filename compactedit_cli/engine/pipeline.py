@@ -169,7 +169,7 @@ class EditPipeline:
             components.processor, components.text_encoder, components.transformer, vlm_min_pixels, vlm_max_pixels
         )
         vae_config = components.vae.config
-        self.vae_scale_factor = 2 ** (len(vae_config.encoder_block_out_channels) - 1)
+        self.vae_scale_factor = components.vae_scale_factor
         self.latent_channels = vae_config.latent_channels
         self.scaling_factor = vae_config.scaling_factor
         self.offload = "none"
@@ -336,7 +336,7 @@ class EditPipeline:
         if self.vae_tiling is not None:
             return self.vae_tiling
         free = free_device_bytes(self.device)
-        return free is not None and free < vae_activation_bytes(batch, height, width, self.vae.dtype)
+        return free is not None and free < vae_activation_bytes(self.vae.config, batch, height, width, self.vae.dtype)
 
     @contextmanager
     def _vae_stage(self, stage: str, batch: int, height: int, width: int) -> Iterator[None]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..engine.binning import BIN_MULTIPLE
 from ..engine.processor import load_processor
 from ..errors import CheckpointError
 from ..models.transformer import EditHeadSpec, VibeEditingTransformer
@@ -180,20 +183,57 @@ def state_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _normalise_qk_norm(value: Any, shapes: dict[str, tuple[int, ...]], inner_dim: int) -> str | None:
-    """``qk_norm`` as diffusers' Attention takes it: a string or None.
+# A self-attention's query and key norms, in any block; a legacy ``qk_norm: true`` is read from their width.
+_QK_NORM_KEY = re.compile(r"transformer_blocks\.\d+\.attn1\.norm_[qk]\.weight")
 
-    Legacy checkpoints store a boolean. ``True`` is resolved from the weights: a norm as wide as the whole
-    projection is ``rms_norm_across_heads``, one head wide is ``rms_norm``.
+
+def legacy_qk_norm(norm_width: int, heads: int, head_dim: int) -> str | None:
+    """The diffusers form a legacy ``qk_norm: true`` stands for, by how wide its norms are (None: neither form).
+
+    diffusers' Attention gives ``rms_norm_across_heads`` norms over the whole projection (heads x head_dim) and
+    ``rms_norm`` norms over one head. With one head the two are the same module; the across-heads name is used.
     """
+    if norm_width == heads * head_dim:
+        return "rms_norm_across_heads"
+    if norm_width == head_dim:
+        return "rms_norm"
+    return None
+
+
+def resolve_qk_norm(
+    value: Any, shapes: dict[str, tuple[int, ...]], heads: int, head_dim: int, folder: Path
+) -> str | None:
+    """``qk_norm`` as diffusers' Attention takes it (a string or None), checked against the weights in ``folder``.
+
+    Sana's attention normalises the whole query and key projections before it splits them into heads, so a norm
+    one head wide cannot run with more than one head: such a checkpoint is refused here, not at the first step.
+    """
+    if value is not None and not isinstance(value, (bool, str)):
+        raise CheckpointError(f"{folder}: qk_norm must be a string, null or a boolean, got {value!r}")
     if value is None or value is False:
         return None
-    if isinstance(value, str):
-        return value
+    widths = {shape[0] for name, shape in shapes.items() if _QK_NORM_KEY.fullmatch(name) and shape}
+    if len(widths) > 1:
+        raise CheckpointError(f"{folder}: the blocks' attn1 query/key norms disagree in width ({sorted(widths)})")
+    width = next(iter(widths), None)
+    inner = heads * head_dim
+    form = value
     if value is True:
-        shape = shapes.get("transformer_blocks.0.attn1.norm_q.weight")
-        return "rms_norm_across_heads" if shape and shape[0] == inner_dim else "rms_norm"
-    raise CheckpointError(f"transformer config: qk_norm must be a string, null or a boolean, got {value!r}")
+        if width is None:
+            raise CheckpointError(f"{folder}: qk_norm is true but no block has attn1.norm_q / norm_k weights")
+        form = legacy_qk_norm(width, heads, head_dim)
+        if form is None:
+            raise CheckpointError(
+                f"{folder}: qk_norm is true but the attn1 norms are {width} wide, "
+                f"neither one head ({head_dim}) nor all {heads} heads ({inner})"
+            )
+    if width is not None and width != inner:
+        named = f"{form!r}" if form == value else f"true (read as {form!r})"
+        raise CheckpointError(
+            f"{folder}: qk_norm {named} has attn1 norms {width} wide for a {inner}-wide projection; Sana's "
+            "attention normalises the whole projection before splitting heads, so this checkpoint cannot run"
+        )
+    return form
 
 
 def _require(config: dict[str, Any], key: str, path: Path) -> Any:
@@ -216,10 +256,9 @@ def build_transformer(folder: Path) -> tuple[VibeEditingTransformer, list[Path]]
     if "edit_head.input_proj.weight" not in shapes or "meta_queries" not in shapes:
         raise CheckpointError(f"{folder} is not a VIBE editing transformer: no edit_head / meta_queries tensors")
     sana = {key: value for key, value in config.items() if key in SANA_FIELDS}
-    inner_dim = _require(config, "num_attention_heads", config_path) * _require(
-        config, "attention_head_dim", config_path
-    )
-    sana["qk_norm"] = _normalise_qk_norm(config.get("qk_norm"), shapes, inner_dim)
+    heads = _require(config, "num_attention_heads", config_path)
+    head_dim = _require(config, "attention_head_dim", config_path)
+    sana["qk_norm"] = resolve_qk_norm(config.get("qk_norm"), shapes, heads, head_dim, folder)
     # Sana's default out_channels is in_channels, which here would double the latent width.
     sana["out_channels"] = _require(config, "out_channels", config_path)
     head = EditHeadSpec(
@@ -270,6 +309,15 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtyp
         state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent along each side: every DC-AE stage after the first halves the resolution.
+
+    Derived as diffusers' Sana pipelines derive it, from ``encoder_block_out_channels`` (a config mapping or
+    diffusers' FrozenDict).
+    """
+    return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
 
 
 def build_vae(folder: Path) -> tuple[AutoencoderDC, list[Path]]:
@@ -329,6 +377,11 @@ class Components:
     vae: AutoencoderDC
     scheduler: Any
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (see :func:`vae_scale_factor`)."""
+        return vae_scale_factor(self.vae.config)
+
 
 def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Components:
     """Load all five components of a checkpoint folder onto ``device`` in ``dtype``."""
@@ -354,9 +407,18 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Com
 
 
 def _check_compatible(transformer: VibeEditingTransformer, vae: AutoencoderDC, root: Path) -> None:
+    """The transformer and VAE fit each other, and the resolution-binning tables fit both."""
     latent = vae.config.latent_channels
     if transformer.config.in_channels != 2 * latent or transformer.config.out_channels != latent:
         raise CheckpointError(
             f"{root}: the transformer takes {transformer.config.in_channels} channels and predicts "
             f"{transformer.config.out_channels}; with {latent} VAE latent channels it must be {2 * latent} and {latent}"
+        )
+    factor = vae_scale_factor(vae.config)
+    patch = transformer.config.patch_size
+    if BIN_MULTIPLE % (factor * patch):
+        raise CheckpointError(
+            f"{root / 'vae' / 'config.json'}: a {factor}x VAE ({len(vae.config.encoder_block_out_channels)} encoder "
+            f"stages) under a transformer with patch_size {patch} needs sizes in multiples of {factor * patch}, "
+            f"but the resolution-binning tables are in multiples of {BIN_MULTIPLE}"
         )

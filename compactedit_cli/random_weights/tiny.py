@@ -3,7 +3,8 @@
 ``build_tiny_checkpoint(folder)`` writes ``model_index.json`` and the five component folders exactly as the
 published VIBE repos lay them out, with random weights small enough to run an edit in well under a second on a CPU.
 The same seed writes byte-identical files. Options cover the variants the real checkpoints come in: the
-transformers-4.57 processor files, a legacy boolean ``qk_norm``, and the CFG-distilled flag.
+transformers-4.57 processor files, a legacy boolean ``qk_norm`` (with norms across heads or per head), and the
+CFG-distilled flag; the VAE's depth and the DiT's patch size vary too, to test the loader's geometry checks.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class TinySpec:
     edit_head_hidden: int = 32
     edit_head_depth: int = 1
     qk_norm: str | bool | None = None
+    qk_norm_width: str = "all"  # the norms a legacy qk_norm=True writes: "all" heads (Sana's form) or one "head"
+    vae_stages: int = 6  # a DC-AE with n stages downsamples 2**(n-1) times (six: the published 32x)
+    dit_patch_size: int = 1
     cfg_distilled: bool = False
     legacy_processor: bool = True  # the transformers-4.57 files the published checkpoint ships
 
@@ -206,7 +210,7 @@ def transformer_config(spec: TinySpec) -> dict[str, Any]:
         "num_layers": spec.dit_layers,
         "num_meta_queries": spec.num_meta_queries,
         "out_channels": spec.latent_channels,
-        "patch_size": 1,
+        "patch_size": spec.dit_patch_size,
         "qk_norm": spec.qk_norm,
         "sample_size": 8,
         "timestep_scale": 1.0,
@@ -217,9 +221,13 @@ def transformer_config(spec: TinySpec) -> dict[str, Any]:
 
 
 def vae_config(spec: TinySpec) -> dict[str, Any]:
-    """A six-stage (32x) DC-AE at tiny width."""
-    blocks = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
-    channels = [8, 8, 16, 16, 16, 16]
+    """A DC-AE at tiny width: three ResBlock stages, then EfficientViT ones (six stages in all: the published 32x)."""
+    stages = spec.vae_stages
+    if stages < 4:
+        raise ValueError(f"a tiny DC-AE needs at least 4 stages, got {stages}")
+    blocks = ["ResBlock"] * 3 + ["EfficientViTBlock"] * (stages - 3)
+    channels = [8, 8] + [16] * (stages - 2)
+    multiscales = [[]] * 3 + [[5]] * (stages - 3)
     return {
         "_class_name": "AutoencoderDC",
         "_diffusers_version": "0.33.1",
@@ -231,10 +239,10 @@ def vae_config(spec: TinySpec) -> dict[str, Any]:
         "decoder_block_types": blocks,
         "encoder_block_out_channels": channels,
         "decoder_block_out_channels": channels,
-        "encoder_layers_per_block": [1] * 6,
-        "decoder_layers_per_block": [1] * 6,
-        "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-        "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+        "encoder_layers_per_block": [1] * stages,
+        "decoder_layers_per_block": [1] * stages,
+        "encoder_qkv_multiscales": multiscales,
+        "decoder_qkv_multiscales": multiscales,
         "downsample_block_type": "Conv",
         "upsample_block_type": "interpolate",
         "decoder_norm_types": "rms_norm",
@@ -379,14 +387,24 @@ def build_transformer(
     generator: torch.Generator,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
+    qk_norm_width: str = "all",
 ) -> nn.Module:
-    """A random VIBE editing transformer from its config dict (qk_norm may be a legacy bool)."""
-    from ..loading.checkpoint import SANA_FIELDS
+    """A random VIBE editing transformer from its config dict.
+
+    A legacy ``qk_norm: true`` gets norms over ``"all"`` heads or one ``"head"``, named by the loader's mapping.
+    """
+    from ..loading.checkpoint import SANA_FIELDS, legacy_qk_norm
     from ..models.transformer import EditHeadSpec, VibeEditingTransformer
 
     sana = {k: v for k, v in config.items() if k in SANA_FIELDS}
-    if isinstance(sana.get("qk_norm"), bool):
-        sana["qk_norm"] = "rms_norm_across_heads" if sana["qk_norm"] else None
+    if sana.get("qk_norm") is False:
+        sana["qk_norm"] = None
+    elif sana.get("qk_norm") is True:
+        if qk_norm_width not in ("all", "head"):
+            raise ValueError(f"qk_norm_width must be 'all' or 'head', not {qk_norm_width!r}")
+        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+        sana["qk_norm"] = legacy_qk_norm(head_dim * (heads if qk_norm_width == "all" else 1), heads, head_dim)
     head = EditHeadSpec(
         num_meta_queries=config["num_meta_queries"],
         meta_queries_dim=config["meta_queries_dim"],
@@ -435,7 +453,9 @@ def build_tiny_checkpoint(root: str | Path, spec: TinySpec | None = None) -> Pat
 
     tr_config = transformer_config(spec)
     _write_json(root / "transformer" / "config.json", tr_config)
-    transformer = build_transformer(tr_config, spec.edit_head_hidden, torch.Generator().manual_seed(spec.seed + 1))
+    transformer = build_transformer(
+        tr_config, spec.edit_head_hidden, torch.Generator().manual_seed(spec.seed + 1), qk_norm_width=spec.qk_norm_width
+    )
     _save_safetensors(transformer, root / "transformer" / "diffusion_pytorch_model.safetensors")
 
     v_config = vae_config(spec)

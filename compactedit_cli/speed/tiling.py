@@ -1,23 +1,35 @@
 """The automatic VAE-tiling rule: the DC-AE's activations against the memory the device has free.
 
-At 2048² the VAE, not the DiT, sets the peak: its first and last stages run 128 channels at full resolution.
-``VAE_BYTES_PER_PIXEL_FP32`` is the peak extra memory of the real DC-AE f32c32 per output pixel, measured on the CPU
-(fp32, batch 1): 2,435 bytes for a decode and 2,560 for an encode at 512² (peak RSS over the inputs and weights),
-plus 25% for allocator fragmentation. It scales with the element size, so bf16 needs half: 1,600 bytes, and an
-H200 measured about 1,550 for a bf16 encode at 2048² (``BENCHMARKS.md``, section H).
+On large images the VAE, not the DiT, sets the peak of an edit. A DC-AE's activation peak comes from its stage with
+the most values per output pixel: stage ``i`` runs ``block_out_channels[i]`` channels at ``1/2**i`` of the image's
+side, so ``channels / 4**i`` values per pixel, and the encoder and decoder each hold a few such feature maps at once.
+The estimate is that stage's size times a constant number of live copies, in the VAE's dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-VAE_BYTES_PER_PIXEL_FP32 = 3200
+# Live copies of the widest stage at the peak, calibrated so the real DC-AE f32c32 (128 channels at full resolution)
+# gives its measured 3,200 bytes per output pixel in fp32 (BENCHMARKS.md, section 5: CPU peak RSS + 25%).
+VAE_LIVE_COPIES = 6.25
 
 
-def vae_activation_bytes(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """Estimated peak activation memory of a DC-AE encode or decode of ``batch`` images of ``height`` x ``width``."""
+def vae_activation_bytes(vae_config: Mapping[str, Any], batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation memory of a DC-AE encode or decode of ``batch`` images of ``height`` x ``width``.
+
+    ``vae_config`` is the VAE's diffusers config (its FrozenDict or the ``config.json`` mapping).
+    """
+    values_per_pixel = max(
+        channels / 4**stage
+        for key in ("encoder_block_out_channels", "decoder_block_out_channels")
+        for stage, channels in enumerate(vae_config[key])
+    )
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return batch * height * width * VAE_BYTES_PER_PIXEL_FP32 * itemsize // 4
+    return int(batch * height * width * values_per_pixel * itemsize * VAE_LIVE_COPIES)
 
 
 def free_device_bytes(device: torch.device) -> int | None:
