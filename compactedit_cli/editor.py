@@ -257,7 +257,7 @@ class Editor:
             if not is_out_of_memory(exc):
                 raise
         # Past the except block, so the failed attempt's frames (and the tensors they hold) are gone.
-        _release_memory(self.pipe)
+        self.pipe.speed.release_memory()
         raise OutOfMemoryError()
 
     def _finish(self, record: EditRecord, source_name: str | None, seconds: float) -> EditRecord:
@@ -278,8 +278,6 @@ def _group_key(chosen: EditOptions) -> tuple[Any, ...]:
 
 def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any, list[str]]:
     """Resolve, verify and load: (pipeline, resolved model, notes on speed options that did not apply)."""
-    import warnings
-
     from .engine.devices import resolve_device, resolve_dtype
     from .engine.pipeline import EditPipeline
     from .loading.hub import is_offline, parse_model, resolve
@@ -290,31 +288,13 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
     status(f"resolving {ref.spec}")
     resolved = resolve(ref, offline=is_offline(model.offline))
     status(f"loading {resolved.label()}")
-    pipe = EditPipeline.from_pretrained(resolved.path, device=device, dtype=dtype, offload=model.offload)
-    pipe.model_name = resolved.label()
-    notes = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if model.compile:
-            message = pipe.compile()
-            if not pipe.compiled:
-                notes.append(message)
-        if model.cuda_graphs:
-            message = pipe.use_cuda_graphs()
-            if pipe.cuda_graphs is None:
-                notes.append(message)
-    return pipe, resolved, notes
-
-
-def _release_memory(pipe: Any) -> None:
-    import gc
-
-    import torch
-
-    if pipe.cuda_graphs is not None:
-        pipe.cuda_graphs.release()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if torch.backends.mps.is_available():
-        torch.mps.empty_cache()
+    pipe = EditPipeline.from_pretrained(
+        resolved.path,
+        device=device,
+        dtype=dtype,
+        name=resolved.label(),
+        offload=model.offload,
+        compile=model.compile,
+        cuda_graphs=model.cuda_graphs,
+    )
+    return pipe, resolved, list(pipe.speed.notes)

@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compactedit_cli.bench.measure import DeviceClock
 from compactedit_cli.engine.guidance import Guidance
-from compactedit_cli.engine.pipeline import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, StepState
+from compactedit_cli.engine.pipeline import StepState
+from compactedit_cli.options import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 from compactedit_cli.random_weights.full import random_pipeline, real_configs, scaled_configs
 
 INSTRUCTION = "make the sky a deep sunset orange and add a red kite"
@@ -208,13 +209,13 @@ def main() -> None:
         print(f"{name:13s} {seconds * 1e3:9.1f} ms  {counted}")
 
     (args.out / "kernels.txt").write_text("\n\n".join(tables))
-    pipe.set_fast_path(False)
+    pipe.speed.set_fast_path(False)
     report["plain_path"] = {}
     for name in ("denoise_step", "vae_encode", "vae_decode"):
         seconds, peak, _ = timed(device, stages[name], args.repeats)
         report["plain_path"][name] = {"seconds": seconds, "peak_allocated_gib": None if peak is None else peak / 2**30}
         print(f"{name}, fast path off: {seconds * 1e3:.1f} ms, peak {report['plain_path'][name]['peak_allocated_gib']}")
-    pipe.set_fast_path(True)
+    pipe.speed.set_fast_path(True)
 
     report["built_in"] = built_in(pipe, device, args.built_in_resolution, args.repeats)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))

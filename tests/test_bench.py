@@ -110,11 +110,11 @@ def test_loaded_pipeline_distilled_and_offload(tiny_pipe):
     offloaded = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
     assert offloaded["settings"]["offload"] == "model"
     assert offloaded["results"][0]["vae_tiling"] is False  # the report says whether it tiled; memory was not short
-    tiny_pipe.vae_tiling = True
+    tiny_pipe.speed.set_vae_tiling(True)
     forced = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
     assert forced["results"][0]["vae_tiling"] is True
-    tiny_pipe.vae_tiling = None
-    tiny_pipe.enable_offload("none")
+    tiny_pipe.speed.set_vae_tiling(None)
+    tiny_pipe.speed.set_offload("none")
 
 
 @pytest.mark.parametrize(
@@ -221,13 +221,15 @@ def test_a_failed_capture_is_reported_as_eager():
 
     graphed = GraphedStep(lambda x: x)
     graphed.captures, graphed.failure = 1, "operation not permitted when stream is capturing"
-    outcome = _graphs_outcome(SimpleNamespace(cuda_graphs=graphed), "denoising steps replay as a CUDA graph")
+    outcome = _graphs_outcome(
+        SimpleNamespace(speed=SimpleNamespace(graphs=graphed)), "denoising steps replay as a CUDA graph"
+    )
     assert not outcome["cuda_graphs_active"] and outcome["cuda_graph_captures"] == 1
     assert "ran eagerly: operation not permitted" in outcome["cuda_graphs_message"]
     settings = {"compile": False, "compiled": False, "cuda_graphs": True, **outcome}
     assert unapplied_options({"settings": settings}) == [outcome["cuda_graphs_message"]]
     graphed.failure = None
-    assert _graphs_outcome(SimpleNamespace(cuda_graphs=graphed), "replaying")["cuda_graphs_active"]
+    assert _graphs_outcome(SimpleNamespace(speed=SimpleNamespace(graphs=graphed)), "replaying")["cuda_graphs_active"]
 
 
 def test_a_capture_failing_during_the_runs_is_said_by_the_report_not_mid_run(tiny_checkpoint):
@@ -246,7 +248,7 @@ def test_a_capture_failing_during_the_runs_is_said_by_the_report_not_mid_run(tin
         return pipe.transformer.forward_projected(*args)
 
     graphed.step = failing_capture
-    pipe.cuda_graphs = graphed
+    pipe.speed._graphs = graphed  # off CUDA, use_graphs() would not install one
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "CUDA graph capture failed")
         report = run_bench(model=pipe, resolutions=[96], steps=1, warmup=0, repeats=1, binning=False)

@@ -22,10 +22,10 @@ import torch
 from conftest import Invoke, make_photo, single_thread
 from PIL import Image
 
-from compactedit_cli import editor as editor_module
 from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.files import imaging
 from compactedit_cli.files.imaging import TEMP_PREFIX
+from compactedit_cli.speed.plan import SpeedPlan
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.single_thread
 
@@ -145,13 +145,13 @@ def test_out_of_memory_fails_one_item_frees_memory_and_goes_on(
     src = photos(tmp_path / "src", 3)
     _marked_photo(src / "p01.png")
     freed = []
-    real_free = editor_module._release_memory
+    real_free = SpeedPlan.release_memory
 
-    def free_memory(pipe) -> None:
-        real_free(pipe)
+    def free_memory(self) -> None:
+        real_free(self)
         freed.append(all(ref() is None for ref in oom_on_marked_image))
 
-    monkeypatch.setattr(editor_module, "_release_memory", free_memory)
+    monkeypatch.setattr(SpeedPlan, "release_memory", free_memory)
     out = tmp_path / "out"
     result = cli("batch", src, "-i", "x", "-o", out, "--batch-size", "3", "-m", tiny_checkpoint, *FAST)
     assert result.exit_code == 1
@@ -184,17 +184,6 @@ def test_a_python_warning_during_an_edit_is_one_warning_line(cli, tiny_checkpoin
     assert "RuntimeWarning" not in result.stderr and "detail" not in result.stderr
     quiet = cli("edit", photo, "x", "-o", tmp_path / "q.png", "-q", "-m", tiny_checkpoint, *FAST)
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
-
-
-def test_freeing_memory_drops_the_pipelines_cuda_graph():
-    """After an out-of-memory failure the graph's private pool goes too; the next step captures again."""
-    from types import SimpleNamespace
-
-    released = []
-    pipe = SimpleNamespace(cuda_graphs=SimpleNamespace(release=lambda: released.append(True)))
-    editor_module._release_memory(pipe)
-    assert released == [True]
-    editor_module._release_memory(SimpleNamespace(cuda_graphs=None))  # graphs off: nothing to drop
 
 
 def test_out_of_memory_in_edit_is_one_line_with_a_hint(cli, tiny_checkpoint, tmp_path, oom_on_marked_image):

@@ -8,11 +8,15 @@ bit-identical.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from compactedit_cli import options
 from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.errors import UsageError
 from compactedit_cli.random_weights.tiny import TinySpec, build_vae, vae_config
@@ -37,9 +41,9 @@ def _latents(pipe: EditPipeline, **kwargs) -> torch.Tensor:
 
 @pytest.mark.parametrize(("text", "image"), [(4.5, 1.2), (4.5, 0.5), (0.0, 0.0)], ids=["3-branch", "2-branch", "1"])
 def test_fast_path_matches_the_plain_path(pipe, text, image):
-    assert pipe.fast_path
+    assert pipe.speed.fast_path
     fast = _latents(pipe, guidance_scale=text, image_guidance_scale=image)
-    pipe.set_fast_path(False)
+    pipe.speed.set_fast_path(False)
     plain = _latents(pipe, guidance_scale=text, image_guidance_scale=image)
     torch.testing.assert_close(fast, plain, atol=ATOL, rtol=RTOL)
 
@@ -125,7 +129,7 @@ def test_sliced_norms_change_no_edit(pipe, monkeypatch):
 
     monkeypatch.setattr(LeanRMSNorm, "slice_elements", 64)
     fast = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
-    pipe.set_fast_path(False)
+    pipe.speed.set_fast_path(False)
     plain = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
     difference = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(plain, dtype=np.int16))
     assert difference.max() <= 1
@@ -145,7 +149,7 @@ def test_fast_path_switches_norms_feed_forwards_and_vae_layout(pipe):
     assert count(pipe.transformer, LeanRMSNorm) > 0 and count(pipe.vae, LeanRMSNorm) > 0
     assert count(pipe.transformer, TokenGLUMBConv) == len(pipe.transformer.transformer_blocks)
     assert vae_channels_last() and all(vae_channels_last())
-    pipe.set_fast_path(False)
+    pipe.speed.set_fast_path(False)
     assert count(pipe.transformer, LeanRMSNorm) == count(pipe.vae, LeanRMSNorm) == 0
     assert count(pipe.transformer, TokenGLUMBConv) == 0
     assert not any(vae_channels_last())
@@ -218,7 +222,7 @@ def test_sequential_offload_leaves_the_keys_and_values_to_the_streamed_blocks(pi
     monkeypatch.setattr(pipe.transformer, "context_keys_values", lambda p: ready.append(1) or original(p))
     _latents(pipe)
     assert ready == [1]  # once per edit, not per step
-    pipe.enable_offload("sequential")
+    pipe.speed.set_offload("sequential")
     _latents(pipe)
     assert ready == [1]
 
@@ -248,16 +252,21 @@ def test_denoise_loop_reads_no_tensor_values(pipe, monkeypatch):
 
 @CUDA
 def test_denoise_loop_never_syncs_on_cuda(tiny_checkpoint):
-    pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
-    pipe.sync_check = True
+    pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16, sync_check=True)
+    assert pipe.speed.sync_check and not pipe.speed.notes
     result = pipe(PHOTO, "add a hat", num_inference_steps=4, output_type="latent")
     assert torch.isfinite(result.latents).all()
 
 
-def test_cuda_graphs_are_skipped_with_a_message_off_cuda(pipe):
+def test_cuda_graphs_are_skipped_with_a_message_off_cuda(pipe, tiny_checkpoint):
     with pytest.warns(RuntimeWarning, match="CUDA graphs skipped"):
-        message = pipe.use_cuda_graphs()
-    assert "cpu" in message and pipe.cuda_graphs is None
+        message = pipe.speed.use_graphs()
+    assert "cpu" in message and pipe.speed.graphs is None and pipe.speed.notes == [message]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, cuda_graphs=True)
+    assert loaded.speed.graphs is None and loaded.speed.notes == [message]
+    assert not [w for w in caught if "skipped" in str(w.message)]  # loading notes it instead of warning
 
 
 def test_the_loop_calls_the_graphed_step_with_the_projected_context(pipe, monkeypatch):
@@ -274,29 +283,40 @@ def test_the_loop_calls_the_graphed_step_with_the_projected_context(pipe, monkey
         calls.append((x.shape, context[0].shape, t.shape))
         return pipe.transformer.forward_projected(x, context, t)
 
-    pipe.cuda_graphs = GraphedStep(step)
+    pipe.speed._graphs = GraphedStep(step)  # off CUDA, use_graphs() would not install one
     torch.testing.assert_close(_latents(pipe), eager, atol=0, rtol=0)
-    assert len(calls) == 3 and pipe.cuda_graphs.captures == 0  # 3 steps, nothing captured on the CPU
+    assert len(calls) == 3 and pipe.speed.graphs.captures == 0  # 3 steps, nothing captured on the CPU
     (x_shape, keys_shape, t_shape) = calls[0]
     assert x_shape[0] == keys_shape[1] == t_shape[0] == 2 * 3  # two rows, three guidance branches
     assert keys_shape[0] == len(pipe.transformer.transformer_blocks)  # every block's keys, computed before the loop
-    with pytest.raises(UsageError, match="CUDA graphs"):
-        pipe.enable_offload("model")  # a graph replays fixed weight addresses
+    with pytest.raises(UsageError, match=re.escape(options.GRAPHS_AND_OFFLOAD)):
+        pipe.speed.set_offload("model")  # a graph replays fixed weight addresses
+    assert pipe.speed.offload == "none"
+    graphed = pipe.speed.graphs
+    released = []
+    release = graphed.release
+    monkeypatch.setattr(graphed, "release", lambda: released.append(1) or release())
+    pipe.speed.release_memory()  # what the CLI calls after running out of memory: the pool goes, the graph stays on
+    assert released == [1] and pipe.speed.graphs is graphed
+    torch.testing.assert_close(_latents(pipe), eager, atol=0, rtol=0)
 
 
 @CUDA
 def test_cuda_graphs_match_eager_and_capture_once_per_size(tiny_checkpoint):
     pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
     eager = _latents(pipe)
-    assert "CUDA graph" in pipe.use_cuda_graphs()
-    pipe.sync_check = True  # replays must not sync either
+    assert "CUDA graph" in pipe.speed.use_graphs()
+    pipe.speed.check_syncs()  # replays must not sync either
     graphed = _latents(pipe)
-    assert pipe.cuda_graphs.failure is None and pipe.cuda_graphs.captures == 1
+    assert pipe.speed.graphs.failure is None and pipe.speed.graphs.captures == 1
     torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(_latents(pipe), graphed, atol=1e-3, rtol=1e-3)  # a second edit: replays only
-    assert pipe.cuda_graphs.captures == 1
+    assert pipe.speed.graphs.captures == 1
+    pipe.speed.release_memory()  # drops the graph's pool: the next edit captures again
+    torch.testing.assert_close(_latents(pipe), graphed, atol=1e-3, rtol=1e-3)
+    assert pipe.speed.graphs.captures == 2
     wide = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=3, width=256, height=128, output_type="latent")
-    assert pipe.cuda_graphs.captures == 2 and torch.isfinite(wide.latents).all()
+    assert pipe.speed.graphs.captures == 3 and torch.isfinite(wide.latents).all()
 
 
 @CUDA
@@ -353,23 +373,24 @@ def test_no_compiling_turns_a_compile_into_an_error_and_lets_cached_code_run():
 def test_cuda_graphs_over_compiled_blocks_match_eager(tiny_checkpoint):
     pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
     eager = _latents(pipe)
-    pipe.compile()
-    pipe.use_cuda_graphs()
+    pipe.speed.compile()
+    pipe.speed.use_graphs()
     torch.testing.assert_close(_latents(pipe), eager, atol=2e-2, rtol=2e-2)
-    assert pipe.cuda_graphs.failure is None and pipe.cuda_graphs.captures == 1
+    assert pipe.speed.graphs.failure is None and pipe.speed.graphs.captures == 1
 
 
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_gives_identical_results_and_moves_weights_per_stage(pipe, mode, monkeypatch):
-    pipe.vae_tiling = False  # keep the comparison to offload alone
+    pipe.speed.set_vae_tiling(False)  # keep the comparison to offload alone
     plain = _latents(pipe)
-    pipe.enable_offload(mode)
+    pipe.speed.set_offload(mode)
+    offloader = pipe.speed._offloader
     entered: list[str] = []
-    stage = pipe._offloader.stage
-    monkeypatch.setattr(pipe._offloader, "stage", lambda name: entered.append(name) or stage(name))
+    stage = offloader.stage
+    monkeypatch.setattr(offloader, "stage", lambda name: entered.append(name) or stage(name))
     uploads = []
-    onload = pipe._offloader._onload
-    monkeypatch.setattr(pipe._offloader, "_onload", lambda params: uploads.append(params) or onload(params))
+    onload = offloader._onload
+    monkeypatch.setattr(offloader, "_onload", lambda params: uploads.append(params) or onload(params))
     assert torch.equal(_latents(pipe), plain)
     assert entered == ["prompt", "image", "denoise"]
     stages = len(entered)
@@ -380,26 +401,31 @@ def test_offload_gives_identical_results_and_moves_weights_per_stage(pipe, mode,
 
 
 def test_offload_none_restores_the_plain_pipeline(pipe):
-    pipe.vae_tiling = False
+    pipe.speed.set_vae_tiling(False)
     plain = _latents(pipe)
-    pipe.enable_offload("sequential")
-    pipe.enable_offload("none")
-    assert pipe._offloader is None and pipe.offload == "none"
+    pipe.speed.set_offload("sequential")
+    pipe.speed.set_offload("none")
+    assert pipe.speed._offloader is None and pipe.speed.offload == "none"
     assert all(not block._forward_pre_hooks for block in pipe.transformer.transformer_blocks)
     assert torch.equal(_latents(pipe), plain)
 
 
 def test_unknown_offload_mode_is_a_usage_error(pipe, tiny_checkpoint):
     with pytest.raises(UsageError, match="offload"):
-        pipe.enable_offload("disk")
+        pipe.speed.set_offload("disk")
     with pytest.raises(UsageError, match="offload"):
         EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", offload="gpu")
+    with pytest.raises(UsageError, match=re.escape(options.GRAPHS_AND_OFFLOAD)):  # refused before loading
+        EditPipeline.from_pretrained(tiny_checkpoint / "missing", device="cpu", offload="model", cuda_graphs=True)
+    with pytest.raises(UsageError, match="vae_tiling"):
+        pipe.speed.set_vae_tiling("auto")
 
 
 def test_from_pretrained_offload_loads_and_edits(tiny_checkpoint, pipe):
     offloaded = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload="model")
-    assert offloaded.offload == "model"
-    offloaded.vae_tiling = pipe.vae_tiling = False
+    assert offloaded.speed.offload == "model" and not offloaded.speed.notes
+    offloaded.speed.set_vae_tiling(False)
+    pipe.speed.set_vae_tiling(False)
     assert torch.equal(_latents(offloaded), _latents(pipe))
 
 
@@ -430,10 +456,10 @@ def test_pipeline_decode_tiles_when_asked_and_stays_close(pipe):
     """The tiny VAE's EfficientViT blocks attend over the whole (tile) image, so tiles match only approximately."""
     z = torch.randn(1, pipe.latent_channels, 16, 16, generator=torch.Generator().manual_seed(1))
     calls = _count_decoder_calls(pipe.vae)
-    pipe.vae_tiling = False
+    pipe.speed.set_vae_tiling(False)
     whole = pipe.decode(z)
     pipe.vae.enable_tiling(384, 384, 256, 256)
-    pipe.vae_tiling = True
+    pipe.speed.set_vae_tiling(True)
     tiled = pipe.decode(z)
     assert len(calls) == 1 + 4
     assert tiled.shape == whole.shape
@@ -441,16 +467,21 @@ def test_pipeline_decode_tiles_when_asked_and_stays_close(pipe):
 
 
 def test_automatic_vae_tiling_rule(pipe, monkeypatch):
-    assert not pipe._use_vae_tiling(1, 2048, 2048)  # the CPU reports no free-memory figure
-    monkeypatch.setattr("compactedit_cli.engine.pipeline.free_device_bytes", lambda _device: 2**29)
-    assert pipe._use_vae_tiling(1, 2048, 2048)  # the tiny VAE at fp32 2048² needs ~800 MiB by the estimate
-    assert not pipe._use_vae_tiling(1, 1024, 1024)
-    pipe.vae_tiling = False
-    assert not pipe._use_vae_tiling(1, 2048, 2048)
-    pipe.vae_tiling = None
-    pipe.enable_offload("model")  # offload alone does not tile: tiling changes pixels, so only when memory is short
-    monkeypatch.setattr("compactedit_cli.engine.pipeline.free_device_bytes", lambda _device: 2**40)
-    assert not pipe._use_vae_tiling(1, 2048, 2048)
+    speed = pipe.speed
+    assert speed.vae_tiling is None and not speed.uses_vae_tiling(1, 2048, 2048)  # the CPU reports no free memory
+    monkeypatch.setattr("compactedit_cli.speed.plan.free_device_bytes", lambda _device: 2**29)
+    assert speed.uses_vae_tiling(1, 2048, 2048)  # the tiny VAE at fp32 2048² needs more than that by the estimate
+    assert not speed.uses_vae_tiling(1, 1024, 1024)
+    with speed.vae_stage("decode", 1, 2048, 2048):  # the VAE stages apply the decision
+        assert pipe.vae.use_tiling
+    with speed.vae_stage("decode", 1, 1024, 1024):
+        assert not pipe.vae.use_tiling
+    speed.set_vae_tiling(False)
+    assert not speed.uses_vae_tiling(1, 2048, 2048)
+    speed.set_vae_tiling(None)
+    speed.set_offload("model")  # offload alone does not tile: tiling changes pixels, so only when memory is short
+    monkeypatch.setattr("compactedit_cli.speed.plan.free_device_bytes", lambda _device: 2**40)
+    assert not speed.uses_vae_tiling(1, 2048, 2048)
     config = pipe.vae.config
     assert vae_activation_bytes(config, 2, 64, 64, torch.bfloat16) * 2 == vae_activation_bytes(
         config, 2, 64, 64, torch.float32
@@ -459,8 +490,8 @@ def test_automatic_vae_tiling_rule(pipe, monkeypatch):
 
 def test_compile_code_path_matches_eager(pipe):
     plain = _latents(pipe)
-    message = pipe.compile(backend="eager")
-    assert pipe.compiled and "compiled" in message
+    message = pipe.speed.compile(backend="eager")
+    assert pipe.speed.compiled and "compiled" in message
     torch.testing.assert_close(_latents(pipe), plain, atol=ATOL, rtol=RTOL)
 
 
@@ -468,7 +499,7 @@ def test_compile_code_path_matches_eager(pipe):
 @pytest.mark.skipif(compile_unavailable("inductor", torch.device("cpu")) is not None, reason="inductor cannot run")
 def test_inductor_compile_matches_eager(pipe):
     plain = _latents(pipe)
-    pipe.compile()
+    pipe.speed.compile()
     torch.testing.assert_close(_latents(pipe), plain, atol=ATOL, rtol=RTOL)
 
 
@@ -477,11 +508,13 @@ def test_compile_is_skipped_with_a_message_where_it_cannot_run(pipe, tiny_checkp
     monkeypatch.setattr("shutil.which", lambda _name: None)
     assert "C++ compiler" in compile_unavailable("inductor", torch.device("cpu"))
     with pytest.warns(RuntimeWarning, match="torch.compile skipped"):
-        message = pipe.compile()
-    assert "skipped" in message and not pipe.compiled
-    with pytest.warns(RuntimeWarning, match="torch.compile skipped"):
+        message = pipe.speed.compile()
+    assert "skipped" in message and not pipe.speed.compiled and pipe.speed.notes == [message]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         loaded = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, compile=True)
-    assert not loaded.compiled
+    assert not loaded.speed.compiled and loaded.speed.notes == [message]
+    assert not [w for w in caught if "skipped" in str(w.message)]  # loading notes it instead of warning
     assert _latents(loaded).shape == _latents(pipe).shape
 
 

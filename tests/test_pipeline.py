@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from compactedit_cli.engine.guidance import Guidance
-from compactedit_cli.engine.pipeline import EditRequest
+from compactedit_cli.engine.pipeline import EditPipeline, EditRequest
 from compactedit_cli.errors import UsageError
 
 
@@ -106,9 +106,13 @@ def test_no_binning_rounds_to_the_vae_factor(tiny_pipe):
     ("kwargs", "message"),
     [
         ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 1001}, "num_inference_steps must be between 1 and 1000"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"image_guidance_scale": float("nan")}, "image_guidance_scale"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"num_images_per_prompt": 65}, "num_images_per_prompt must be between 1 and 64"),
+        ({"guidance_scale": "lots"}, "guidance_scale must be a number"),
         ({"output_type": "np"}, "output_type"),
         ({"height": 64}, "both height and width"),
     ],
@@ -116,6 +120,14 @@ def test_no_binning_rounds_to_the_vae_factor(tiny_pipe):
 def test_bad_arguments_are_usage_errors(tiny_pipe, kwargs, message):
     with pytest.raises(UsageError, match=message):
         tiny_pipe(_photo(32, 32), "x", **kwargs)
+
+
+def test_the_model_name_is_given_when_loading_and_recorded(tiny_checkpoint, tiny_pipe):
+    assert tiny_pipe.model_name == str(tiny_checkpoint)  # the default: the path
+    named = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", name="vibe@abc123")
+    assert named(_photo(32, 32), "x", num_inference_steps=1).parameters.model == "vibe@abc123"
+    with pytest.raises(AttributeError):
+        named.model_name = "other"
 
 
 @pytest.mark.parametrize("instruction", ["", "   ", [], ["ok", " "]])

@@ -155,7 +155,7 @@ def _bench_resolution(
         "stages": stages,
         "warmup": [{name: r[name] for name in STAGES if name != "denoise_step"} for r in warm],
         "first_run_overhead_s": first_overhead,
-        "compile_warmup_s": first_overhead if pipe.compiled else None,
+        "compile_warmup_s": first_overhead if pipe.speed.compiled else None,
         "vae_tiling": bool(pipe.vae.use_tiling),
         "memory": mem.summary(),
         "foreign_cpu_share": foreign.share(),
@@ -193,8 +193,8 @@ def _load(
     from ..engine.pipeline import EditPipeline
 
     if isinstance(model, EditPipeline):
-        if offload != model.offload:
-            model.enable_offload(offload)
+        if offload != model.speed.offload:
+            model.speed.set_offload(offload)
         return model, {"source": model.model_name or "in-memory pipeline", "load_s": None}
     start = clock.now()
     info: dict[str, Any] = {}
@@ -214,7 +214,7 @@ def _load(
 
         configs = real_configs() if random_weights == "full" else scaled_configs()
         pipe = random_pipeline(configs, device=device, dtype=dtype, name=f"random:{random_weights}")
-        pipe.enable_offload(offload)
+        pipe.speed.set_offload(offload)
         info["source"] = {
             "full": "random:full (real-size architecture, random weights)",
             "mid": "random:mid (real configs at 1/8 width, 4 layers per stack, random weights)",
@@ -344,7 +344,6 @@ def run_bench(
     import torch
 
     from ..engine.pipeline import default_device
-    from ..runner_tmp import quietly
     from ..speed.graphs import CAPTURE_FAILED
 
     _check_options(resolutions, steps, batch, warmup, repeats, random_weights, model)
@@ -368,9 +367,9 @@ def run_bench(
         pipe, loaded = _load(model, random_weights, device, dtype, offload, stack, clock)
         tick("loaded")
         guidance = _guidance(pipe, distilled, guidance_scale, image_guidance_scale)
-        compile_message = quietly(pipe.compile) if compile and not pipe.compiled else None
-        graphs_message = quietly(pipe.use_cuda_graphs) if cuda_graphs else None
-        pipe.sync_check = sync_check
+        compile_message = pipe.speed.compile(warn=False) if compile and not pipe.speed.compiled else None
+        graphs_message = pipe.speed.use_graphs(warn=False) if cuda_graphs else None
+        pipe.speed.check_syncs(sync_check)
         clock = DeviceClock(pipe.device)
         plan = {
             "batch": batch,
@@ -402,12 +401,12 @@ def run_bench(
                 "dtype": str(pipe.dtype).removeprefix("torch."),
                 "device": str(pipe.device),
                 "compile": compile,
-                "compiled": pipe.compiled,
+                "compiled": pipe.speed.compiled,
                 "compile_message": compile_message,
                 "cuda_graphs": cuda_graphs,
                 **_graphs_outcome(pipe, graphs_message),
-                "offload": pipe.offload,
-                "fast_path": pipe.fast_path,
+                "offload": pipe.speed.offload,
+                "fast_path": pipe.speed.fast_path,
                 "sync_check": sync_check,
                 "random_weights": random_weights,
                 "warmup": warmup,
@@ -424,7 +423,7 @@ def _graphs_outcome(pipe: EditPipeline, message: str | None) -> dict[str, Any]:
     """Whether the runs replayed CUDA graphs, read after them: a capture can fail at the first step and go eager."""
     from ..speed.graphs import CAPTURE_FAILED
 
-    graphed = pipe.cuda_graphs
+    graphed = pipe.speed.graphs
     failure = None if graphed is None else graphed.failure
     if failure is not None:
         message = f"{CAPTURE_FAILED}, ran eagerly: {failure}"

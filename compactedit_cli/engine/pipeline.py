@@ -9,57 +9,32 @@ Usable from Python without the CLI::
 Each stage is a public method (``encode_prompt``, ``encode_image``, ``initial_noise``, ``denoise``, ``decode``),
 so benchmarks can time them one by one and tests can check them against the reference's tensors.
 
-Speed and memory options, each checked against the plain path (``tests/test_optimisations.py``):
-
-* the fast path (on by default, :meth:`EditPipeline.set_fast_path`): the context projection and every block's
-  cross-attention keys and values are computed once per edit instead of at every step, both attentions run through
-  leaner processors, the feed-forward runs its 1×1 convolutions as matrix products over tokens, RMSNorms run fused
-  and, on large inputs, in slices (the DC-AE's float32 temporaries set the peak at 2K otherwise), and the DC-AE
-  runs channels-last;
-* ``compile`` (:meth:`EditPipeline.compile`): ``torch.compile`` of the repeated transformer blocks;
-* CUDA graphs (:meth:`EditPipeline.use_cuda_graphs`): each denoising step replayed as one captured graph (CUDA and
-  the fast path only; not with offload);
-* ``offload`` (:meth:`EditPipeline.enable_offload`): ``"model"`` or ``"sequential"`` weight offload to the CPU;
-* VAE tiling (``pipe.vae_tiling``): automatic when the device is short of memory. Tiling changes pixels (the
-  DC-AE's attention sees one tile), so it is never turned on where the whole image fits.
+Speed and memory options (offload, VAE tiling, the fast path, compile, CUDA graphs, the sync check) live on
+``pipe.speed``, a :class:`~compactedit_cli.speed.plan.SpeedPlan`: the stages ask it for their context and the loop
+for its denoiser, so this module reads as the edit alone.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
+from .. import options
 from ..errors import UsageError
 from ..files.imaging import SourceImage, as_source, restore_geometry
 from ..loading.checkpoint import Components, load_components
-from ..models.feedforward import use_token_feed_forward
-from ..models.norm import use_lean_norms
-from ..options import random_seed
+from ..options import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, random_seed
 from ..record import EditRecord
-from ..speed.compiling import compile_unavailable
-from ..speed.graphs import GraphedStep
-from ..speed.offload import OFFLOAD_MODES, WeightOffloader, stage_offloader
-from ..speed.tiling import free_device_bytes, vae_activation_bytes
+from ..speed.plan import SpeedPlan, SpeedRequest
 from .binning import closest_bin
 from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
 from .devices import default_device, default_dtype
 from .guidance import Guidance
 from .pixels import to_model_pixels, to_pil
-
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.5
-DEFAULT_IMAGE_GUIDANCE = 1.2
-DEFAULT_SEED = 42
-MAX_SEED = 2**31 - 1
 
 
 @dataclass
@@ -110,44 +85,6 @@ class EditResult:
         return self.records[0]
 
 
-def _check_scale(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _in_stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Run a stage method with its weights on the device (a no-op without offload)."""
-
-    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def run(self: EditPipeline, *args: Any, **kwargs: Any) -> Any:
-            with self._stage(name):
-                return method(self, *args, **kwargs)
-
-        return run
-
-    return decorate
-
-
-_GRAPHS_AND_OFFLOAD = "CUDA graphs and weight offload do not mix: a graph replays the weights where they were captured"
-
-
-def _check_offload(mode: str) -> None:
-    if mode not in OFFLOAD_MODES:
-        raise UsageError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
-
-
-@contextmanager
-def _cuda_sync_errors() -> Iterator[None]:
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
 class EditPipeline:
     """VIBE instruction-based editing on one device and dtype."""
 
@@ -157,14 +94,14 @@ class EditPipeline:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        model_name: str = "",
+        name: str = "",
         vlm_min_pixels: int = VLM_MIN_PIXELS,
         vlm_max_pixels: int = VLM_MAX_PIXELS,
     ) -> None:
         self.components = components
         self.device = device
         self.dtype = dtype
-        self.model_name = model_name
+        self._name = name
         self.conditioner = VLMConditioner(
             components.processor, components.text_encoder, components.transformer, vlm_min_pixels, vlm_max_pixels
         )
@@ -172,13 +109,7 @@ class EditPipeline:
         self.vae_scale_factor = components.vae_scale_factor
         self.latent_channels = vae_config.latent_channels
         self.scaling_factor = vae_config.scaling_factor
-        self.offload = "none"
-        self._offloader: WeightOffloader | None = None
-        self.vae_tiling: bool | None = None  # None: decided per call, see _use_vae_tiling
-        self.sync_check = False  # True: on CUDA, a device sync inside the denoise loop raises
-        self.compiled = False
-        self.cuda_graphs: GraphedStep | None = None  # set by use_cuda_graphs
-        self.set_fast_path(True)
+        self.speed = SpeedPlan(components, device)
 
     @classmethod
     def from_pretrained(
@@ -189,35 +120,38 @@ class EditPipeline:
         vlm_min_pixels: int = VLM_MIN_PIXELS,
         vlm_max_pixels: int = VLM_MAX_PIXELS,
         *,
+        name: str = "",
         offload: str = "none",
         compile: bool = False,
         cuda_graphs: bool = False,
+        sync_check: bool = False,
     ) -> EditPipeline:
         """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.loading.checkpoint`).
 
-        ``offload`` (``"none"``, ``"model"``, ``"sequential"``) loads the weights into CPU memory and moves each
-        stage's weights to ``device`` only while it runs (see :meth:`enable_offload`). ``compile=True`` calls
-        :meth:`compile`, which warns and carries on uncompiled where ``torch.compile`` cannot run; ``cuda_graphs``
-        likewise calls :meth:`use_cuda_graphs`.
+        ``name`` is what results record as the model (default: ``path``). The speed options are
+        :class:`~compactedit_cli.speed.plan.SpeedPlan`'s, checked before loading: with ``offload`` the weights load
+        into CPU memory. One that cannot apply here (``compile`` without a compiler, ``cuda_graphs`` off CUDA) is
+        not warned about but noted in ``pipe.speed.notes``, and the pipeline runs without it.
         """
-        _check_offload(offload)
+        request = SpeedRequest(offload=offload, compile=compile, cuda_graphs=cuda_graphs, sync_check=sync_check)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        components = load_components(Path(path), device if offload == "none" else torch.device("cpu"), dtype)
+        components = load_components(Path(path), request.load_device(device), dtype)
         pipe = cls(
             components,
             device=device,
             dtype=dtype,
-            model_name=str(path),
+            name=name or str(path),
             vlm_min_pixels=vlm_min_pixels,
             vlm_max_pixels=vlm_max_pixels,
         )
-        pipe.enable_offload(offload)
-        if compile:
-            pipe.compile()
-        if cuda_graphs:
-            pipe.use_cuda_graphs()
+        pipe.speed.apply(request)
         return pipe
+
+    @property
+    def model_name(self) -> str:
+        """The model as results record it."""
+        return self._name
 
     @property
     def transformer(self):
@@ -249,104 +183,6 @@ class EditPipeline:
             return Guidance(0.0, 0.0)
         return Guidance(DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)
 
-    # ---- speed and memory ---------------------------------------------------------------------------------------
-
-    def set_fast_path(self, enabled: bool = True) -> None:
-        """Fast path (default): the context is projected once per edit, down to each block's cross-attention keys
-        and values; both attentions use the lean processors; the feed-forwards' 1×1 convolutions run as matrix
-        products over tokens; the DiT's and DC-AE's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm`
-        (fewer passes, and the VAE's peak memory at 2K cut by its float32 temporaries); and the DC-AE's convolutions
-        run channels-last (a faster encode with a lower peak).
-
-        ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
-        tested against.
-        """
-        self.fast_path = enabled
-        self.transformer.use_lean_attention(enabled)
-        use_token_feed_forward(self.transformer, enabled)
-        for module in (self.transformer, self.vae):
-            use_lean_norms(module, enabled)
-        self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-
-    def enable_offload(self, mode: str = "model") -> None:
-        """Keep weights in CPU memory, moving them to the device per stage: ``"model"``, ``"sequential"``, ``"none"``.
-
-        ``"model"``: the text encoder (with the edit head) is on the device only to encode the prompt, the DiT only
-        to denoise and the VAE only to encode and decode, so the peak holds about one component. ``"sequential"``
-        also streams each stage's repeated blocks one at a time (for very small GPUs; slower, since the DiT's
-        weights are uploaded at every step). VAE tiling still follows free memory (see :meth:`_use_vae_tiling`).
-        ``"none"`` puts everything back on the device.
-        """
-        _check_offload(mode)
-        if mode != "none" and self.cuda_graphs is not None:
-            raise UsageError(_GRAPHS_AND_OFFLOAD)
-        if self._offloader is not None:
-            self._offloader.restore()
-            self._offloader = None
-        if mode != "none":
-            self._offloader = stage_offloader(self.components, self.device, sequential=mode == "sequential")
-        self.offload = mode
-
-    def _stage(self, name: str) -> AbstractContextManager[None]:
-        return self._offloader.stage(name) if self._offloader is not None else nullcontext()
-
-    def compile(self, *, backend: str = "inductor", mode: str | None = None) -> str:
-        """``torch.compile`` the transformer's repeated blocks, in place.
-
-        Regional compilation: one block shape is compiled and shared by all 20 blocks, so compiling takes seconds,
-        not minutes. Compiling happens lazily, at the first edit of each new size. Where torch.compile cannot run
-        here (no Triton on CUDA, no C++ compiler on the CPU) it warns and leaves the pipeline as it was. Returns a
-        one-line account of what happened. The VAE decoder stays eager: compiled, a 2048² decode on an H100 took
-        81 s to compile and then 0.208 s against 0.210 s (BENCHMARKS.md).
-        """
-        reason = compile_unavailable(backend, self.device)
-        if reason is not None:
-            message = f"torch.compile skipped: {reason}"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            return message
-        if self.cuda_graphs is not None:
-            self.cuda_graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
-        self.transformer.compile_repeated_blocks(backend=backend, mode=mode)
-        self.compiled = True
-        blocks = len(self.transformer.transformer_blocks)
-        return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode or 'default'})"
-
-    def use_cuda_graphs(self, enabled: bool = True) -> str:
-        """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).
-
-        The graph is captured at the first step of each new size, whose answer comes from one eager warm-up run,
-        and replaces the fast path's transformer call; the plain path stays eager. It needs CUDA, and the weights
-        must stay put, so it refuses weight offload. Elsewhere it warns and leaves the pipeline eager. Returns a
-        one-line account.
-        """
-        self.cuda_graphs = None  # a graph held before goes with its memory pool
-        if not enabled:
-            return "CUDA graphs off"
-        if self.device.type != "cuda":
-            message = f"CUDA graphs skipped: they need a CUDA device, and this pipeline runs on {self.device.type}"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            return message
-        if self.offload != "none":
-            raise UsageError(_GRAPHS_AND_OFFLOAD)
-        self.cuda_graphs = GraphedStep(self.transformer.forward_projected)
-        return "denoising steps replay as a CUDA graph, captured at the first step of each size"
-
-    def _use_vae_tiling(self, batch: int, height: int, width: int) -> bool:
-        """``vae_tiling`` if set; else tile only when the device has less free memory than the VAE needs."""
-        if self.vae_tiling is not None:
-            return self.vae_tiling
-        free = free_device_bytes(self.device)
-        return free is not None and free < vae_activation_bytes(self.vae.config, batch, height, width, self.vae.dtype)
-
-    @contextmanager
-    def _vae_stage(self, stage: str, batch: int, height: int, width: int) -> Iterator[None]:
-        if self._use_vae_tiling(batch, height, width):
-            self.vae.enable_tiling()  # keeps any tile size set before
-        else:
-            self.vae.disable_tiling()
-        with self._stage(stage):
-            yield
-
     # ---- stages -------------------------------------------------------------------------------------------------
 
     def model_size(
@@ -370,16 +206,16 @@ class EditPipeline:
         src_w, src_h = source_size
         return max(f, round(src_h / f) * f), max(f, round(src_w / f) * f)
 
-    @_in_stage("prompt")
     def encode_prompt(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> Conditioning:
         """The (cond, null) contexts for B (image, instruction) rows: one VLM pass, shared by all guidance branches."""
-        return self.conditioner.encode(images, instructions)
+        with self.speed.stage("prompt"):
+            return self.conditioner.encode(images, instructions)
 
     @torch.inference_mode()
     def encode_image(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """Scaled source latents (K, C, height/f, width/f) of the images resized to the model size."""
         pixels = torch.cat([to_model_pixels(rgb, height, width) for rgb in images])
-        with self._vae_stage("image", len(images), height, width):
+        with self.speed.vae_stage("image", len(images), height, width):
             return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent * self.scaling_factor
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -388,7 +224,6 @@ class EditPipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
-    @_in_stage("denoise")
     @torch.inference_mode()
     def denoise(
         self,
@@ -401,55 +236,35 @@ class EditPipeline:
         callback: Callable[[StepState], None] | None = None,
     ) -> torch.Tensor:
         """The guided denoise loop; the branches run as one batch, and nothing in it waits on the device."""
-        transformer = self.transformer
-        dtype = transformer.dtype
-        scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)  # else the first step looks its index up with a device sync
-        context = guidance.context(cond, null).to(dtype)
-        predict = self._noise_model(context)
-        image_in = guidance.image_latents(image_latents).to(dtype)
-        latents = latents.to(self.device)
-        timestep_scale = transformer.config.timestep_scale
-        timesteps = scheduler.timesteps
-        with self._sync_guard():
-            for index, t in enumerate(timesteps):
-                model_input = torch.cat([torch.cat([latents] * guidance.branches).to(dtype), image_in], dim=1)
-                model_timestep = t.expand(model_input.shape[0]) * timestep_scale
-                raw = predict(model_input, model_timestep).float()
-                guided = guidance.combine(raw)
-                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
-                if callback is not None:
-                    callback(
-                        StepState(index, len(timesteps), t, model_input, context, model_timestep, raw, guided, latents)
-                    )
+        with self.speed.stage("denoise"):
+            dtype = self.transformer.dtype
+            scheduler = self.scheduler
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)  # else the first step looks its index up with a device sync
+            context = guidance.context(cond, null).to(dtype)
+            predict = self.speed.denoiser(context)
+            image_in = guidance.image_latents(image_latents).to(dtype)
+            latents = latents.to(self.device)
+            timestep_scale = self.transformer.config.timestep_scale
+            timesteps = scheduler.timesteps
+            total = len(timesteps)
+            with self.speed.loop_guard():
+                for index, t in enumerate(timesteps):
+                    model_input = torch.cat([torch.cat([latents] * guidance.branches).to(dtype), image_in], dim=1)
+                    model_timestep = t.expand(model_input.shape[0]) * timestep_scale
+                    raw = predict(model_input, model_timestep).float()
+                    guided = guidance.combine(raw)
+                    latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+                    if callback is not None:
+                        callback(StepState(index, total, t, model_input, context, model_timestep, raw, guided, latents))
         return latents
-
-    def _noise_model(self, context: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The transformer as the loop calls it; the fast path readies the context here, once, not at every step."""
-        transformer = self.transformer
-        if not self.fast_path:
-            return lambda x, t: transformer(
-                hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False
-            )[0]
-        ready = transformer.project_context(context)
-        if self.offload != "sequential":  # streamed blocks hold their weights only inside their own forward
-            ready = transformer.context_keys_values(ready)
-        step = self.cuda_graphs or transformer.forward_projected
-        return lambda x, t: step(x, ready, t)
-
-    def _sync_guard(self) -> AbstractContextManager[None]:
-        """With ``sync_check`` on CUDA, any host-device sync inside the loop raises instead of silently stalling."""
-        if not (self.sync_check and self.device.type == "cuda"):
-            return nullcontext()
-        return _cuda_sync_errors()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode of final latents: (B, 3, H, W) in [-1, 1]."""
         f = self.vae_scale_factor
-        with self._vae_stage("decode", latents.shape[0], latents.shape[2] * f, latents.shape[3] * f):
+        with self.speed.vae_stage("decode", latents.shape[0], latents.shape[2] * f, latents.shape[3] * f):
             return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).sample
 
     # ---- the whole edit -----------------------------------------------------------------------------------------
@@ -458,7 +273,7 @@ class EditPipeline:
         defaults = self.default_guidance()
         text = defaults.text_scale if guidance_scale is None else guidance_scale
         image = defaults.image_scale if image_guidance_scale is None else image_guidance_scale
-        return Guidance(_check_scale("guidance_scale", text), _check_scale("image_guidance_scale", image))
+        return Guidance(options.scale(text, "guidance_scale"), options.scale(image, "image_guidance_scale"))
 
     def _run(
         self,
@@ -506,18 +321,10 @@ class EditPipeline:
     ) -> EditSettings:
         if output_type not in ("pil", "latent"):
             raise UsageError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise UsageError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise UsageError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         return EditSettings(
-            num_inference_steps,
+            options.steps(num_inference_steps, "num_inference_steps"),
             self._resolve_guidance(guidance_scale, image_guidance_scale),
-            num_images_per_prompt,
+            options.num_images(num_images_per_prompt, "num_images_per_prompt"),
             output_type,
         )
 

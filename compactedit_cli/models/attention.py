@@ -5,8 +5,8 @@ out_n = (q_n · Σ_m k_m v_mᵀ) / (q_n · Σ_m k_m). diffusers computes the den
 of ones (a copy of the whole value tensor) and slicing it off again; here the key sum is its own small product, so
 nothing the size of the values is allocated twice.
 
-Cross-attention (softmax, SDPA): its keys and values come from the edit's context alone, so the same for all 20
-steps; :func:`context_keys_values` computes them once per edit and the processor takes them ready-made.
+Cross-attention (softmax, SDPA): its keys and values come from the edit's context alone, so the same at every
+step; :func:`context_keys_values` computes them once per edit and the processor takes them ready-made.
 """
 
 from __future__ import annotations

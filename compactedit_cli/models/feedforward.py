@@ -2,8 +2,8 @@
 
 Sana's block hands its feed-forward the tokens (B, H·W, C) as a (B, C, H, W) view, which is channels-last in memory,
 and the 1×1 convolutions then go through cuDNN's convolution kernels. As plain matrix products over the same memory
-they are the same sums over the same weights; on an H200 at 2048² this took one block's feed-forward from 2.96 to
-2.67 ms (BENCHMARKS.md). The 3×3 depthwise convolution stays a convolution, in the channels-last layout it is given.
+they are the same sums over the same weights, in faster kernels (BENCHMARKS.md). The 3×3 depthwise convolution stays
+a convolution, in the channels-last layout it is given.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Diffusers' RMSNorm with the same rounding in fewer passes, and bounded temporaries on large inputs.
 
 The reference norm upcasts its whole input to float32, squares it, reduces, multiplies and casts back: about eight
-passes over memory, and at 2048² a 128-channel bf16 feature map of the DC-AE (1 GiB) briefly needs 4 GiB more,
-which sets the peak of the whole edit. Here the normalisation is ``F.rms_norm`` (one fused kernel on CUDA, float32
-inside), rounded to the reference's dtype before the weight and bias are applied exactly as the reference applies
-them. Large inputs run over slices of a leading dimension: the norm is per row of the last dimension, so slicing
-changes no number, and temporaries stay the size of one slice whichever kernel PyTorch picks.
+passes over memory, and on a large DC-AE feature map in bf16 its float32 temporaries briefly need several times the
+map's own size, which sets the peak of the whole edit. Here the normalisation is ``F.rms_norm`` (one fused kernel on
+CUDA, float32 inside), rounded to the reference's dtype before the weight and bias are applied exactly as the
+reference applies them. Large inputs run over slices of a leading dimension: the norm is per row of the last
+dimension, so slicing changes no number, and temporaries stay the size of one slice whichever kernel PyTorch picks.
 """
 
 from __future__ import annotations

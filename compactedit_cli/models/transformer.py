@@ -70,7 +70,7 @@ class VibeEditingTransformer(SanaTransformer2DModel):
     def project_context(self, context: torch.Tensor) -> torch.Tensor:
         """The blocks' view of a context (caption projection, then RMSNorm), which Sana's forward recomputes per call.
 
-        It is the same at every denoising step, so the pipeline computes it once per edit.
+        It is the same at every denoising step, so the fast path computes it once per edit.
         """
         return self.caption_norm(self.caption_projection(context))
 

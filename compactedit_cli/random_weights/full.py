@@ -195,4 +195,4 @@ def random_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     components = random_components(configs or real_configs(), device, dtype, seed)
-    return EditPipeline(components, device=device, dtype=dtype, model_name=name)
+    return EditPipeline(components, device=device, dtype=dtype, name=name)

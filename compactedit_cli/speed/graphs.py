@@ -1,10 +1,9 @@
-"""One denoising step replayed as a CUDA graph, so the host launches it with one call instead of ~1,000 kernels.
+"""One denoising step replayed as a CUDA graph, so the host launches it with one call instead of one per kernel.
 
-It is for steps short enough that the host's launching shows: on an H100 a distilled step took 21.4 ms at 1024²
-and 39.6 ms at 2048² with 4× the tokens (BENCHMARKS.md). A 3-way step at 1024² keeps that GPU busy, and went only
-from 33.0 to 32.0 ms with a graph. The price: the inputs are copied into fixed buffers first, the step's activations
-keep their own memory pool for as long as the graph lives, and the weights must stay where they were at capture (so
-no weight offload).
+It is for steps short enough that the host's launching shows (a distilled step; a 3-way guided step keeps a large GPU
+busy on its own: BENCHMARKS.md has the numbers). The price: the inputs are copied into fixed buffers first, the
+step's activations keep their own memory pool for as long as the graph lives, and the weights must stay where they
+were at capture (so no weight offload).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Weight offload: weights live in CPU memory and each stage's weights sit on the device only while it runs.
 
-Modes (``OFFLOAD_MODES``):
+Modes (:data:`compactedit_cli.options.OFFLOAD_MODES`, which checks them):
 
 ``none``
     Everything stays on the device (fastest; needs room for all ~4.3 B parameters).
@@ -27,8 +27,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..loading.checkpoint import Components
-
-OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 def top_level_blocks(module: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.Module]:

@@ -1,0 +1,284 @@
+"""How the pipeline's stages run: weight offload, VAE tiling, the fast path, compile, CUDA graphs, the sync check.
+
+:class:`SpeedPlan` sits beside an :class:`~compactedit_cli.engine.pipeline.EditPipeline` (``pipe.speed``) and is the
+one place that knows these options; the pipeline only asks it for three things:
+
+* a stage's context, :meth:`SpeedPlan.stage` (the stage's weights on the device), or for the VAE stages
+  :meth:`SpeedPlan.vae_stage`, which also decides tiling from the batch and size;
+* the denoiser for an edit's context, :meth:`SpeedPlan.denoiser`: the plain Sana forward, the fast path's forward
+  on a context made ready once, or that forward replayed as a CUDA graph;
+* the denoise loop's guard, :meth:`SpeedPlan.loop_guard` (the sync check).
+
+Each option is checked against the plain path (``tests/test_optimisations.py``):
+
+* the fast path (on by default, :meth:`SpeedPlan.set_fast_path`);
+* ``torch.compile`` of the repeated transformer blocks (:meth:`SpeedPlan.compile`);
+* CUDA graphs (:meth:`SpeedPlan.use_graphs`): each denoising step replayed as one captured graph (CUDA and the fast
+  path only; not with offload);
+* weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
+* VAE tiling (:meth:`SpeedPlan.set_vae_tiling`): automatic when the device is short of memory. Tiling changes pixels
+  (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits.
+
+A requested option that cannot apply here (no compiler, no CUDA) leaves a line in :attr:`SpeedPlan.notes` and the
+pipeline runs without it.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import options
+from ..errors import UsageError
+from ..models.feedforward import use_token_feed_forward
+from ..models.norm import use_lean_norms
+from .compiling import compile_unavailable
+from .graphs import GraphedStep
+from .offload import WeightOffloader, stage_offloader
+from .tiling import free_device_bytes, vae_activation_bytes
+
+if TYPE_CHECKING:
+    from ..loading.checkpoint import Components
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, timestep) -> noise prediction
+
+
+def _check_graphs_and_offload(graphs: bool, offload: str) -> None:
+    if graphs and offload != "none":
+        raise UsageError(options.GRAPHS_AND_OFFLOAD)
+
+
+@dataclass(frozen=True)
+class SpeedRequest:
+    """The speed options a pipeline is loaded with, checked before any weight is read."""
+
+    offload: str = "none"
+    compile: bool = False
+    cuda_graphs: bool = False
+    sync_check: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offload", options.offload(self.offload, "offload"))
+        _check_graphs_and_offload(self.cuda_graphs, self.offload)
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the weights load: CPU memory when they are offloaded, so a model larger than the device loads."""
+        return device if self.offload == "none" else torch.device("cpu")
+
+
+class SpeedPlan:
+    """The speed and memory state of one pipeline's components on ``device``; the fast path starts on."""
+
+    def __init__(self, components: Components, device: torch.device) -> None:
+        self._components = components
+        self._device = device
+        self._offload = "none"
+        self._offloader: WeightOffloader | None = None
+        self._vae_tiling: bool | None = None
+        self._fast_path = False
+        self._compiled = False
+        self._graphs: GraphedStep | None = None
+        self._sync_check = False
+        self.notes: list[str] = []
+        self.set_fast_path(True)
+
+    # ---- facts --------------------------------------------------------------------------------------------------
+
+    @property
+    def offload(self) -> str:
+        return self._offload
+
+    @property
+    def fast_path(self) -> bool:
+        return self._fast_path
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled
+
+    @property
+    def graphs(self) -> GraphedStep | None:
+        """The graphed denoising step while CUDA graphs are on (its ``captures`` and ``failure`` say what ran)."""
+        return self._graphs
+
+    @property
+    def vae_tiling(self) -> bool | None:
+        """``True`` or ``False`` as set; ``None``: decided per call from free memory (:meth:`uses_vae_tiling`)."""
+        return self._vae_tiling
+
+    @property
+    def sync_check(self) -> bool:
+        return self._sync_check
+
+    # ---- switches -----------------------------------------------------------------------------------------------
+
+    def apply(self, request: SpeedRequest) -> None:
+        """Switch to ``request``'s options; one that cannot apply here is noted in :attr:`notes`, not warned."""
+        self.set_offload(request.offload)
+        self.check_syncs(request.sync_check)
+        if request.compile:
+            self.compile(warn=False)
+        if request.cuda_graphs:
+            self.use_graphs(warn=False)
+
+    def set_fast_path(self, enabled: bool = True) -> None:
+        """Fast path (default): the context is projected once per edit, down to each block's cross-attention keys
+        and values; both attentions use the lean processors; the feed-forwards' 1×1 convolutions run as matrix
+        products over tokens; the DiT's and DC-AE's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm`
+        (fewer passes, and no float32 copy of a whole VAE feature map); and the DC-AE's convolutions run
+        channels-last.
+
+        ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
+        tested against.
+        """
+        transformer, vae = self._components.transformer, self._components.vae
+        self._fast_path = bool(enabled)
+        transformer.use_lean_attention(self._fast_path)
+        use_token_feed_forward(transformer, self._fast_path)
+        for module in (transformer, vae):
+            use_lean_norms(module, self._fast_path)
+        vae.to(memory_format=torch.channels_last if self._fast_path else torch.contiguous_format)
+
+    def set_offload(self, mode: str) -> None:
+        """Keep weights in CPU memory, moving them to the device per stage: ``"model"``, ``"sequential"``, ``"none"``.
+
+        ``"model"``: the text encoder (with the edit head) is on the device only to encode the prompt, the DiT only
+        to denoise and the VAE only to encode and decode, so the peak holds about one component. ``"sequential"``
+        also streams each stage's repeated blocks one at a time (for very small GPUs; slower, since the DiT's
+        weights are uploaded at every step). VAE tiling still follows free memory. ``"none"`` puts everything back
+        on the device.
+        """
+        mode = options.offload(mode, "offload")
+        _check_graphs_and_offload(self._graphs is not None, mode)
+        if self._offloader is not None:
+            self._offloader.restore()
+            self._offloader = None
+        if mode != "none":
+            self._offloader = stage_offloader(self._components, self._device, sequential=mode == "sequential")
+        self._offload = mode
+
+    def set_vae_tiling(self, enabled: bool | None) -> None:
+        """Tile the VAE always (``True``), never (``False``), or only when the device is short of memory (``None``)."""
+        if enabled not in (True, False, None):
+            raise UsageError(f"vae_tiling must be True, False or None (got {enabled!r})")
+        self._vae_tiling = enabled
+
+    def check_syncs(self, enabled: bool = True) -> None:
+        """On CUDA, make any host-device sync inside the denoise loop raise instead of silently stalling it."""
+        self._sync_check = bool(enabled)
+
+    def compile(self, *, backend: str = "inductor", mode: str | None = None, warn: bool = True) -> str:
+        """``torch.compile`` the transformer's repeated blocks, in place.
+
+        Regional compilation: one block shape is compiled and shared by all blocks, so compiling takes seconds, not
+        minutes. Compiling happens lazily, at the first edit of each new size. Where torch.compile cannot run here
+        (no Triton on CUDA, no C++ compiler on the CPU) it notes why (and warns, with ``warn``) and leaves the
+        pipeline as it was. Returns a one-line account of what happened. The VAE decoder stays eager: compiling it
+        took long and gained nothing (BENCHMARKS.md).
+        """
+        reason = compile_unavailable(backend, self._device)
+        if reason is not None:
+            return self._skipped(f"torch.compile skipped: {reason}", warn)
+        if self._graphs is not None:
+            self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
+        transformer = self._components.transformer
+        transformer.compile_repeated_blocks(backend=backend, mode=mode)
+        self._compiled = True
+        blocks = len(transformer.transformer_blocks)
+        return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode or 'default'})"
+
+    def use_graphs(self, enabled: bool = True, *, warn: bool = True) -> str:
+        """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).
+
+        The graph is captured at the first step of each new size, whose answer comes from one eager warm-up run,
+        and replaces the fast path's transformer call; the plain path stays eager. The weights must stay put, so it
+        refuses weight offload. It needs CUDA: elsewhere it notes why (and warns, with ``warn``) and leaves the
+        pipeline eager. Returns a one-line account.
+        """
+        self._graphs = None  # a graph held before goes with its memory pool
+        if not enabled:
+            return "CUDA graphs off"
+        _check_graphs_and_offload(True, self._offload)
+        if self._device.type != "cuda":
+            note = f"CUDA graphs skipped: they need a CUDA device, and this pipeline runs on {self._device.type}"
+            return self._skipped(note, warn)
+        self._graphs = GraphedStep(self._components.transformer.forward_projected)
+        return "denoising steps replay as a CUDA graph, captured at the first step of each size"
+
+    def _skipped(self, note: str, warn: bool) -> str:
+        if note not in self.notes:
+            self.notes.append(note)
+        if warn:
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+        return note
+
+    def release_memory(self) -> None:
+        """Give back what a failed edit held: the CUDA graph's memory pool (the next step captures again), the
+        garbage, and the device's cached memory."""
+        if self._graphs is not None:
+            self._graphs.release()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if torch.backends.mps.is_available():
+            torch.mps.empty_cache()
+
+    # ---- what the pipeline asks for -----------------------------------------------------------------------------
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        """Stage ``name``'s weights on the device for the duration of the block (a no-op without offload)."""
+        return self._offloader.stage(name) if self._offloader is not None else nullcontext()
+
+    @contextmanager
+    def vae_stage(self, name: str, batch: int, height: int, width: int) -> Iterator[None]:
+        """:meth:`stage` for a VAE encode or decode of ``batch`` images of ``height`` x ``width``, tiled if need be."""
+        vae = self._components.vae
+        if self.uses_vae_tiling(batch, height, width):
+            vae.enable_tiling()  # keeps any tile size set before
+        else:
+            vae.disable_tiling()
+        with self.stage(name):
+            yield
+
+    def uses_vae_tiling(self, batch: int, height: int, width: int) -> bool:
+        """:attr:`vae_tiling` if set; else tile only when the device has less free memory than the VAE needs."""
+        if self._vae_tiling is not None:
+            return self._vae_tiling
+        vae = self._components.vae
+        free = free_device_bytes(self._device)
+        return free is not None and free < vae_activation_bytes(vae.config, batch, height, width, vae.dtype)
+
+    def denoiser(self, context: torch.Tensor) -> Denoiser:
+        """The transformer as the denoise loop calls it; the fast path readies the context here, once per edit."""
+        transformer = self._components.transformer
+        if not self._fast_path:
+            return lambda x, t: transformer(
+                hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False
+            )[0]
+        ready = transformer.project_context(context)
+        if self._offload != "sequential":  # streamed blocks hold their weights only inside their own forward
+            ready = transformer.context_keys_values(ready)
+        step = self._graphs or transformer.forward_projected
+        return lambda x, t: step(x, ready, t)
+
+    def loop_guard(self) -> AbstractContextManager[None]:
+        """With the sync check on CUDA, any host-device sync inside the denoise loop raises."""
+        if not (self._sync_check and self._device.type == "cuda"):
+            return nullcontext()
+        return _cuda_sync_errors()
+
+
+@contextmanager
+def _cuda_sync_errors() -> Iterator[None]:
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
