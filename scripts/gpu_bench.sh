@@ -4,11 +4,12 @@
 # It builds the real VIBE architecture (Qwen3-VL-2B + 1.6B VIBE DiT + DC-AE f32c32) with random weights (no
 # download) and times edits at 1024² and 2048²: 3-way CFG and distilled (1 branch), eager and torch.compile, each
 # also with CUDA graphs, and the offload modes. Each configuration runs in its own process (clean memory peaks) through
-# `python -m compactedit_cli.bench.run`, which needs no Typer CLI. Results: one JSON report per configuration plus
-# gpu_bench.log, in OUT_DIR (default: $OUT if set, else ./bench-results).
+# `python3 -m compactedit_cli bench`, with no user config (COMPACTEDIT_HOME is an empty folder). Results: one JSON
+# report per configuration plus gpu_bench.log, in OUT_DIR (default: $OUT if set, else ./bench-results).
 #
-#   1. Where PyPI is reachable, fetch the wheels the GPU image lacks (transformers 5.24, diffusers 0.42 and the
-#      versions they check at import) into .whl/ (git-ignored):   bash scripts/gpu_bench.sh --fetch-wheels
+#   1. Where PyPI is reachable, fetch the wheels the GPU image may lack (transformers 5.24, diffusers 0.42 and the
+#      versions they check at import; the CLI's Typer and Rich and what they import; psutil, platformdirs) into
+#      .whl/ (git-ignored):                                          bash scripts/gpu_bench.sh --fetch-wheels
 #   2. On the GPU machine, from the repo root with .whl/ beside it:  bash scripts/gpu_bench.sh [OUT_DIR]
 #
 # Knobs for a CPU dry run of the whole script (e.g. BENCH_DEVICE=cpu BENCH_WEIGHTS=tiny BENCH_RESOLUTIONS=64
@@ -16,13 +17,19 @@
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-graphs
 # cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile cfg-batch4
-# distilled-batch4; and vae-compile, which runs only when named: it answered its question, 108 s on an H100).
+# distilled-batch4; and vae-compile, which runs only when named: it answered its question, BENCHMARKS.md G.3).
 # Steps that would run past the budget are skipped, so the least important come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # The tested versions (.ci/constraints.txt and its resolution); the image's own huggingface_hub and tokenizers suffice.
-WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19)
+# The CLI's chain (python -X importtime -m compactedit_cli bench ...): typer (which vendors click) imports pydantic,
+# shellingham and annotated-doc; rich's own dependencies come too, for its tracebacks and markup.
+WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19
+    typer==0.29.2 annotated-doc==0.0.7 shellingham==1.5.4
+    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+    rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
+    platformdirs==4.14.8 psutil==7.2.2)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -50,14 +57,16 @@ else
     say "no .whl/ folder: using the installed packages"
     export PYTHONPATH="$PWD"
 fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+COMPACTEDIT_HOME="$(mktemp -d)"  # the defaults and the flags below, never a config file's settings
+trap 'rmdir "$COMPACTEDIT_HOME"' EXIT
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false COMPACTEDIT_HOME
 
-python3 - 2>&1 <<'EOF' | tee -a "$LOG" || { say "environment check failed"; exit 1; }
-import diffusers, torch, transformers, compactedit_cli
-print("torch", torch.__version__, "cuda", torch.version.cuda, "| diffusers", diffusers.__version__,
-      "| transformers", transformers.__version__, "| compactedit", compactedit_cli.__version__)
-if torch.cuda.is_available():
-    print("device:", torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
+# The CLI starts, and the machine as every report describes it (compactedit_cli.environment).
+python3 -m compactedit_cli --version 2>&1 | tee -a "$LOG" || { say "the compactedit CLI does not start"; exit 1; }
+python3 - "$DEVICE" 2>&1 <<'EOF' | tee -a "$LOG" || { say "environment check failed"; exit 1; }
+import json, sys
+from compactedit_cli.environment import environment_report
+print(json.dumps(environment_report(sys.argv[1]), indent=1))
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 
@@ -80,35 +89,35 @@ if want tests; then
         -k "cuda or graph or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
 fi
 
-bench() {  # bench NAME CAP_SECONDS [run_bench options...]
+bench() {  # bench NAME CAP_SECONDS [compactedit bench options...]
     local name=$1 cap=$2; shift 2
     want "$name" || return 0
     say "bench $name: $*"
-    bounded "$cap" python3 -m compactedit_cli.bench.run --random-weights "$WEIGHTS" --device "$DEVICE" \
-        --steps "$STEPS" --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$LOG"
+    bounded "$cap" python3 -m compactedit_cli bench --random-weights "$WEIGHTS" --device "$DEVICE" \
+        --steps "$STEPS" --save "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$LOG"
     local status=${PIPESTATUS[0]}
     [ "$status" -eq 0 ] || say "bench $name ended with status $status"
 }
 
 # Most important first: the 3-way CFG numbers the targets are about, eager and compiled, with and without CUDA graphs.
-bench sync-check 60 --resolutions "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --repeats 1 --sync-check
-bench cfg 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
-bench cfg-graphs 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs
-bench cfg-compile 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
-bench cfg-compile-graphs 150 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
-bench distilled 80 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
+bench sync-check 60 --resolution "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --repeats 1 --sync-check
+bench cfg 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
+bench cfg-graphs 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs
+bench cfg-compile 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
+bench cfg-compile-graphs 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
+bench distilled 80 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
 [ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
 if want profile; then
     say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; before/afters at ${RESOLUTIONS[0]}"
     bounded 120 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
         --resolution "${RESOLUTIONS[-1]}" --built-in-resolution "${RESOLUTIONS[0]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
 fi
-bench offload-model 100 --resolutions "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
-bench offload-sequential 70 --resolutions "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
-bench distilled-compile 100 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
+bench offload-model 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 2 --offload model
+bench offload-sequential 70 --resolution "${RESOLUTIONS[0]}" --warmup 0 --repeats 1 --offload sequential
+bench distilled-compile 100 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --compile
 # What `batch --batch-size 4` gains per image, against cfg and distilled at batch 1.
-bench cfg-batch4 80 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 2 --batch 4
-bench distilled-batch4 80 --resolutions "${RESOLUTIONS[0]}" --warmup 1 --repeats 2 --batch 4 --distilled
+bench cfg-batch4 80 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 2 --batch 4
+bench distilled-batch4 80 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 2 --batch 4 --distilled
 if named vae-compile; then
     say "VAE decoder, eager against torch.compile, at ${RESOLUTIONS[-1]}"
     bounded 150 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --vae-compile \

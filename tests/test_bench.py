@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from compactedit_cli.bench.run import STAGES, BenchError, main, report_table, run_bench
+from compactedit_cli.bench.report import report_table, startup_table, unapplied_options
+from compactedit_cli.bench.run import STAGES, BenchError, _graphs_outcome, run_bench
 
 SPANS = ("vlm_encode", "vae_encode", "denoise", "vae_decode", "postprocess")
 
@@ -90,6 +92,8 @@ def test_progress_hook_counts_up_to_the_total(report, progress_calls):
     assert progress_calls[0][:2] == (0, total)
     assert [done for done, _, _ in progress_calls] == list(range(total + 1))
     assert all(t == total for _, t, _ in progress_calls)
+    said = [what for _, _, what in progress_calls]
+    assert said[1:5] == ["loaded", "64px warm-up 1", "64px run 1", "64px run 2"] and said[-1] == "128px run 2"
 
 
 def test_table_renders_one_row_per_resolution(report):
@@ -140,23 +144,26 @@ def test_distilled_with_guidance_is_refused(tiny_pipe):
         run_bench(model=tiny_pipe, distilled=True, guidance_scale=4.5, resolutions=[64], steps=1, repeats=1)
 
 
-def test_module_entry_point_writes_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    argv = ["--random-weights", "tiny", "--resolutions", "64", "--steps", "1", "--warmup", "0", "--repeats", "1",
-            "--device", "cpu", "--json", str(out)]  # fmt: skip
-    assert main(argv) == 0
-    assert json.loads(out.read_text())["settings"]["steps"] == 1
-    printed = capsys.readouterr().out
-    assert "[2/2] 64px run 1" in printed and "random:tiny" in printed  # progress lines, then the table
-    assert main([*argv, "--cuda-graphs"]) == 0
-    assert capsys.readouterr().err.count("warning: CUDA graphs skipped") == 1  # off CUDA: said once, then eager
-    assert main(["--random-weights", "tiny", "--steps", "0", "--device", "cpu"]) == 2
+def test_command_saves_json_and_logs_progress_off_a_terminal(cli, tmp_path):
+    """What scripts/gpu_bench.sh relies on: --save writes the report, and a log gets one line per edit."""
+    out = tmp_path / "reports" / "bench.json"
+    quick = ["bench", "--random-weights", "tiny", "-r", "64", "--steps", "1", "--warmup", "0", "--repeats", "1",
+             "--device", "cpu"]  # fmt: skip
+    result = cli(*quick, "--save", out, "--sync-check")
+    assert result.exit_code == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["steps"] == 1 and saved["settings"]["sync_check"] is True
+    assert "[0/2] loading the model" in result.stderr and "[2/2] 64px run 1" in result.stderr
+    assert "random:tiny" in result.stderr  # then the table
+    quiet = cli(*quick, "--quiet", "--json")
+    assert quiet.exit_code == 0 and "[2/2]" not in quiet.stderr
+    assert json.loads(quiet.stdout)["settings"]["sync_check"] is False
 
 
-def test_importing_the_bench_module_imports_no_heavy_library():
+def test_importing_the_bench_modules_imports_no_heavy_library():
     code = (
-        "import sys, compactedit_cli, compactedit_cli.bench.run; "
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+        "import sys, compactedit_cli.bench.run, compactedit_cli.bench.report, compactedit_cli.bench.startup; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'rich') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -167,15 +174,35 @@ def test_checkpoint_folder_is_loaded_and_timed(tiny_checkpoint):
     assert report["model"]["source"] == str(tiny_checkpoint) and report["model"]["load_s"] > 0
 
 
-def test_startup_probes_run_in_fresh_interpreters(monkeypatch):
-    from compactedit_cli.bench import run as bench
+def test_startup_probes_run_in_fresh_interpreters(monkeypatch, cli, tmp_path):
+    from compactedit_cli.bench import startup
 
     probes = {"interpreter": "pass", "sees_the_tiny_model": "import pathlib; assert pathlib.Path({folder!r}).is_dir()"}
-    monkeypatch.setattr(bench, "STARTUP_PROBES", probes)
-    report = bench.startup_overhead(repeats=2)
-    assert set(report["probes"]) == set(probes)
+    monkeypatch.setattr(startup, "STARTUP_PROBES", probes)
+    report = startup.startup_overhead(repeats=2)
+    assert set(report["probes"]) == set(probes) and report["repeats"] == 2
     assert all(len(stats["runs"]) == 2 for stats in report["probes"].values())
+    assert report["device"]["type"] == "cpu" and report["versions"]["python"] == platform.python_version()
     assert json.loads(json.dumps(report)) == report
+    console = Console(record=True, width=200)
+    console.print(startup_table(report))
+    assert "sees_the_tiny_model" in console.export_text()
+
+    out = tmp_path / "startup.json"
+    result = cli("bench", "--startup", "--repeats", "1", "--save", out)
+    assert result.exit_code == 0, result.stderr
+    assert "sees_the_tiny_model" in result.stderr  # the table
+    assert [len(s["runs"]) for s in json.loads(out.read_text())["probes"].values()] == [1, 1]
+    refused = cli("bench", "--startup", "--random-weights", "tiny")
+    assert refused.exit_code == 2 and "--startup" in refused.stderr
+
+
+def test_startup_probes_are_valid_python():
+    """The real probes compile (running them all is the command's job, and takes tens of seconds)."""
+    from compactedit_cli.bench.startup import STARTUP_PROBES
+
+    for name, code in STARTUP_PROBES.items():
+        compile(code.format(folder="/tmp/x"), name, "exec")
 
 
 def test_bench_command_json(cli):
@@ -216,7 +243,6 @@ def test_bench_command_json(cli):
 
 def test_a_failed_capture_is_reported_as_eager():
     """The report says what ran: a graph that failed to capture at the first step means eager steps."""
-    from compactedit_cli.bench.run import _graphs_outcome, unapplied_options
     from compactedit_cli.speed.graphs import GraphedStep
 
     graphed = GraphedStep(lambda x: x)

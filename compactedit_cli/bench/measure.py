@@ -1,6 +1,6 @@
 """Honest clocks and memory readings for benchmarks: device-synchronised times, per-stage peaks, foreign CPU load.
 
-Nothing heavy is imported at module level (``compactedit bench --help`` imports this through ``bench``).
+Nothing heavy at module level: torch is imported by the methods that use it.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+def summarise(values: Sequence[float]) -> dict[str, Any]:
+    """Min, median, max and mean of repeated measurements, and the measurements themselves."""
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+        "runs": list(values),
+    }
 
 
 class DeviceClock:

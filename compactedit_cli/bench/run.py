@@ -6,23 +6,16 @@ stage. The device is synchronised before every clock read, so asynchronous GPU w
 queued it; steps are timed with device events, so timing them adds no sync inside the loop. Warm-up times are
 reported too: with ``compile`` the first edit of each size pays for compiling.
 
-No CLI code here, and no heavy import at module level: the command imports this module cheaply and the engine
-only when it runs. ``python -m compactedit_cli.bench.run`` is a plain entry point that needs no Typer.
+Measurement only: :mod:`.report` presents a report, :mod:`.startup` times the fixed cost of a process, and
+``compactedit bench`` is the command line. Nothing heavy is imported at module level; the engine is imported when a
+benchmark runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
-import json
-import math
-import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -30,12 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .measure import DeviceClock, ForeignLoad, PeakMemory
+from .. import options
+from ..environment import environment_report
+from .measure import DeviceClock, ForeignLoad, PeakMemory, summarise
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
-    from rich.table import Table
 
     from ..engine.pipeline import EditPipeline
 
@@ -115,16 +109,6 @@ def _timed_edit(
     return times
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    return {
-        "min": min(values),
-        "median": statistics.median(values),
-        "max": max(values),
-        "mean": statistics.fmean(values),
-        "runs": list(values),
-    }
-
-
 def _bench_resolution(
     pipe: EditPipeline, edge: int, plan: dict[str, Any], clock: DeviceClock, tick: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -141,10 +125,10 @@ def _bench_resolution(
     for index in range(plan["warmup"] + plan["repeats"]):
         warming = index < plan["warmup"]
         runs.append(_timed_edit(pipe, image, size, plan, clock, PeakMemory(clock.device) if warming else mem))
-        tick(f"{edge}px {'warm-up' if warming else 'run'} {index + 1}")
+        tick(f"{edge}px warm-up {index + 1}" if warming else f"{edge}px run {index - plan['warmup'] + 1}")
     warm, timed = runs[: plan["warmup"]], runs[plan["warmup"] :]
-    stages = {name: _stats([r[name] for r in timed]) for name in STAGES if name != "denoise_step"}
-    stages["denoise_step"] = _stats([step for r in timed for step in r["steps"]])
+    stages = {name: summarise([r[name] for r in timed]) for name in STAGES if name != "denoise_step"}
+    stages["denoise_step"] = summarise([step for r in timed for step in r["steps"]])
     median = stages["end_to_end"]["median"]
     first_overhead = (warm or timed)[0]["end_to_end"] - median
     return {
@@ -166,7 +150,7 @@ def _bench_resolution(
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The dtype names ``edit`` takes; None or "auto" is the device's default."""
+    """The dtype names ``edit`` takes (its parser); None or "auto" is the device's default."""
     import torch
 
     from ..engine.devices import resolve_dtype
@@ -230,61 +214,26 @@ def _parameter_counts(pipe: EditPipeline) -> dict[str, int]:
     return {name: count_parameters(getattr(c, name)) for name in ("text_encoder", "transformer", "vae")}
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _environment(device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    import diffusers
-    import psutil
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        about = {"name": props.name, "total_memory_bytes": props.total_memory, "capability": [props.major, props.minor]}
-    else:
-        about = {"name": _cpu_name(), "total_memory_bytes": None}
-    about.update(
-        type=device.type,
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # other work skews CPU timings
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        host_memory_bytes=psutil.virtual_memory().total,
-        platform=platform.platform(),
-    )
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "compactedit": __version__,
-    }
-    return about, versions
-
-
 # ---- the benchmark ----------------------------------------------------------------------------------------------
 
 
 def _check_options(
     resolutions: Sequence[int], steps: int, batch: int, warmup: int, repeats: int, random_weights: str | None, model
 ) -> None:
-    def positive(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """The benchmark's own options; steps and batch are checked as ``edit`` checks them."""
+    from ..errors import UsageError
 
-    if not resolutions or not all(positive(r) for r in resolutions):
-        raise BenchError(f"resolutions must be positive edge lengths, got {list(resolutions)!r}")
-    for name, value, low in (("steps", steps, 1), ("batch", batch, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
+    try:
+        if not resolutions:
+            raise UsageError("resolutions must be positive edge lengths, got []")
+        for edge in resolutions:
+            options.bounded_int(edge, "resolution", 1, 2**16)
+        options.steps(steps, "steps")
+        options.batch_size(batch, "batch")
+        options.bounded_int(warmup, "warmup", 0, 1000)
+        options.bounded_int(repeats, "repeats", 1, 1000)
+    except UsageError as exc:
+        raise BenchError(str(exc)) from None
     if (model is None) == (random_weights is None):
         raise BenchError("give exactly one of model (a checkpoint folder or pipeline) and random_weights")
     if random_weights is not None and random_weights not in RANDOM_WEIGHTS:
@@ -299,11 +248,13 @@ def _guidance(pipe: EditPipeline, distilled: bool, text: float | None, image: fl
             raise BenchError("distilled runs unguided: leave both guidance scales unset (or 0)")
         return Guidance(0.0, 0.0)
     default = pipe.default_guidance()
-    chosen = Guidance(default.text_scale if text is None else text, default.image_scale if image is None else image)
-    for value in (chosen.text_scale, chosen.image_scale):
-        if not (math.isfinite(value) and value >= 0):
-            raise BenchError(f"guidance scales must be finite and >= 0, got {value!r}")
-    return chosen
+    from ..errors import UsageError
+
+    try:
+        text, image = options.scale(text, "--guidance"), options.scale(image, "--image-guidance")
+    except UsageError as exc:
+        raise BenchError(str(exc)) from None
+    return Guidance(default.text_scale if text is None else text, default.image_scale if image is None else image)
 
 
 def run_bench(
@@ -348,7 +299,7 @@ def run_bench(
 
     _check_options(resolutions, steps, batch, warmup, repeats, random_weights, model)
     if cuda_graphs and offload != "none":
-        raise BenchError("cuda_graphs and offload do not mix: a graph replays the weights where it captured them")
+        raise BenchError(options.GRAPHS_AND_OFFLOAD)
     device = torch.device(device) if device is not None else default_device()
     dtype = _parse_dtype(dtype, device)
     total = 1 + len(resolutions) * (warmup + repeats)
@@ -380,7 +331,8 @@ def run_bench(
             "repeats": repeats,
             "binning": binning,
         }
-        about, versions = _environment(pipe.device)  # before the runs: the load average is of other work
+        environment = environment_report(pipe.device)  # before the runs: the load average is of other work
+        about, versions = environment["device"], environment["versions"]
         with warnings.catch_warnings():  # a failed capture is said once, from the report (unapplied_options)
             warnings.filterwarnings("ignore", CAPTURE_FAILED, RuntimeWarning)
             results = [_bench_resolution(pipe, edge, plan, clock, tick) for edge in resolutions]
@@ -432,169 +384,3 @@ def _graphs_outcome(pipe: EditPipeline, message: str | None) -> dict[str, Any]:
         "cuda_graphs_message": message,
         "cuda_graph_captures": 0 if graphed is None else graphed.captures,
     }
-
-
-def unapplied_options(report: dict[str, Any]) -> list[str]:
-    """Why a requested speed option did not apply (no compiler, no CUDA, a failed capture), one message each."""
-    used = report["settings"]
-    messages = []
-    if used["compile"] and not used["compiled"]:
-        messages.append(used["compile_message"])
-    if used["cuda_graphs"] and not used["cuda_graphs_active"]:
-        messages.append(used["cuda_graphs_message"])
-    return messages
-
-
-# ---- fixed cost of a process --------------------------------------------------------------------------------------
-
-# What one ``compactedit edit`` process pays before any pixel work, probe by probe (each a fresh interpreter).
-_LOAD_TINY = (
-    "from compactedit_cli.engine.pipeline import EditPipeline; pipe = EditPipeline.from_pretrained({folder!r}, 'cpu')"
-)
-STARTUP_PROBES = {
-    "interpreter": "pass",
-    "import_bench_module": "import compactedit_cli.bench.run",
-    "import_torch": "import torch",
-    "import_pipeline": "import compactedit_cli.engine.pipeline",
-    "load_tiny": _LOAD_TINY,
-    "tiny_edit": _LOAD_TINY + "; from PIL import Image; pipe(Image.new('RGB', (64, 64)), 'x', num_inference_steps=1)",
-}
-
-
-def startup_overhead(repeats: int = 5) -> dict[str, Any]:
-    """Wall seconds of fresh processes that start, import, load the tiny model and edit: the fixed cost per edit.
-
-    Each probe runs ``repeats`` times in a new interpreter (``sys.executable``); min / median / max per probe.
-    """
-    import subprocess
-
-    from ..random_weights.tiny import build_tiny_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        probes = {}
-        for name, code in STARTUP_PROBES.items():
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                subprocess.run([sys.executable, "-c", code.format(folder=folder)], check=True, env=env)
-                times.append(time.perf_counter() - start)
-            probes[name] = _stats(times)
-    return {"python": sys.executable, "load_average": list(os.getloadavg()), "probes": probes}
-
-
-# ---- presentation -----------------------------------------------------------------------------------------------
-
-
-_MEMORY_KINDS = (
-    ("peak_allocated_bytes", "peak allocated"),
-    ("peak_rss_bytes", "peak RSS"),
-    ("driver_allocated_bytes", "driver allocated"),
-)
-
-
-def _memory_cell(memory: dict[str, Any]) -> tuple[str, str]:
-    """(GiB, what was measured) of a row's memory record."""
-    for key, label in _MEMORY_KINDS:
-        if key in memory:
-            return f"{memory[key] / 2**30:.2f}", label
-    return "n/a", "memory"
-
-
-def report_table(report: dict[str, Any]) -> Table:
-    """A Rich table of a report: one row per resolution, median seconds per stage (min and max are in the JSON).
-
-    "busy" is the share of the host's CPU that other processes used during the runs (CPU timings are only
-    trustworthy when it is near 0).
-    """
-    from rich.table import Table
-
-    s = report["settings"]
-    title = (
-        f"{report['model']['source']}\n{report['device']['name']} ({s['device']}, {s['dtype']}), {s['steps']} steps, "
-        f"{s['guidance_branches']} branch(es), batch {s['batch']}, offload {s['offload']}, "
-        f"compile {'on' if s['compiled'] else 'off'}, CUDA graphs {'on' if s['cuda_graphs_active'] else 'off'}"
-    )
-    memory_kind = _memory_cell(report["results"][0]["memory"])[1] if report["results"] else "memory"
-    caption = (
-        f"seconds (step: ms), median of {s['repeats']} timed runs after {s['warmup']} warm-up(s); "
-        f"mem: {memory_kind} GiB"
-    )
-    table = Table(title=title, caption=caption, box=None, pad_edge=False)
-    headers = ("size", "VLM", "VAE enc", "denoise", "step", "VAE dec", "total", "range", "mem", "busy")
-    for header in headers:
-        table.add_column(header, justify="left" if header == "size" else "right", no_wrap=True)
-    for row in report["results"]:
-        st = row["stages"]
-        e2e = st["end_to_end"]
-        table.add_row(
-            f"{row['model_size']['width']}×{row['model_size']['height']}",
-            *(f"{st[name]['median']:.2f}" for name in ("vlm_encode", "vae_encode", "denoise")),
-            f"{st['denoise_step']['median'] * 1000:.1f}",
-            f"{st['vae_decode']['median']:.2f}",
-            f"{e2e['median']:.2f}",
-            f"{e2e['min']:.2f}-{e2e['max']:.2f}",
-            _memory_cell(row["memory"])[0],
-            "n/a" if row["foreign_cpu_share"] is None else f"{row['foreign_cpu_share']:.0%}",
-        )
-    return table
-
-
-# ---- python -m compactedit_cli.bench.run ----------------------------------------------------------------------------
-
-
-def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m compactedit_cli.bench.run", description=run_bench.__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="checkpoint folder")
-    source.add_argument("--random-weights", choices=RANDOM_WEIGHTS)
-    source.add_argument("--startup", action="store_true", help="time process start, imports and a tiny load instead")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[1024])
-    parser.add_argument("--no-binning", dest="binning", action="store_false")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--image-guidance-scale", type=float)
-    parser.add_argument("--distilled", action="store_true")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", help="auto, bf16, fp16 or fp32")
-    parser.add_argument("--device")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"))
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sync-check", action="store_true")
-    parser.add_argument("--json", type=Path, help="write the report here")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one benchmark from the command line, print its table, and optionally write the JSON report."""
-    args = _arguments(argv)
-    if args.startup:
-        report = startup_overhead(args.repeats)
-        text = json.dumps(report, indent=2) + "\n"
-        print(text)
-        if args.json is not None:
-            args.json.write_text(text, encoding="utf-8")
-        return 0
-    options = {k: v for k, v in vars(args).items() if k not in ("json", "startup")}
-    try:
-        report = run_bench(**options, progress=lambda done, total, what: print(f"[{done}/{total}] {what}", flush=True))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for message in unapplied_options(report):
-        print(f"warning: {message}", file=sys.stderr)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    from rich.console import Console
-
-    Console().print(report_table(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from . import flags as opt
-from .common import console, emit_json, handle_errors, make_progress, warn
+from .common import console, emit_json, handle_errors, info, make_progress, progress_enabled, warn
 
 EXAMPLES = """
 Examples:
@@ -18,6 +19,8 @@ Examples:
   compactedit bench --model vibe-distilled --resolution 1024 --distilled
 
   compactedit bench --random-weights tiny --device cpu --json > bench.json
+
+  compactedit bench --startup --repeats 5    (the fixed cost of a process: start, imports, a tiny load and edit)
 """
 
 
@@ -26,23 +29,22 @@ def bench(
     more_resolutions: Annotated[
         list[int] | None,
         typer.Argument(
-            help="More edge lengths (so --resolution 1024 2048 works).", metavar="[RESOLUTION]...", show_default=False
+            help="More edge lengths (so --resolution 1024 2048 works).", metavar="RESOLUTION", show_default=False
         ),
     ] = None,
     resolution: Annotated[
         list[int] | None,
         typer.Option(
             "--resolution",
-            "-r",
             help="Square edge lengths, binned as edit bins them. [default: 1024]",
             show_default=False,
         ),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Denoising steps, 1 to 1000.")] = 20,
     guidance: opt.Guidance = None,
     image_guidance: opt.ImageGuidance = None,
     distilled: Annotated[bool, typer.Option("--distilled", help="One unguided branch (both scales 0).")] = False,
-    batch: Annotated[int, typer.Option("--batch", min=1, max=64, help="Images per edit.")] = 1,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", help="Images per edit, 1 to 64.")] = 1,
     no_binning: opt.Binning = False,
     random_weights: Annotated[
         str | None,
@@ -55,13 +57,30 @@ def bench(
     ] = None,
     model: opt.Model = None,
     revision: opt.Revision = None,
+    startup: Annotated[
+        bool,
+        typer.Option(
+            "--startup",
+            help="Instead of edits, time fresh processes that start Python, import the CLI, torch and the pipeline, "
+            "load the tiny model and edit with it (on the CPU; uses only --repeats, --json and --save).",
+        ),
+    ] = False,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per resolution.")] = 1,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per resolution.")] = 3,
+    sync_check: Annotated[
+        bool,
+        typer.Option(
+            "--sync-check",
+            help="Raise on any host-device sync inside the CUDA denoising loop (each one stalls a step).",
+        ),
+    ] = False,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", help="Untimed runs per resolution.")] = 1,
+    repeats: Annotated[
+        int, typer.Option("--repeats", metavar="N", help="Timed runs per resolution (per probe with --startup).")
+    ] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print the full report as JSON on stdout.")] = False,
     save: Annotated[
         Path | None, typer.Option("--save", help="Also write the JSON report to this file.", show_default=False)
@@ -74,15 +93,24 @@ def bench(
 
     Warm-up runs, then repeats with min / median / max; the device is synchronised before every clock read.
     """
-    import json
-
-    from ..bench.run import BenchError, report_table, run_bench, unapplied_options
-    from ..engine.devices import resolve_device, resolve_dtype
     from ..errors import UsageError
-    from ..loading.hub import is_offline, parse_model, resolve
 
     if random_weights is not None and model is not None:
         raise UsageError("--random-weights and --model are alternatives; give one")
+    if startup:
+        if random_weights is not None or model is not None:
+            raise UsageError("--startup times its own tiny model: give neither --model nor --random-weights")
+        from ..bench.report import startup_table
+        from ..bench.startup import startup_overhead
+
+        _show(startup_overhead(repeats), startup_table, json_output, save)
+        return
+
+    from ..bench.report import report_table, unapplied_options
+    from ..bench.run import BenchError, run_bench
+    from ..engine.devices import resolve_device, resolve_dtype
+    from ..loading.hub import is_offline, parse_model, resolve
+
     settings = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
     source = None
     if random_weights is None:
@@ -93,6 +121,8 @@ def bench(
 
         def advance(done: int, total: int, description: str) -> None:
             progress.update(task, completed=done, total=total, description=description)
+            if not progress_enabled():  # a log (a pipe, a file) gets a line per edit instead of a bar
+                info(f"[{done}/{total}] {description}")
 
         try:
             report = run_bench(
@@ -112,16 +142,24 @@ def bench(
                 model=source,
                 warmup=warmup,
                 repeats=repeats,
+                sync_check=sync_check,
                 progress=advance,
             )
         except BenchError as exc:
             raise UsageError(str(exc)) from None
     for message in unapplied_options(report):
         warn(message)
+    _show(report, report_table, json_output, save)
+
+
+def _show(report: dict[str, Any], table: Callable[[dict[str, Any]], Any], json_output: bool, save: Path | None) -> None:
+    """Save the JSON report if asked; then print it as JSON on stdout, or as a table on stderr."""
+    import json
+
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if json_output:
         emit_json(report)
     else:
-        console.print(report_table(report))
+        console.print(table(report))

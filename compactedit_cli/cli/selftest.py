@@ -15,33 +15,11 @@ from .flags import Device, Quiet, Verbose
 
 
 def environment() -> dict[str, object]:
-    """Versions and accelerator facts worth pasting into a bug report."""
-    import platform
+    """Versions and accelerator facts worth pasting into a bug report, one line each (the bench's report, flat)."""
+    from ..environment import environment_report
 
-    import diffusers
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    report: dict[str, object] = {
-        "compactedit": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "mps_available": torch.backends.mps.is_available(),
-        "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        report.update(
-            cuda_version=torch.version.cuda,
-            gpu=props.name,
-            gpu_memory_gb=round(props.total_memory / 1e9, 1),
-        )
-    return report
+    report = environment_report()
+    return {**report["versions"], **report["device"]}
 
 
 @handle_errors
