@@ -46,9 +46,9 @@ def test_download_list_info_remove(cli, hub, online):
     assert transformer["parameters"] > 10_000
     assert info["components"]["text_encoder"]["config"]["hidden_size"] == 64
 
-    assert cli("models", "remove", REPO).exit_code == 0
+    assert cli("models", "remove", REPO, "-y").exit_code == 0
     assert json.loads(cli("models", "list", "--json").stdout) == []
-    assert cli("models", "remove", REPO).exit_code == 4
+    assert cli("models", "remove", REPO, "-y").exit_code == 4
 
 
 def test_first_edit_downloads_a_missing_model(cli, hub, online, tmp_path):
@@ -117,9 +117,81 @@ def test_invalid_revisions_are_refused(cli, online, revision):
     assert result.exit_code == 2
 
 
-def test_offline_download_is_refused(cli, hf_cache):
+def test_offline_download_of_a_missing_model_is_a_model_error(cli, hf_cache):
     result = cli("models", "download", REPO, "--offline")
-    assert result.exit_code == 2 and "offline" in result.stderr
+    assert result.exit_code == 4 and result.stderr.count("error:") == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: model {REPO} is not in the Hugging Face cache")
+    assert "offline mode forbids downloading it" in result.stderr
+
+
+def test_offline_download_of_a_cached_model_verifies_it(cli, cached_model, hf_cache):
+    result = cli("models", "download", cached_model, "--offline")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(hf_cache / "models--acme--tiny-vibe" / "snapshots" / ("1" * 40))
+    assert "verified" in result.stderr
+    assert cli("models", "download", cached_model, "--offline", "--force").exit_code == 2
+
+
+def test_offline_download_finds_a_truncated_cached_model(cli, cached_model, hf_cache):
+    snapshot = hf_cache / "models--acme--tiny-vibe" / "snapshots" / ("1" * 40)
+    weights = (snapshot / WEIGHTS).resolve()
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = cli("models", "download", cached_model, "--offline")
+    assert result.exit_code == 4 and "--force" in result.stderr
+
+
+def _cached(cli) -> list[str]:
+    return [m["repo_id"] for m in json.loads(cli("models", "list", "--json").stdout)]
+
+
+def test_remove_without_a_terminal_needs_yes(cli, cached_model):
+    result = cli("models", "remove", cached_model)
+    assert result.exit_code == 2 and "-y" in result.stderr and result.stderr.count("\n") == 1
+    assert _cached(cli) == [cached_model]
+
+
+@pytest.mark.parametrize(("answer", "code", "kept"), [("n", 1, True), ("", 1, True), ("y", 0, False)])
+def test_remove_asks_on_a_terminal(cli, cached_model, answer, code, kept):
+    """A real process with a pseudo-terminal on stdin, answering the prompt."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "compactedit_cli", "models", "remove", cached_model],
+            stdin=follower,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.write(leader, f"{answer}\n".encode())
+        _, err = process.communicate(timeout=120)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert process.returncode == code, err
+    assert f"remove {cached_model} (1 revision(s)," in err
+    assert _cached(cli) == ([cached_model] if kept else [])
+
+
+@pytest.mark.parametrize("spec", ["foo", "vibe-distiled"])
+def test_info_with_an_owner_less_id_is_a_usage_error(cli, hf_cache, tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    result = cli("models", "info", spec)
+    assert result.exit_code == 2 and f"unknown model {spec!r}" in result.stderr
+
+
+def test_info_on_a_local_folder_named_without_a_slash(cli, tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "foo")
+    monkeypatch.chdir(tmp_path)
+    result = cli("models", "info", "foo", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == str(tmp_path / "foo")
 
 
 def test_info_on_a_local_folder(cli, tiny_checkpoint):

@@ -26,6 +26,7 @@ COMMANDS = [
     ["bench"],
     ["config"],
     ["config", "set"],
+    ["config", "get"],
 ]
 
 

@@ -12,14 +12,31 @@ from .batch import EXAMPLES as BATCH_EXAMPLES
 from .batch import batch
 from .bench import EXAMPLES as BENCH_EXAMPLES
 from .bench import bench
+from .common import Group
 from .edit import EXAMPLES as EDIT_EXAMPLES
 from .edit import edit
 from .selftest import selftest
 
+EPILOG = """Run 'compactedit COMMAND --help' for a command's options and examples. Weights live in the Hugging Face
+cache (HF_HOME, HF_HUB_CACHE); 'compactedit config path' shows where defaults are kept.
+
+\b
+Exit codes:
+  0    success
+  1    an edit failed at run time, or some batch items failed
+  2    usage: bad or conflicting options, empty instruction, bad manifest or config value
+  3    the input image cannot be used
+  4    the model is missing, incomplete, corrupt or not an editing model
+  5    the output cannot be written
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
+"""
+
 app = typer.Typer(
     name="compactedit",
+    cls=Group,
     help="Instruction-based image editing on the VIBE weights (Qwen3-VL-2B + Sana1.5-1.6B).",
-    epilog="Docs and exit codes: see README.md. Weights live in the Hugging Face cache (HF_HOME).",
+    epilog=EPILOG,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     pretty_exceptions_enable=False,

@@ -17,10 +17,10 @@ Examples:
 
   compactedit batch --manifest edits.jsonl -o out/ --batch-size 4
 
-  Each manifest line: {"image": "a.jpg", "instruction": "add a hat", "output"?: "a_hat.png", "seed"?: 1,
-  "steps"?: 20, "guidance"?: 4.5, "image_guidance"?: 1.2}. CSV with the same columns works too.
+  Each manifest line: {"image": "a.jpg", "instruction": "add a hat", and optionally "output": "a_hat.png",
+  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2}. CSV with the same columns works too.
 
-Exit status: 0 all items succeeded (or were already done), 1 some failed, 2 usage error.
+Exit status: 0 every item succeeded (or was already done), 1 some failed, otherwise as 'compactedit --help' lists.
 """
 
 
@@ -55,7 +55,7 @@ def batch(
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
     no_binning: opt.Binning = False,
-    fmt: opt.OutputFormat = None,
+    fmt: opt.BatchFormat = None,
     quality: opt.Quality = None,
     overwrite: opt.Overwrite = False,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no parameters into outputs.")] = False,

@@ -1,4 +1,5 @@
-"""What every command shares: the stderr console, error reporting with exit codes, signals, progress."""
+"""What every command shares: the stderr console, error reporting with exit codes, signals, progress, and the
+command group that turns Click's usage errors into compactedit's one-line errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from difflib import get_close_matches
+from typing import IO, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,6 +24,16 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+# Typer 0.29 vendors Click: these are the classes its parser raises (pinned in pyproject.toml).
+from typer._click.exceptions import (
+    BadParameter,
+    MissingParameter,
+    NoArgsIsHelpError,
+    NoSuchOption,
+)
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperGroup
 
 from ..errors import CompactEditError, ExitCode, OutOfMemoryError, internal_error, is_out_of_memory
 
@@ -40,10 +52,11 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 
 class Verbosity:
-    """-q / -v of the running command."""
+    """-q / -v / --json of the running command."""
 
     quiet = False
     verbose = False
+    json = False
 
 
 # Messages are never wrapped: one message, one line, whatever the terminal width (scripts grep stderr).
@@ -75,6 +88,7 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         Verbosity.quiet = bool(kwargs.get("quiet", False))
         Verbosity.verbose = bool(kwargs.get("verbose", False))
+        Verbosity.json = bool(kwargs.get("json_output", False))
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             with warnings.catch_warnings():
@@ -83,19 +97,19 @@ def handle_errors(fn: F) -> F:
         except typer.Exit:
             raise
         except CompactEditError as exc:
-            _report(exc, str(exc))
+            _report(exc, str(exc), exc.exit_code, type(exc).__name__)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            fail("interrupted")
+        except KeyboardInterrupt as exc:
+            _report(exc, "interrupted", ExitCode.INTERRUPTED, "Interrupted")
             raise typer.Exit(ExitCode.INTERRUPTED) from None
-        except Terminated:
-            fail("terminated")
+        except Terminated as exc:
+            _report(exc, "terminated", ExitCode.TERMINATED, "Terminated")
             raise typer.Exit(ExitCode.TERMINATED) from None
         except Exception as exc:
             if is_out_of_memory(exc):
-                _report(exc, str(OutOfMemoryError()))
+                _report(exc, str(OutOfMemoryError()), ExitCode.FAILED, OutOfMemoryError.__name__)
             else:
-                _report(exc, internal_error(exc))
+                _report(exc, internal_error(exc), ExitCode.FAILED, "InternalError")
                 if not Verbosity.verbose:
                     console.print("(run with -v for the traceback)", markup=False)
             raise typer.Exit(ExitCode.FAILED) from None
@@ -105,10 +119,18 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _report(exc: BaseException, message: str) -> None:
-    if Verbosity.verbose:
+def _report(exc: BaseException, message: str, code: int, kind: str) -> None:
+    if Verbosity.verbose and not isinstance(exc, (KeyboardInterrupt, Terminated)):
         traceback.print_exception(exc, file=sys.stderr)
     fail(message)
+    if Verbosity.json:
+        emit_json(error_object(message, code, kind))
+
+
+def error_object(message: str, code: int, kind: str) -> dict[str, Any]:
+    """What ``--json`` prints on stdout for a failure: the ``error:`` line's text, the exit code, and the kind
+    (the error class: ``UsageError``, ``InputImageError``, ``CheckpointError``, ``OutputError``, …)."""
+    return {"error": {"message": message, "code": code, "type": kind}}
 
 
 def progress_enabled() -> bool:
@@ -166,3 +188,113 @@ def emit_json(data: Any) -> None:
 
     sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+# ---- Click's usage errors as one line -----------------------------------------------------------------------
+
+
+class OneLineUsageError(ClickUsageError):
+    """A usage error Click found (bad number, unknown option, missing argument…), shown as compactedit shows its
+    own: one ``error:`` line on stderr, and with ``--json`` the error object on stdout. Exit 2."""
+
+    def __init__(self, message: str, json_requested: bool) -> None:
+        super().__init__(message)
+        self.json_requested = json_requested
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        fail(self.message)
+        if self.json_requested:
+            emit_json(error_object(self.message, self.exit_code, "UsageError"))
+
+
+class _UnknownCommandError(ClickUsageError):
+    """An unknown command name; its message is complete (it lists the close matches or the commands)."""
+
+
+def _option_name(param: Any) -> str:
+    """``--num-images`` for an option (its long name), ``IMAGE`` for an argument (its metavar)."""
+    if param.param_type_name == "argument":
+        return (param.metavar or param.name.upper()).strip("[].")
+    return max(param.opts, key=lambda opt: (opt.startswith("--"), len(opt)))
+
+
+def _sentence(text: str) -> str:
+    """Click's message as the tail of an ``error:`` line: lower-case start, no full stop."""
+    text = text.strip().rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def _bad_value(exc: BadParameter) -> str:
+    """A bad flag value in options.py's words (``--steps must be an integer (got 'x')``), not pydantic's."""
+    name = _option_name(exc.param)
+    errors = exc.__cause__.errors() if hasattr(exc.__cause__, "errors") else []
+    if not errors:
+        return f"{name}: {_sentence(exc.message)}"
+    kind, got = errors[0]["type"], errors[0].get("input")
+    if kind.startswith("int_"):
+        return f"{name} must be an integer (got {got!r})"
+    if kind.startswith(("float_", "finite_")):
+        return f"{name} must be a number (got {got!r})"
+    low, high = getattr(exc.param, "min", None), getattr(exc.param, "max", None)
+    if kind in ("greater_than_equal", "less_than_equal") and low is not None and high is not None:
+        return f"{name} must be between {low} and {high} (got {got})"
+    if kind == "greater_than_equal" and low is not None:
+        return f"{name} must be at least {low} (got {got})"
+    if kind == "less_than_equal" and high is not None:
+        return f"{name} must be at most {high} (got {got})"
+    return f"{name}: {_sentence(exc.message)}"
+
+
+def usage_message(exc: ClickUsageError) -> str:
+    """One line for a usage error Click raised, with a close match or where to look."""
+    see = f"; see {exc.ctx.command_path} --help" if exc.ctx is not None else ""
+    if isinstance(exc, NoSuchOption):
+        close = get_close_matches(exc.option_name, exc.possibilities or (), n=2, cutoff=0)
+        return f"unknown option {exc.option_name}" + (f" (did you mean {' or '.join(close)}?)" if close else see)
+    if isinstance(exc, MissingParameter) and exc.param is not None:
+        return f"missing {exc.param.param_type_name} {_option_name(exc.param)}{see}"
+    if isinstance(exc, BadParameter) and exc.param is not None:
+        return _bad_value(exc)
+    if isinstance(exc, _UnknownCommandError):
+        return exc.message
+    return _sentence(exc.format_message()) + see
+
+
+class Group(TyperGroup):
+    """compactedit's command groups: an unknown command gets close matches; at the root, every usage error Click
+    raises, at any depth, becomes one line (:func:`usage_message`) with exit 2, for the installed entry point and
+    for ``CliRunner().invoke(app, …)`` alike (both go through :meth:`main`)."""
+
+    json_errors = False
+
+    def main(self, args: Any = None, *rest: Any, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.json_errors = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+        return super().main(args, *rest, **extra)
+
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        with self._one_line(root=parent is None):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with self._one_line(root=ctx.parent is None):
+            return super().invoke(ctx)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
+            close = get_close_matches(name, list(self.commands), n=2)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"one of: {', '.join(self.commands)}"
+            raise _UnknownCommandError(f"unknown command {name!r} ({hint})", ctx)
+        return super().resolve_command(ctx, args)
+
+    @contextmanager
+    def _one_line(self, root: bool) -> Iterator[None]:
+        try:
+            yield
+        except (NoArgsIsHelpError, OneLineUsageError):  # the first prints the help, as asked
+            raise
+        except ClickUsageError as exc:
+            if not root:
+                raise
+            raise OneLineUsageError(usage_message(exc), self.json_errors) from exc

@@ -6,30 +6,51 @@ from typing import Annotated
 
 import typer
 
-from .common import emit_json, handle_errors
+from .common import Group, emit_json, handle_errors, info
 
 app = typer.Typer(
-    help="Show or change default settings (model, device, dtype, offload, output format).",
+    cls=Group,
+    help="Show or change default settings (model, device, dtype, offload, output format); flags always win.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
 
 Key = Annotated[str, typer.Argument(help="model, device, dtype, offload or output_format.", metavar="KEY")]
+Value = Annotated[
+    str,
+    typer.Argument(
+        help="model: alias, hub id or folder; device: auto, cpu, cuda, cuda:N or mps; dtype: auto, bf16, fp16 or "
+        "fp32; offload: none, model or sequential; output_format: png, jpg or webp. Checked as the flag is.",
+        metavar="VALUE",
+    ),
+]
 
 
 @app.command()
 @handle_errors
 def show() -> None:
-    """Print the saved defaults as JSON."""
+    """Print the config file's path and saved defaults as JSON."""
     from .. import config_file as settings
 
     emit_json({"path": str(settings.config_path()), "values": settings.load()})
 
 
+@app.command()
+@handle_errors
+def get(key: Key) -> None:
+    """Print the value in effect for KEY: the saved one, else the built-in default (said on stderr)."""
+    from .. import config_file as settings
+
+    value, saved = settings.get(key)
+    print(value)
+    if not saved:
+        info(f"({key} is not set: the built-in default)")
+
+
 @app.command("set")
 @handle_errors
-def set_(key: Key, value: Annotated[str, typer.Argument(metavar="VALUE")]) -> None:
-    """Save a default."""
+def set_(key: Key, value: Value) -> None:
+    """Save a default (checked now, as the flag would be); prints the config file's path."""
     from .. import config_file as settings
 
     print(settings.set_value(key, value))
@@ -38,7 +59,7 @@ def set_(key: Key, value: Annotated[str, typer.Argument(metavar="VALUE")]) -> No
 @app.command()
 @handle_errors
 def unset(key: Key) -> None:
-    """Forget a default."""
+    """Forget a default; prints the config file's path."""
     from .. import config_file as settings
 
     print(settings.unset_value(key))
@@ -46,7 +67,7 @@ def unset(key: Key) -> None:
 
 @app.command()
 def path() -> None:
-    """Print where the config file lives."""
+    """Print where the config file lives (it may not exist yet)."""
     from .. import config_file as settings
 
     print(settings.config_path())

@@ -41,7 +41,8 @@ def edit(
             "--output",
             "-o",
             metavar="OUT",
-            help="Output file (.png, .jpg, .webp), or - for stdout. Default: IMAGE_edited.png beside the input.",
+            help="Output file (.png, .jpg, .webp), or - for stdout (not a terminal). "
+            "Default: IMAGE_edited.EXT beside the input (EXT: see --format).",
             show_default=False,
         ),
     ] = None,
@@ -58,7 +59,7 @@ def edit(
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
     no_binning: opt.Binning = False,
-    fmt: opt.OutputFormat = None,
+    fmt: opt.EditFormat = None,
     quality: opt.Quality = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object describing the result to stdout.")
@@ -110,6 +111,8 @@ def edit(
     if image == "-" and output is None:
         raise UsageError("reading from stdin needs -o (a file, or - for stdout)")
     to_stdout = output == "-"
+    if to_stdout and sys.stdout.isatty():  # as curl does: image bytes would garble the terminal
+        raise UsageError("-o - writes image bytes, and stdout is a terminal: redirect it (> out.png) or name a file")
     if to_stdout and chosen.num_images > 1:
         raise UsageError("-o - writes one image; use a file name with --num-images")
     if to_stdout and json_output:

@@ -27,6 +27,7 @@ Steps = Annotated[
     int | None,
     typer.Option(
         "--steps",
+        metavar="N",
         help=f"Denoising steps, 1 to {options.MAX_STEPS}. [default: {options.DEFAULT_STEPS}]",
         rich_help_panel=GEN,
         show_default=False,
@@ -36,6 +37,7 @@ Guidance = Annotated[
     float | None,
     typer.Option(
         "--guidance",
+        metavar="G",
         help=f"Text guidance scale. [default: {options.DEFAULT_GUIDANCE}; 0 for a CFG-distilled model]",
         rich_help_panel=GEN,
         show_default=False,
@@ -45,6 +47,7 @@ ImageGuidance = Annotated[
     float | None,
     typer.Option(
         "--image-guidance",
+        metavar="G",
         help=f"Image guidance scale. [default: {options.DEFAULT_IMAGE_GUIDANCE}; 0 for a CFG-distilled model]",
         rich_help_panel=GEN,
         show_default=False,
@@ -54,6 +57,7 @@ Seed = Annotated[
     str | None,
     typer.Option(
         "--seed",
+        metavar="N|random",
         help=f"Integer seed (0 to {options.MAX_SEED}), or 'random' (printed). [default: {options.DEFAULT_SEED}]",
         rich_help_panel=GEN,
         show_default=False,
@@ -72,6 +76,7 @@ Model = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="MODEL",
         autocompletion=_choices("vibe", "vibe-distilled"),
         help=f"Alias (vibe, vibe-distilled), hub id, or local folder. [default: {options.DEFAULT_MODEL}]",
         rich_help_panel=MODEL,
@@ -80,7 +85,9 @@ Model = Annotated[
 ]
 Revision = Annotated[
     str | None,
-    typer.Option("--revision", help="Hub branch, tag or commit.", rich_help_panel=MODEL, show_default=False),
+    typer.Option(
+        "--revision", metavar="REV", help="Hub branch, tag or commit.", rich_help_panel=MODEL, show_default=False
+    ),
 ]
 Offline = Annotated[
     bool,
@@ -90,6 +97,7 @@ Device = Annotated[
     str | None,
     typer.Option(
         "--device",
+        metavar="DEVICE",
         autocompletion=_choices("auto", "cpu", "cuda", "mps"),
         help="auto, cpu, cuda, cuda:N or mps. [default: auto]",
         rich_help_panel=PERF,
@@ -100,6 +108,7 @@ Dtype = Annotated[
     str | None,
     typer.Option(
         "--dtype",
+        metavar="DTYPE",
         autocompletion=_choices("auto", "bf16", "fp16", "fp32"),
         help="auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32. [default: auto]",
         rich_help_panel=PERF,
@@ -110,6 +119,7 @@ Offload = Annotated[
     str | None,
     typer.Option(
         "--offload",
+        metavar="MODE",
         autocompletion=_choices("none", "model", "sequential"),
         help="none, model (for GPUs under 24 GB) or sequential (slowest, least memory). [default: none]",
         rich_help_panel=PERF,
@@ -132,12 +142,26 @@ CudaGraphs = Annotated[
         rich_help_panel=PERF,
     ),
 ]
-OutputFormat = Annotated[
+EditFormat = Annotated[
     str | None,
     typer.Option(
         "--format",
+        metavar="FORMAT",
         autocompletion=_choices("png", "jpg", "webp"),
-        help="png, jpg or webp. [default: from the output's extension; png for batch]",
+        help="png, jpg or webp. [default: OUT's extension; without -o, or with -o -, the config's output_format, "
+        "else png]",
+        rich_help_panel=OUT,
+        show_default=False,
+    ),
+]
+BatchFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        metavar="FORMAT",
+        autocompletion=_choices("png", "jpg", "webp"),
+        help="png, jpg or webp, for outputs the manifest does not name. [default: the config's output_format, "
+        "else png]",
         rich_help_panel=OUT,
         show_default=False,
     ),
@@ -146,6 +170,7 @@ Quality = Annotated[
     int | None,
     typer.Option(
         "--quality",
+        metavar="Q",
         help=f"JPEG/WebP quality, 1 to {options.MAX_QUALITY}. [default: {options.DEFAULT_QUALITY}]",
         rich_help_panel=OUT,
         show_default=False,
@@ -163,6 +188,7 @@ NumImages = Annotated[
     typer.Option(
         "--num-images",
         "-n",
+        metavar="N",
         help=f"Outputs to make, 1 to {options.MAX_NUM_IMAGES}; written as OUT-1, OUT-2, …",
         rich_help_panel=GEN,
     ),
@@ -171,6 +197,7 @@ BatchSize = Annotated[
     int,
     typer.Option(
         "--batch-size",
+        metavar="N",
         help=f"Same-size images edited together on the GPU, 1 to {options.MAX_BATCH_SIZE}.",
         rich_help_panel=PERF,
     ),
@@ -206,17 +233,41 @@ def model_options(
     compile_: bool,
     cuda_graphs: bool = False,
 ) -> options.ModelOptions:
-    """Flags first, then the config file, then built-in defaults."""
+    """Flags first, then the config file, then built-in defaults; an error a saved value causes names its key and
+    the file."""
     from .. import config_file
+    from ..errors import CompactEditError
 
     saved = config_file.load()
-    return options.ModelOptions(
-        model=model or saved.get("model", options.DEFAULT_MODEL),
-        revision=revision,
-        device=options.device(device) if device else saved.get("device", "auto"),
-        dtype=options.dtype(dtype) if dtype else saved.get("dtype", "auto"),
-        offline=offline,
-        offload=options.offload(offload) if offload else saved.get("offload", "none"),
-        compile=compile_,
-        cuda_graphs=cuda_graphs,
-    )
+    if model is None and "model" in saved:
+        from ..loading.hub import parse_model
+
+        try:
+            parse_model(saved["model"])
+        except CompactEditError as exc:
+            raise config_file.blame("model", exc) from None
+    try:
+        return options.ModelOptions(
+            model=model or saved.get("model", options.DEFAULT_MODEL),
+            revision=revision,
+            device=options.device(device) if device else saved.get("device", "auto"),
+            dtype=options.dtype(dtype) if dtype else saved.get("dtype", "auto"),
+            offline=offline,
+            offload=options.offload(offload) if offload else saved.get("offload", "none"),
+            compile=compile_,
+            cuda_graphs=cuda_graphs,
+        )
+    except CompactEditError as exc:
+        if offload is None and saved.get("offload", "none") != "none":  # --cuda-graphs with a saved offload
+            raise config_file.blame("offload", exc) from None
+        raise
+
+
+def default_format(explicit: str | None) -> str:
+    """The format of an output whose name does not give one (edit without -o or with -o -, batch's default
+    names): ``--format``, else the config file's ``output_format``, else png."""
+    from .. import config_file
+
+    if explicit is not None:
+        return options.output_format_name(explicit)
+    return config_file.load().get("output_format", options.DEFAULT_FORMAT)

@@ -6,20 +6,20 @@ from typing import Annotated
 
 import typer
 
-from .common import console, emit_json, handle_errors, info
+from .common import Group, console, emit_json, handle_errors, info
 from .flags import Offline, Quiet, Revision, Verbose
 
 app = typer.Typer(
+    cls=Group,
     help="Download, list, inspect and remove models (kept in the Hugging Face cache: HF_HOME / HF_HUB_CACHE).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
 
-ModelArg = Annotated[
+HubModel = Annotated[str, typer.Argument(help="Alias (vibe, vibe-distilled) or hub id (owner/name).", metavar="MODEL")]
+AnyModel = Annotated[
     str,
-    typer.Argument(
-        help="Alias (vibe, vibe-distilled), hub id (owner/name) or, for info, a local folder.", metavar="MODEL"
-    ),
+    typer.Argument(help="Alias (vibe, vibe-distilled), hub id (owner/name) or local folder.", metavar="MODEL"),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
@@ -43,14 +43,19 @@ def _count(n: int) -> str:
 @app.command()
 @handle_errors
 def download(
-    model: Annotated[str, typer.Argument(help="Alias or hub id. [default: vibe]", metavar="MODEL")] = "vibe",
+    model: Annotated[
+        str, typer.Argument(help="Alias (vibe, vibe-distilled) or hub id (owner/name).", metavar="MODEL")
+    ] = "vibe",
     revision: Revision = None,
     force: Annotated[bool, typer.Option("--force", help="Download again even if cached (repairs a cache).")] = False,
     offline: Offline = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Download a model into the Hugging Face cache (resumes an interrupted download) and verify it."""
+    """Download a model into the Hugging Face cache (resumes an interrupted download) and verify it.
+
+    With --offline (or HF_HUB_OFFLINE=1) nothing is downloaded: the cached copy is verified.
+    """
     import os
 
     from ..loading.hub import download as fetch
@@ -59,8 +64,10 @@ def download(
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     ref = parse_model(model, revision)
-    info(f"downloading {ref.repo_id or ref.spec}" + (f" at {revision}" if revision else ""))
-    resolved = fetch(ref, force=force, offline=is_offline(offline))
+    offline = is_offline(offline)
+    action = "verifying the cached" if offline else "downloading"
+    info(f"{action} {ref.repo_id or ref.spec}" + (f" at {revision}" if revision else ""))
+    resolved = fetch(ref, force=force, offline=offline)
     info(f"verified {resolved.label()}")
     print(resolved.path)
 
@@ -91,23 +98,38 @@ def list_models(json_output: Json = False, quiet: Quiet = False, verbose: Verbos
 @app.command()
 @handle_errors
 def remove(
-    model: ModelArg,
+    model: HubModel,
     revision: Revision = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Remove a model's cached files (all revisions, or one with --revision)."""
-    from ..loading.hub import parse_model
-    from ..loading.hub import remove as delete
+    """Remove a model's cached files (all revisions, or one with --revision), after asking (unless -y)."""
+    import sys
 
-    freed = delete(parse_model(model, revision))
+    from ..errors import ExitCode, UsageError
+    from ..loading.hub import parse_model, removal
+
+    plan = removal(parse_model(model, revision))
+    what = f"{plan.ref.repo_id} ({len(plan.commits)} revision(s), {_size(plan.size_bytes)})"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"removing {what} needs confirming: pass -y (stdin is not a terminal to ask on)")
+        try:
+            confirmed = typer.confirm(f"remove {what}?", default=False, err=True)
+        except typer.Abort:  # end of input or Ctrl-C at the prompt: a no
+            confirmed = False
+        if not confirmed:
+            info("nothing removed")
+            raise typer.Exit(ExitCode.FAILED)
+    freed = plan.execute()
     info(f"removed {model}, freed {_size(freed)}")
 
 
 @app.command("info")
 @handle_errors
 def model_info(
-    model: ModelArg,
+    model: AnyModel,
     revision: Revision = None,
     json_output: Json = False,
     quiet: Quiet = False,

@@ -192,12 +192,22 @@ def resolve(ref: ModelRef, *, offline: bool = False, download: bool = True) -> R
 
 
 def download(ref: ModelRef, *, force: bool = False, offline: bool = False) -> ResolvedModel:
-    """Fetch (or resume fetching) a hub model into the HF cache, then verify it."""
+    """Fetch (or resume fetching) a hub model into the HF cache, then verify it; offline, verify the cached copy
+    (a model that is not cached is then a model error naming what to do)."""
     if ref.repo_id is None:
         raise UsageError(f"{ref.spec} is a local folder; only hub models are downloaded")
+    if offline and force:
+        raise UsageError("--force downloads again, which offline mode (HF_HUB_OFFLINE / --offline) forbids")
     if offline:
-        raise UsageError("cannot download in offline mode (HF_HUB_OFFLINE / --offline)")
-    snapshot = _snapshot(ref, local_only=False, force=force)
+        try:
+            snapshot = _snapshot(ref, local_only=True)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"model {ref.spec} is not in the Hugging Face cache, and offline mode forbids downloading it",
+                hint="download it online: without --offline, with HF_HUB_OFFLINE unset",
+            ) from exc
+    else:
+        snapshot = _snapshot(ref, local_only=False, force=force)
     verify(ref, snapshot)
     return ResolvedModel(ref, snapshot, _commit_of(snapshot))
 
@@ -272,8 +282,24 @@ def list_cached() -> list[CachedModel]:
     return sorted(found, key=lambda m: (m.repo_id, m.commit))
 
 
-def remove(ref: ModelRef) -> int:
-    """Delete a hub model's cached revisions (one if ``ref.revision`` is a commit or ref); returns bytes freed."""
+@dataclass(frozen=True)
+class Removal:
+    """What removing a model would delete, so it can be shown (and confirmed) before anything goes."""
+
+    ref: ModelRef
+    commits: tuple[str, ...]
+    size_bytes: int
+    _strategy: Any
+
+    def execute(self) -> int:
+        """Delete the revisions; returns the bytes freed."""
+        self._strategy.execute()
+        return self.size_bytes
+
+
+def removal(ref: ModelRef) -> Removal:
+    """The cached revisions of a hub model that ``remove`` would delete (one if ``ref.revision`` is a commit or
+    ref), and their size; nothing is deleted yet."""
     if ref.repo_id is None:
         raise UsageError(f"{ref.spec} is a local folder; compactedit only removes what it cached")
     info = _scan()
@@ -288,8 +314,7 @@ def remove(ref: ModelRef) -> int:
     if not revisions:
         raise CheckpointError(f"revision {ref.revision} of {ref.repo_id} is not in the cache")
     strategy = info.delete_revisions(*revisions)
-    strategy.execute()
-    return strategy.expected_freed_size
+    return Removal(ref, tuple(sorted(revisions)), strategy.expected_freed_size, strategy)
 
 
 def describe(path: Path) -> dict[str, Any]:
