@@ -8,6 +8,8 @@ outcome, which ``test_corpus.py`` checks through both ``compactedit edit`` and `
 from __future__ import annotations
 
 import io
+import os
+import socket
 import struct
 import zlib
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 Generator = Callable[[Path], Path]
@@ -169,19 +172,19 @@ def empty_file(folder: Path) -> Path:
     return _write(folder, "empty.jpg", b"")
 
 
-def _encoded(image: Image.Image, fmt: str) -> bytes:
+def encoded(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
 
 
 def truncated_png(folder: Path) -> Path:
-    data = _encoded(noise((96, 64)), "PNG")
+    data = encoded(noise((96, 64)), "PNG")
     return _write(folder, "truncated.png", data[: len(data) // 2])
 
 
 def truncated_jpeg(folder: Path) -> Path:
-    data = _encoded(noise((96, 64)), "JPEG")
+    data = encoded(noise((96, 64)), "JPEG")
     return _write(folder, "truncated.jpg", data[: len(data) // 2])
 
 
@@ -189,20 +192,88 @@ def text_named_png(folder: Path) -> Path:
     return _write(folder, "notes.png", b"shopping list: eggs, milk\n")
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
+def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_head(size: tuple[int, int], bit_depth: int = 8, colour_type: int = 2) -> bytes:
+    """A PNG's signature and IHDR chunk: all Pillow needs to know the format and the size."""
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", *size, bit_depth, colour_type, 0, 0, 0))
 
 
 def bomb_png(folder: Path, size: tuple[int, int] = (50_000, 50_000)) -> Path:
     """A valid PNG header claiming ``size`` pixels over a few bytes of data: decoding it would take 7.5 GB."""
-    header = struct.pack(">IIBBBBB", *size, 8, 2, 0, 0, 0)
-    data = (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + _chunk(b"IEND", b"")
-    )
+    data = png_head(size) + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + png_chunk(b"IEND", b"")
     return _write(folder, "bomb.png", data)
+
+
+def _with_chunks(before_idat: bytes = b"", after_idat: bytes = b"") -> bytes:
+    """A small valid PNG with extra chunks spliced in before its first IDAT and before IEND."""
+    data = encoded(noise((96, 64)), "PNG")
+    idat, iend = data.index(b"IDAT") - 4, data.index(b"IEND") - 4
+    return data[:idat] + before_idat + data[idat:iend] + after_idat + data[iend:]
+
+
+# Text that inflates past Pillow's one-chunk limit (PngImagePlugin.MAX_TEXT_CHUNK, 1 MiB) from about 2 KB.
+_INFLATING = zlib.compress(b"\0" * 4_000_000, 9)
+
+
+def ztxt_bomb(folder: Path) -> Path:
+    """A zTXt comment before the pixels (read with the header) that inflates to 4 MB."""
+    return _write(folder, "ztxt-bomb.png", _with_chunks(png_chunk(b"zTXt", b"Comment\0\0" + _INFLATING)))
+
+
+def xmp_itxt_bomb(folder: Path) -> Path:
+    """Compressed XMP in an iTXt chunk after the pixels (read when the pixels are decoded)."""
+    xmp = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0" + _INFLATING)
+    return _write(folder, "xmp-bomb.png", _with_chunks(after_idat=xmp))
+
+
+def text_over_budget(folder: Path) -> Path:
+    """70 zTXt chunks of 1 MB each: every one within Pillow's chunk limit, together over its 64 MiB text budget."""
+    one = zlib.compress(b"a" * 1_000_000, 9)
+    chunks = b"".join(png_chunk(b"zTXt", b"note%d\0\0" % n + one) for n in range(70))
+    return _write(folder, "text-budget.png", _with_chunks(chunks))
+
+
+def sparse_2gb(folder: Path) -> Path:
+    """``truncate -s 2G big.png``: 2 GiB of zeros that take no disk space, over the default byte limit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "big.png"
+    with path.open("wb") as handle:
+        handle.truncate(2 * 1024**3)
+    return path
+
+
+def fifo(folder: Path) -> Path:
+    """A named pipe with no writer: opening it for reading the usual way would wait for ever."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes on this platform")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pipe.png"
+    os.mkfifo(path)
+    return path
+
+
+def device(folder: Path) -> Path:
+    """A link to /dev/zero, an endless character device."""
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero on this platform")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "zero.png"
+    path.symlink_to("/dev/zero")
+    return path
+
+
+def unix_socket(folder: Path) -> Path:
+    """A Unix socket file (left behind by a closed socket)."""
+    if not hasattr(socket, "AF_UNIX"):
+        pytest.skip("no Unix sockets on this platform")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sock.png"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+    return path
 
 
 # ---- the documented outcomes --------------------------------------------------------------------------------------
@@ -256,10 +327,17 @@ IMAGE_CASES = [
     ImageCase("aspect-8-to-1", wide_8x1, Works((384, 48), binning=True, model_size=(1024, 256))),
     ImageCase("non-ascii-name", non_ascii_name, Works((96, 64))),
     ImageCase("missing-file", missing_file, Fails(3, "no such file")),
-    ImageCase("directory", directory, Fails(3, "is a directory")),
+    ImageCase("directory", directory, Fails(3, "is a directory, not an image file")),
     ImageCase("empty-file", empty_file, Fails(3, "is empty")),
     ImageCase("truncated-png", truncated_png, Fails(3, "truncated or corrupt")),
     ImageCase("truncated-jpeg", truncated_jpeg, Fails(3, "truncated or corrupt")),
     ImageCase("text-named-png", text_named_png, Fails(3, "not a recognised image")),
     ImageCase("decompression-bomb", bomb_png, Fails(3, "50000x50000 (2,500,000,000 pixels), over the limit")),
+    ImageCase("ztxt-metadata-bomb", ztxt_bomb, Fails(3, "text metadata (zTXt, iTXt or XMP) over Pillow's")),
+    ImageCase("xmp-itxt-metadata-bomb", xmp_itxt_bomb, Fails(3, "text metadata (zTXt, iTXt or XMP) over Pillow's")),
+    ImageCase("text-chunks-over-budget", text_over_budget, Fails(3, "text metadata (zTXt, iTXt or XMP) over")),
+    ImageCase("sparse-2gb-file", sparse_2gb, Fails(3, "big.png is 2,147,483,648 bytes, over the limit of")),
+    ImageCase("fifo", fifo, Fails(3, "is a FIFO (named pipe), not an image file")),
+    ImageCase("character-device", device, Fails(3, "is a character device, not an image file")),
+    ImageCase("unix-socket", unix_socket, Fails(3, "is a socket, not an image file")),
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_photo
-from corpus import IMAGE_CASES, Fails, ImageCase, Works, large_photo, marked
+from corpus import IMAGE_CASES, Fails, ImageCase, Works, fifo, large_photo, marked, sparse_2gb, ztxt_bomb
 from PIL import Image
 
 from compactedit_cli.files import metadata as meta_io
@@ -51,8 +51,15 @@ def finished(result, out_dir: Path, output: str, before: set[Path]) -> Run:
     return Run(result.exit_code, result.stderr, out_dir / output, records[0] if records else None, created)
 
 
-def _digest(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+def _digest(path: Path) -> tuple | None:
+    """Size, modification time and a hash of the first 16 MiB: any write shows, and a sparse 2 GiB input costs
+    no 2 GiB read. Not a regular file (a FIFO, a device): None."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        head = hashlib.sha256(handle.read(16 * 1024 * 1024)).hexdigest()
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns, head
 
 
 def _records(out_dir: Path) -> list[dict]:
@@ -146,6 +153,32 @@ def test_image_corpus(cli, tiny_checkpoint, tmp_path, case: ImageCase, mode):
     else:
         assert_works(done, mode, outcome, source)
     assert _digest(source) == before
+
+
+def test_bad_images_fail_alone_in_a_batch(cli, tiny_checkpoint, tmp_path):
+    """Bad inputs between good ones (a metadata bomb, a FIFO, a 2 GiB sparse file): each fails as its own item, the
+    good ones around them are edited, and results.jsonl has a line for every item."""
+    inputs = tmp_path / "inputs"
+    sources = [
+        make_photo(inputs / "first.png", (96, 64)),
+        ztxt_bomb(inputs),
+        fifo(inputs),
+        sparse_2gb(inputs),
+        make_photo(inputs / "last.png", (96, 64), seed=1),
+    ]
+    manifest = inputs / "manifest.jsonl"
+    lines = [
+        {"image": str(source), "instruction": INSTRUCTION, "output": f"{n}.png"} for n, source in enumerate(sources)
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    out_dir = tmp_path / "out"
+    result = cli("batch", "--manifest", manifest, "-o", out_dir, "-m", tiny_checkpoint, *FAST, "--no-binning")
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    status = {Path(r["input"]).name: r["status"] for r in _records(out_dir)}
+    assert status == {"first.png": "ok", "ztxt-bomb.png": "failed", "pipe.png": "failed", "big.png": "failed",
+                      "last.png": "ok"}  # fmt: skip
+    assert sorted(p.name for p in out_dir.glob("*.png")) == ["0.png", "4.png"]
 
 
 # ---- instructions -------------------------------------------------------------------------------------------------

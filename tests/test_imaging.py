@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compactedit_cli.files.imaging import normalise, open_image, restore_geometry
+from compactedit_cli.errors import InputImageError
+from compactedit_cli.files.imaging import as_source, normalise, open_image, restore_geometry
 
 
 def _marked(width: int = 40, height: int = 24) -> Image.Image:
@@ -134,3 +135,65 @@ def test_temporaries_of_live_writers_are_kept(tmp_path):
     assert live.exists() and not dead.exists() and not legacy.exists()
     write_atomic(tmp_path / "out.bin", b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.bin"])
+
+
+def _saved(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+FUZZED_FORMATS = {
+    "PNG": {},
+    "JPEG": {},
+    "GIF": {},
+    "WEBP": {},
+    "TIFF": {},
+    "TIFF-LZW": {"compression": "tiff_lzw"},
+    "BMP": {},
+    "ICO": {},
+    "TGA": {},
+    "PPM": {},
+    "PCX": {},
+    "SGI": {},
+    "QOI": {},
+    "IM": {},
+}
+
+
+@pytest.mark.parametrize("name", list(FUZZED_FORMATS))
+def test_any_decoder_failure_is_one_input_image_error(name):
+    """Damaged files of many formats (bytes changed in the header or anywhere, or cut short): each either opens or
+    is one InputImageError line naming the input; Pillow's ValueError, TypeError, struct.error and the like used to
+    escape as internal errors."""
+    rng = np.random.default_rng(sorted(FUZZED_FORMATS).index(name))
+    pixels = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    original = _saved(pixels, name.split("-")[0], **FUZZED_FORMATS[name])
+    for attempt in range(100):
+        data = bytearray(original)
+        reach = 200 if attempt % 2 else len(data)  # half the damage in the header, where parsers trip
+        for _ in range(int(rng.integers(1, 6))):
+            data[int(rng.integers(0, min(len(data), reach)))] = int(rng.integers(0, 256))
+        if attempt % 5 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        try:
+            open_image(bytes(data))
+        except InputImageError as exc:
+            assert str(exc).startswith("<stdin> ") and "\n" not in str(exc)
+
+
+def test_a_stream_opens_like_its_bytes():
+    data = _saved(_marked(), "PNG")
+    from_stream = open_image(io.BufferedReader(io.BytesIO(data)))
+    assert np.array_equal(np.asarray(from_stream.rgb), np.asarray(open_image(data).rgb))
+    with pytest.raises(InputImageError, match="<stdin> is empty"):
+        open_image(io.BytesIO(b""))
+
+
+def test_a_pil_image_that_fails_to_load_is_an_input_image_error(tmp_path):
+    """``as_source`` (the Python API) given a lazily opened image whose pixels are cut short."""
+    path = tmp_path / "cut.png"
+    data = _saved(Image.effect_noise((64, 64), 60), "PNG")
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as image, pytest.raises(InputImageError, match="the image cannot be normalised"):
+        as_source(image)

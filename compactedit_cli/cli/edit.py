@@ -130,7 +130,7 @@ def edit(
     )
 
     # Everything the user can get wrong is checked before the engine is imported.
-    source = open_image(sys.stdin.buffer.read() if image == "-" else Path(image))
+    source = open_image(sys.stdin.buffer if image == "-" else Path(image))
     paths = [] if out_path is None else numbered(out_path, chosen.num_images)
     check_outputs(paths, inputs=[] if image == "-" else [Path(image)], overwrite=overwrite)
 

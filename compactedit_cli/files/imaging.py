@@ -11,13 +11,16 @@ import contextlib
 import errno
 import io
 import os
+import stat
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from ..errors import DiskFullError, InputImageError, OutputError, UsageError
 from ..options import DEFAULT_QUALITY
@@ -25,21 +28,45 @@ from ..options import DEFAULT_QUALITY
 # Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 120_000_000
 
+# The byte limit (COMPACTEDIT_MAX_BYTES) follows the pixel limit: an image at the pixel limit stored without any
+# compression at 8-bit RGBA or CMYK (BMP, TIFF, PPM, PNG's stored blocks) takes 4 bytes a pixel, and compressed
+# formats take fewer, so only an uncompressed high-bit-depth file needs the variable. The allowance is the most text
+# metadata Pillow reads from one PNG (MAX_TEXT_MEMORY), so the byte limit never refuses what Pillow would accept.
+BYTES_PER_PIXEL = 4
+METADATA_ALLOWANCE = PngImagePlugin.MAX_TEXT_MEMORY
+
+STDIN = "<stdin>"
+_CHUNK = 64 * 1024  # stdin is read this much at a time, only as far as Pillow asks
+_SPOOL_IN_MEMORY = 8 * 1024 * 1024  # stdin kept past this goes to a temporary file, so memory stays bounded
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
+_BYTES_HINT = "raise it with COMPACTEDIT_MAX_BYTES if the file is trusted"
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _env_limit(variable: str, default: int) -> int:
+    """A positive integer from the environment; anything else is a usage error (exit 2), not a silent default."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    try:
+        limit = int(value)
+    except ValueError:
+        raise UsageError(f"{variable} must be an integer, got {value!r}") from None
+    if limit <= 0:
+        raise UsageError(f"{variable} must be positive, got {limit}")
+    return limit
 
 
 def max_pixels_limit() -> int:
     """The decompression-bomb limit in pixels (env ``COMPACTEDIT_MAX_PIXELS`` overrides the default)."""
-    value = os.environ.get("COMPACTEDIT_MAX_PIXELS")
-    if value is None:
-        return DEFAULT_MAX_PIXELS
-    try:
-        limit = int(value)
-    except ValueError:
-        raise UsageError(f"COMPACTEDIT_MAX_PIXELS must be an integer, got {value!r}") from None
-    if limit <= 0:
-        raise UsageError(f"COMPACTEDIT_MAX_PIXELS must be positive, got {limit}")
-    return limit
+    return _env_limit("COMPACTEDIT_MAX_PIXELS", DEFAULT_MAX_PIXELS)
+
+
+def max_bytes_limit(max_pixels: int | None = None) -> int:
+    """The most bytes an input file or stdin may hold (env ``COMPACTEDIT_MAX_BYTES``; else from the pixel limit)."""
+    pixels = max_pixels or max_pixels_limit()
+    return _env_limit("COMPACTEDIT_MAX_BYTES", pixels * BYTES_PER_PIXEL + METADATA_ALLOWANCE)
 
 
 @dataclass
@@ -81,53 +108,196 @@ def normalise(image: Image.Image) -> SourceImage:
     return SourceImage(image.convert("RGB") if image.mode != "RGB" else image, None, notes)
 
 
-def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> SourceImage:
-    """Decode a file (or bytes) into a :class:`SourceImage`; every failure is a one-line InputImageError."""
-    limit = max_pixels or max_pixels_limit()
-    if isinstance(source, bytes):
-        name, handle = "<stdin>", io.BytesIO(source)
-        if not source:
-            raise InputImageError("the image on stdin is empty")
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.exists():
-            raise InputImageError(f"no such file: {name}")
-        if path.is_dir():
-            raise InputImageError(f"{name} is a directory, not an image")
-        if path.stat().st_size == 0:
-            raise InputImageError(f"{name} is empty")
-        handle = io.BytesIO(path.read_bytes())
+def open_image(
+    source: str | Path | bytes | BinaryIO, max_pixels: int | None = None, max_bytes: int | None = None
+) -> SourceImage:
+    """Decode a file, bytes or a one-way stream (stdin) into a :class:`SourceImage`.
+
+    Nothing is read whole before its header is checked: a file is refused by its size (and a FIFO, device, socket
+    or folder by its kind) before it is read, and a stream is read only as far as Pillow asks, up to the byte
+    limit. Every failure, whatever Pillow or the system raised, is a one-line InputImageError naming the input.
+    """
+    pixels = max_pixels or max_pixels_limit()
+    limit = max_bytes or max_bytes_limit(pixels)
     # Pillow's own warnings ("Corrupt EXIF data") become one-line notes on the image instead of stderr noise.
-    with warnings.catch_warnings(record=True) as caught:
+    with _opened(source, limit) as (handle, name), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        source = _decode(handle, name, limit)
-    notes = (str(w.message).strip().splitlines() for w in caught if w.category is not Image.DecompressionBombWarning)
-    source.warnings.extend(dict.fromkeys(f"{name}: {lines[0]}" for lines in notes if lines))
-    return source
+        image = _decode(handle, name, pixels)
+    notes = (str(w.message).strip().splitlines() for w in caught)
+    image.warnings.extend(dict.fromkeys(f"{name}: {lines[0]}" for lines in notes if lines))
+    return image
 
 
-def _decode(handle: io.BytesIO, name: str, limit: int) -> SourceImage:
+@contextlib.contextmanager
+def _opened(source: str | Path | bytes | BinaryIO, limit: int) -> Iterator[tuple[BinaryIO, str]]:
+    """A seekable handle on ``source`` for Pillow, and the name errors give it."""
+    if isinstance(source, bytes):
+        _check_size(len(source), limit, STDIN)
+        yield io.BytesIO(source), STDIN
+    elif isinstance(source, (str, Path)):
+        with _open_file(Path(source), limit) as handle:
+            yield handle, str(source)
+    else:
+        with _Spool(source, limit) as handle:
+            if not handle.read(1):
+                raise InputImageError(f"{STDIN} is empty")
+            handle.seek(0)
+            yield handle, STDIN  # type: ignore[misc]
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular file is (None for a regular file)."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _check_kind(mode: int, name: str) -> None:
+    kind = _kind(mode)
+    if kind is not None:
+        raise InputImageError(f"{name} is {kind}, not an image file")
+
+
+def _check_size(size: int, limit: int, name: str) -> None:
+    if size == 0:
+        raise InputImageError(f"{name} is empty")
+    if size > limit:
+        raise InputImageError(f"{name} is {size:,} bytes, over the limit of {limit:,} bytes", hint=_BYTES_HINT)
+
+
+def _open_file(path: Path, limit: int) -> BinaryIO:
+    """``path`` opened for reading once its kind and size are known to be an image's; its bytes are not read yet.
+
+    The kind is checked before opening (opening a socket fails oddly) and again on the open file, which a
+    non-blocking open makes safe even if a FIFO replaced the file meanwhile.
+    """
+    name = str(path)
+    try:
+        _check_kind(path.stat().st_mode, name)
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise InputImageError(f"no such file: {name}") from None
+    except OSError as exc:
+        raise InputImageError(f"cannot open {name}: {exc.strerror or exc}") from None
+    handle = os.fdopen(fd, "rb")  # O_NONBLOCK does not change reads of a regular file
+    try:
+        info = os.fstat(fd)
+        _check_kind(info.st_mode, name)
+        _check_size(info.st_size, limit, name)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+class _Spool(io.RawIOBase):
+    """A one-way stream (stdin) made seekable for Pillow, read only as far as Pillow asks.
+
+    So the header is checked before the body is read, and a stream that is not an image is refused after a few
+    kilobytes. What was read is kept (in memory, then in a temporary file) up to ``limit`` bytes; reading past it
+    raises the byte-limit error at once.
+    """
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        super().__init__()
+        self._stream = stream
+        self._limit = limit
+        self._kept = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 (closed by close)
+        self._size = 0  # bytes read from the stream so far (all kept)
+        self._ended = False
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            self._fill(None)
+            offset += self._size
+        elif whence == io.SEEK_CUR:
+            offset += self._position
+        if offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        self._position = offset
+        return offset
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        self._fill(self._position + len(buffer))
+        self._kept.seek(self._position)
+        count = self._kept.readinto(buffer)
+        self._position += count
+        return count
+
+    def _fill(self, end: int | None) -> None:
+        """Read the stream until ``end`` bytes are kept or it ends (``None``: until it ends)."""
+        while not self._ended and (end is None or self._size < end):
+            data = self._stream.read(min(_CHUNK, self._limit + 1 - self._size))
+            if not data:
+                self._ended = True
+                return
+            self._kept.seek(self._size)
+            self._kept.write(data)
+            self._size += len(data)
+            if self._size > self._limit:
+                raise InputImageError(f"{STDIN} is over the limit of {self._limit:,} bytes", hint=_BYTES_HINT)
+
+    def close(self) -> None:
+        self._kept.close()
+        super().close()
+
+
+def _failure(exc: Exception, name: str, what: str) -> InputImageError:
+    """The one-line error for anything ``exc`` raised while reading ``name``; ``what`` says which stage failed."""
+    if isinstance(exc, InputImageError):  # already ours (the stream's byte limit)
+        return exc
+    detail = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+    # Pillow names its PNG text limits (MAX_TEXT_CHUNK, MAX_TEXT_MEMORY) in these errors. The pixels may be fine,
+    # but the file is refused rather than read without its text: Pillow skips such text only under
+    # LOAD_TRUNCATED_IMAGES, which would also let truncated pixels through, and text that inflates a thousandfold is
+    # an attack more often than a photo (README, "Errors and exit codes").
+    if isinstance(exc, MemoryError):
+        return InputImageError(f"{name} is too large to decode in the memory available")
+    if isinstance(exc, ValueError) and "MAX_TEXT" in detail:
+        return InputImageError(f"{name} has text metadata (zTXt, iTXt or XMP) over Pillow's size limits ({detail})")
+    return InputImageError(f"{name} {what} ({detail})")
+
+
+def _decode(handle: BinaryIO, name: str, limit: int) -> SourceImage:
+    """Header, pixel limit, then pixels: anything but an interrupt becomes an InputImageError."""
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked before decoding
     try:
-        image = Image.open(handle)
-    except Image.UnidentifiedImageError:
-        raise InputImageError(f"{name} is not a recognised image file") from None
-    except OSError as exc:
-        raise InputImageError(f"cannot read {name}: {exc}") from None
+        try:
+            image = Image.open(handle)
+        except Image.UnidentifiedImageError:
+            raise InputImageError(f"{name} is not a recognised image file") from None
+        except Exception as exc:
+            raise _failure(exc, name, "cannot be read") from None
+        width, height = image.size
+        if width * height > limit:
+            raise InputImageError(
+                f"{name} is {width}x{height} ({width * height:,} pixels), over the limit of {limit:,}",
+                hint="raise it with COMPACTEDIT_MAX_PIXELS if the file is trusted",
+            )
+        try:
+            image.load()
+            return normalise(image)
+        except Exception as exc:
+            raise _failure(exc, name, "is truncated or corrupt") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
-    width, height = image.size
-    if width * height > limit:
-        raise InputImageError(
-            f"{name} is {width}x{height} ({width * height:,} pixels), over the limit of {limit:,}",
-            hint="raise it with COMPACTEDIT_MAX_PIXELS if the file is trusted",
-        )
-    try:
-        image.load()
-        return normalise(image)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputImageError(f"{name} is truncated or corrupt ({exc})") from None
 
 
 def as_source(image: Image.Image | SourceImage | str | Path) -> SourceImage:
@@ -135,7 +305,10 @@ def as_source(image: Image.Image | SourceImage | str | Path) -> SourceImage:
     if isinstance(image, SourceImage):
         return image
     if isinstance(image, Image.Image):
-        return normalise(image)
+        try:
+            return normalise(image)
+        except Exception as exc:
+            raise _failure(exc, "the image", "cannot be normalised") from None
     return open_image(image)
 
 
