@@ -107,7 +107,7 @@ class Editor:
 
     def edit(
         self,
-        source: str | Path | bytes | SourceImage,
+        source: str | Path | bytes | IO[bytes] | SourceImage,
         instruction: str,
         output: str | Path | IO[bytes],
         *,
@@ -119,7 +119,7 @@ class Editor:
     ) -> list[EditRecord]:
         """Edit ``source`` and write the result to ``output``; one record per file written.
 
-        ``source`` is a path, the bytes of an image file, or an already opened
+        ``source`` is a path, the bytes of an image file, a binary stream (stdin), or an already opened
         :class:`~compactedit_cli.files.imaging.SourceImage`. ``output`` is a path (``num_images`` > 1 writes
         ``out-1.png``, ``out-2.png``, …) or a binary stream (one image, in ``output_options.format``).
         ``parameters`` are :class:`EditOptions` fields (``steps``, ``guidance``, ``image_guidance``, ``seed``,

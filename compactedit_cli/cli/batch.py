@@ -67,10 +67,10 @@ def batch(
 
     Existing outputs are skipped, so re-running resumes; OUT_DIR/results.jsonl records every item.
     """
-    from .. import config_file, options
+    from .. import options
     from ..batch.plan import DEFAULT_GLOB, items_from_folder, items_from_manifest
     from ..errors import ExitCode, UsageError
-    from ..files.imaging import remove_stale_temporaries
+    from ..files.imaging import max_bytes_limit, remove_stale_temporaries
     from ..files.outputs import ensure_folder
 
     if (input_dir is None) == (manifest is None):
@@ -85,7 +85,8 @@ def batch(
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
     size = options.batch_size(batch_size)
     written = options.OutputOptions(quality=quality, metadata=not no_metadata, overwrite=overwrite)
-    default_fmt = options.output_format_name(fmt or config_file.load().get("output_format", options.DEFAULT_FORMAT))
+    default_fmt = opt.default_format(fmt)
+    max_bytes_limit()  # a bad COMPACTEDIT_MAX_PIXELS / _MAX_BYTES is a usage error now, not every item's failure
     if input_dir is not None:
         items = items_from_folder(
             input_dir, instruction, output_dir, default_fmt, defaults, glob=glob, recursive=recursive

@@ -120,7 +120,7 @@ def edit(
     if to_stdout and sidecar:
         raise UsageError("--sidecar needs an output file, not stdout")
     if to_stdout or output is None:
-        out_fmt = options.output_format_name(fmt or options.DEFAULT_FORMAT)
+        out_fmt = opt.default_format(fmt)
         out_path = None if to_stdout else default_output(Path(image), out_fmt)
     else:
         out_path = Path(output)

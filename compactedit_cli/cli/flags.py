@@ -270,4 +270,4 @@ def default_format(explicit: str | None) -> str:
 
     if explicit is not None:
         return options.output_format_name(explicit)
-    return config_file.load().get("output_format", options.DEFAULT_FORMAT)
+    return options.output_format_name(config_file.load().get("output_format", options.DEFAULT_FORMAT))

@@ -14,11 +14,12 @@ from .common import console, emit_json, handle_errors
 from .flags import Device, Quiet, Verbose
 
 
-def environment() -> dict[str, object]:
+def environment(device: str | None = None) -> dict[str, object]:
     """Versions and accelerator facts worth pasting into a bug report, one line each (the bench's report, flat)."""
+    from ..engine.devices import resolve_device
     from ..environment import environment_report
 
-    report = environment_report()
+    report = environment_report(resolve_device(device or "auto"))
     return {**report["versions"], **report["device"]}
 
 
@@ -40,7 +41,7 @@ def selftest(
     from ..files import metadata
     from ..random_weights.tiny import build_tiny_checkpoint
 
-    report = environment()
+    report = environment(device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compactedit-selftest-") as tmp:
         folder = Path(tmp)
