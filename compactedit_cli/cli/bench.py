@@ -111,11 +111,11 @@ def bench(
     from ..engine.devices import resolve_device, resolve_dtype
     from ..loading.hub import is_offline, parse_model, resolve
 
-    settings = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
     source = None
     if random_weights is None:
-        ref = parse_model(settings.model or "vibe", settings.revision)
-        source = resolve(ref, offline=is_offline(settings.offline)).path
+        ref = parse_model(model_options.model or "vibe", model_options.revision)
+        source = resolve(ref, offline=is_offline(model_options.offline)).path
     with make_progress() as progress:
         task = progress.add_task("benchmark", total=None)
 
@@ -133,11 +133,11 @@ def bench(
                 image_guidance_scale=image_guidance,
                 distilled=distilled,
                 batch=batch,
-                dtype=resolve_dtype(settings.dtype, resolve_device(settings.device)),
-                device=resolve_device(settings.device),
-                compile=settings.compile,
-                cuda_graphs=settings.cuda_graphs,
-                offload=settings.offload,
+                dtype=resolve_dtype(model_options.dtype, resolve_device(model_options.device)),
+                device=resolve_device(model_options.device),
+                compile=model_options.compile,
+                cuda_graphs=model_options.cuda_graphs,
+                offload=model_options.offload,
                 random_weights=random_weights,
                 model=source,
                 warmup=warmup,

@@ -298,3 +298,8 @@ class Group(TyperGroup):
             if not root:
                 raise
             raise OneLineUsageError(usage_message(exc), self.json_errors) from exc
+
+
+def command_group(help: str, **settings: Any) -> typer.Typer:
+    """A Typer app whose errors are one line (:class:`Group`) and whose help is plain text."""
+    return typer.Typer(cls=Group, help=help, no_args_is_help=True, rich_markup_mode=None, **settings)

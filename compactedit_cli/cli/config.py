@@ -6,14 +6,9 @@ from typing import Annotated
 
 import typer
 
-from .common import Group, emit_json, handle_errors, info
+from .common import command_group, emit_json, handle_errors, info
 
-app = typer.Typer(
-    cls=Group,
-    help="Show or change default settings (model, device, dtype, offload, output format); flags always win.",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
+app = command_group("Show or change default settings (model, device, dtype, offload, output format); flags always win.")
 
 Key = Annotated[str, typer.Argument(help="model, device, dtype, offload or output_format.", metavar="KEY")]
 Value = Annotated[
@@ -30,18 +25,18 @@ Value = Annotated[
 @handle_errors
 def show() -> None:
     """Print the config file's path and saved defaults as JSON."""
-    from .. import config_file as settings
+    from .. import config_file
 
-    emit_json({"path": str(settings.config_path()), "values": settings.load()})
+    emit_json({"path": str(config_file.config_path()), "values": config_file.load()})
 
 
 @app.command()
 @handle_errors
 def get(key: Key) -> None:
     """Print the value in effect for KEY: the saved one, else the built-in default (said on stderr)."""
-    from .. import config_file as settings
+    from .. import config_file
 
-    value, saved = settings.get(key)
+    value, saved = config_file.get(key)
     print(value)
     if not saved:
         info(f"({key} is not set: the built-in default)")
@@ -51,23 +46,23 @@ def get(key: Key) -> None:
 @handle_errors
 def set_(key: Key, value: Value) -> None:
     """Save a default (checked now, as the flag would be); prints the config file's path."""
-    from .. import config_file as settings
+    from .. import config_file
 
-    print(settings.set_value(key, value))
+    print(config_file.set_value(key, value))
 
 
 @app.command()
 @handle_errors
 def unset(key: Key) -> None:
     """Forget a default; prints the config file's path."""
-    from .. import config_file as settings
+    from .. import config_file
 
-    print(settings.unset_value(key))
+    print(config_file.unset_value(key))
 
 
 @app.command()
 def path() -> None:
     """Print where the config file lives (it may not exist yet)."""
-    from .. import config_file as settings
+    from .. import config_file
 
-    print(settings.config_path())
+    print(config_file.config_path())

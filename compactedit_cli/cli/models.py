@@ -6,14 +6,11 @@ from typing import Annotated
 
 import typer
 
-from .common import Group, console, emit_json, handle_errors, info
+from .common import command_group, console, emit_json, handle_errors, info
 from .flags import Offline, Quiet, Revision, Verbose
 
-app = typer.Typer(
-    cls=Group,
-    help="Download, list, inspect and remove models (kept in the Hugging Face cache: HF_HOME / HF_HUB_CACHE).",
-    no_args_is_help=True,
-    rich_markup_mode=None,
+app = command_group(
+    "Download, list, inspect and remove models (kept in the Hugging Face cache: HF_HOME / HF_HUB_CACHE)."
 )
 
 HubModel = Annotated[str, typer.Argument(help="Alias (vibe, vibe-distilled) or hub id (owner/name).", metavar="MODEL")]

@@ -53,7 +53,7 @@ class StepState:
 
 
 @dataclass(frozen=True)
-class EditSettings:
+class SharedParameters:
     """The knobs shared by every row of one batched run."""
 
     num_inference_steps: int
@@ -280,13 +280,13 @@ class EditPipeline:
         rows: list[tuple[SourceImage, str]],
         noise: torch.Tensor,
         size: tuple[int, int],
-        settings: EditSettings,
+        shared: SharedParameters,
         callback: Callable[[StepState], None] | None,
         on_stage: Callable[[str], None] | None,
     ) -> tuple[torch.Tensor | None, list[Image.Image]]:
         """One batched edit of B (image, instruction) rows, ``n`` outputs each; returns latents or images."""
         stage = on_stage or (lambda _name: None)
-        n = settings.num_images_per_prompt
+        n = shared.num_images_per_prompt
         height, width = size
         sources: list[SourceImage] = []
         for source, _ in rows:
@@ -301,9 +301,9 @@ class EditPipeline:
         image_latents = encoded[which.to(encoded.device)].repeat_interleave(n, dim=0)
         stage("denoise")
         final = self.denoise(
-            noise, image_latents, cond, null, settings.guidance, settings.num_inference_steps, callback
+            noise, image_latents, cond, null, shared.guidance, shared.num_inference_steps, callback
         )
-        if settings.output_type == "latent":
+        if shared.output_type == "latent":
             return final, []
         stage("decode")
         row_sources = [source for source, _ in rows for _ in range(n)]
@@ -311,17 +311,17 @@ class EditPipeline:
             restore_geometry(img, src) for img, src in zip(to_pil(self.decode(final)), row_sources, strict=True)
         ]
 
-    def _settings(
+    def _shared(
         self,
         num_inference_steps: int,
         guidance_scale: float | None,
         image_guidance_scale: float | None,
         num_images_per_prompt: int,
         output_type: str,
-    ) -> EditSettings:
+    ) -> SharedParameters:
         if output_type not in ("pil", "latent"):
             raise UsageError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        return EditSettings(
+        return SharedParameters(
             options.steps(num_inference_steps, "num_inference_steps"),
             self._resolve_guidance(guidance_scale, image_guidance_scale),
             options.num_images(num_images_per_prompt, "num_images_per_prompt"),
@@ -332,21 +332,21 @@ class EditPipeline:
         self,
         instructions: list[str],
         seed: int | None,
-        settings: EditSettings,
+        shared: SharedParameters,
         size: tuple[int, int],
         source: SourceImage,
         binning: bool,
         notes: list[str],
     ) -> list[EditRecord]:
         """One record per output row, in the order the rows come out (instruction-major)."""
-        n = settings.num_images_per_prompt
+        n = shared.num_images_per_prompt
         return [
             EditRecord(
                 instruction=text,
-                steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance.text_scale,
-                image_guidance_scale=settings.guidance.image_scale,
-                guidance_branches=settings.guidance.branches,
+                steps=shared.num_inference_steps,
+                guidance_scale=shared.guidance.text_scale,
+                image_guidance_scale=shared.guidance.image_scale,
+                guidance_branches=shared.guidance.branches,
                 seed=seed,
                 size=list(source.size),
                 model_size=[size[1], size[0]],
@@ -392,7 +392,7 @@ class EditPipeline:
         """
         source = as_source(image)
         instructions, notes = self._instructions(instruction)
-        settings = self._settings(
+        shared = self._shared(
             num_inference_steps, guidance_scale, image_guidance_scale, num_images_per_prompt, output_type
         )
         size = self.model_size(source.size, binning=resolution_binning, height=height, width=width)
@@ -404,9 +404,9 @@ class EditPipeline:
             seed = None
             self._check_latents(latents, batch, size)
         final, images = self._run(
-            [(source, text) for text in instructions], latents, size, settings, callback, on_stage
+            [(source, text) for text in instructions], latents, size, shared, callback, on_stage
         )
-        records = self._records(instructions, seed, settings, size, source, resolution_binning, notes)
+        records = self._records(instructions, seed, shared, size, source, resolution_binning, notes)
         return EditResult(images=images, latents=final, records=records)
 
     def edit_batch(
@@ -429,7 +429,7 @@ class EditPipeline:
         """
         if not requests:
             return []
-        settings = self._settings(
+        shared = self._shared(
             num_inference_steps, guidance_scale, image_guidance_scale, num_images_per_prompt, output_type
         )
         sources = [as_source(r.image) for r in requests]
@@ -442,14 +442,14 @@ class EditPipeline:
         fitted = [self._instructions(r.instruction) for r in requests]
         instructions = [texts[0] for texts, _ in fitted]
         final, images = self._run(
-            list(zip(sources, instructions, strict=True)), noise, size, settings, callback, on_stage
+            list(zip(sources, instructions, strict=True)), noise, size, shared, callback, on_stage
         )
         n = num_images_per_prompt
         return [
             EditResult(
                 images=images[i * n : (i + 1) * n],
                 latents=None if final is None else final[i * n : (i + 1) * n],
-                records=self._records([text], seed, settings, size, source, resolution_binning, notes),
+                records=self._records([text], seed, shared, size, source, resolution_binning, notes),
             )
             for i, (source, text, (_, notes), seed) in enumerate(zip(sources, instructions, fitted, seeds, strict=True))
         ]
