@@ -147,8 +147,8 @@ def test_distilled_with_guidance_is_refused(tiny_pipe):
 def test_command_saves_json_and_logs_progress_off_a_terminal(cli, tmp_path):
     """What scripts/gpu_bench.sh relies on: --save writes the report, and a log gets one line per edit."""
     out = tmp_path / "reports" / "bench.json"
-    quick = ["bench", "--random-weights", "tiny", "-r", "64", "--steps", "1", "--warmup", "0", "--repeats", "1",
-             "--device", "cpu"]  # fmt: skip
+    quick = ["bench", "--random-weights", "tiny", "--resolution", "64", "--steps", "1", "--warmup", "0",
+             "--repeats", "1", "--device", "cpu"]  # fmt: skip
     result = cli(*quick, "--save", out, "--sync-check")
     assert result.exit_code == 0, result.stderr
     saved = json.loads(out.read_text())
@@ -223,7 +223,7 @@ def test_bench_command_json(cli):
         "--repeats",
         "1",
     ]
-    result = cli(*quick, "-r", "64", "96", "--json")
+    result = cli(*quick, "--resolution", "64", "96", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["model_size"]["width"] for r in report["results"]] == [64, 96]
@@ -232,9 +232,9 @@ def test_bench_command_json(cli):
         assert {"vlm_encode", "vae_encode", "denoise", "denoise_step", "vae_decode", "end_to_end"} <= set(row["stages"])
     bad = cli("bench", "--random-weights", "tiny", "--model", "vibe")
     assert bad.exit_code == 2 and "alternatives" in bad.stderr
-    table = cli(*quick, "-r", "64")
+    table = cli(*quick, "--resolution", "64")
     assert table.exit_code == 0 and "VAE dec" in table.stderr
-    graphed = cli(*quick, "-r", "64", "--cuda-graphs", "--json")
+    graphed = cli(*quick, "--resolution", "64", "--cuda-graphs", "--json")
     assert graphed.exit_code == 0 and graphed.stderr.count("CUDA graphs skipped") == 1
     settings = json.loads(graphed.stdout)["settings"]
     assert settings["cuda_graphs"] and not settings["cuda_graphs_active"]

@@ -131,10 +131,10 @@ def test_a_16x_vae_fits_the_bins_and_edits(tmp_path):
     assert pipe.vae_scale_factor == 16
     image = Image.new("RGB", (96, 64), (30, 160, 60))
     binned = pipe(image, "make it red", num_inference_steps=2)
-    assert (binned.parameters.height, binned.parameters.width) == (416, 608)  # the 512-class bin of 2:3
+    assert binned.parameters.model_size == [608, 416]  # [width, height]: the 512-class bin of 2:3
     assert binned.images[0].size == (96, 64)
     unbinned = pipe(image, "make it red", num_inference_steps=2, resolution_binning=False, height=48, width=80)
-    assert (unbinned.parameters.height, unbinned.parameters.width) == (48, 80)  # 16x: multiples of 16 are enough
+    assert unbinned.parameters.model_size == [80, 48]  # 16x: multiples of 16 are enough
 
 
 @pytest.mark.parametrize(

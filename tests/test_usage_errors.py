@@ -65,7 +65,7 @@ def test_batch_flag_errors_are_one_line(cli, photo, tmp_path, flags, line):
     [
         (["--steps", "0"], "error: --steps must be between 1 and 1000 (got 0)"),
         (["--batch", "0"], "error: --batch must be between 1 and 64 (got 0)"),
-        (["--warmup", "-1"], "error: --warmup must be at least 0 (got -1)"),
+        (["--warmup", "-1"], "error: --warmup must be between 0 and 1000 (got -1)"),
         (["--repeats", "x"], "error: --repeats must be an integer (got 'x')"),
         (["abc"], "error: RESOLUTION must be an integer (got 'abc')"),
     ],

@@ -217,23 +217,24 @@ def _parameter_counts(pipe: EditPipeline) -> dict[str, int]:
 # ---- the benchmark ----------------------------------------------------------------------------------------------
 
 
-def _check_options(
-    resolutions: Sequence[int], steps: int, batch: int, warmup: int, repeats: int, random_weights: str | None, model
-) -> None:
-    """The benchmark's own options; steps and batch are checked as ``edit`` checks them."""
+def check_options(resolutions: Sequence[int], steps: int, batch: int, warmup: int, repeats: int) -> None:
+    """The benchmark's numbers, checked as ``edit`` checks its own (before any model is resolved or built)."""
     from ..errors import UsageError
 
     try:
         if not resolutions:
             raise UsageError("resolutions must be positive edge lengths, got []")
         for edge in resolutions:
-            options.bounded_int(edge, "resolution", 1, 2**16)
-        options.steps(steps, "steps")
-        options.batch_size(batch, "batch")
-        options.bounded_int(warmup, "warmup", 0, 1000)
-        options.bounded_int(repeats, "repeats", 1, 1000)
+            options.bounded_int(edge, "--resolution", 1, 2**16)
+        options.steps(steps, "--steps")
+        options.batch_size(batch, "--batch")
+        options.bounded_int(warmup, "--warmup", 0, 1000)
+        options.bounded_int(repeats, "--repeats", 1, 1000)
     except UsageError as exc:
         raise BenchError(str(exc)) from None
+
+
+def _check_source(random_weights: str | None, model: Any) -> None:
     if (model is None) == (random_weights is None):
         raise BenchError("give exactly one of model (a checkpoint folder or pipeline) and random_weights")
     if random_weights is not None and random_weights not in RANDOM_WEIGHTS:
@@ -297,7 +298,8 @@ def run_bench(
     from ..engine.pipeline import default_device
     from ..speed.graphs import CAPTURE_FAILED
 
-    _check_options(resolutions, steps, batch, warmup, repeats, random_weights, model)
+    check_options(resolutions, steps, batch, warmup, repeats)
+    _check_source(random_weights, model)
     if cuda_graphs and offload != "none":
         raise BenchError(options.GRAPHS_AND_OFFLOAD)
     device = torch.device(device) if device is not None else default_device()

@@ -107,10 +107,15 @@ def bench(
         return
 
     from ..bench.report import report_table, unapplied_options
-    from ..bench.run import BenchError, run_bench
+    from ..bench.run import BenchError, check_options, run_bench
     from ..engine.devices import resolve_device, resolve_dtype
     from ..loading.hub import is_offline, parse_model, resolve
 
+    resolutions = [*(resolution or []), *(more_resolutions or [])] or [1024]
+    try:
+        check_options(resolutions, steps, batch, warmup, repeats)
+    except BenchError as exc:
+        raise UsageError(str(exc)) from None
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
     source = None
     if random_weights is None:
@@ -126,7 +131,7 @@ def bench(
 
         try:
             report = run_bench(
-                resolutions=[*(resolution or []), *(more_resolutions or [])] or [1024],
+                resolutions=resolutions,
                 binning=not no_binning,
                 steps=steps,
                 guidance_scale=guidance,

@@ -300,9 +300,7 @@ class EditPipeline:
         which = torch.tensor([next(i for i, s in enumerate(sources) if s is src) for src, _ in rows])
         image_latents = encoded[which.to(encoded.device)].repeat_interleave(n, dim=0)
         stage("denoise")
-        final = self.denoise(
-            noise, image_latents, cond, null, shared.guidance, shared.num_inference_steps, callback
-        )
+        final = self.denoise(noise, image_latents, cond, null, shared.guidance, shared.num_inference_steps, callback)
         if shared.output_type == "latent":
             return final, []
         stage("decode")
@@ -403,9 +401,7 @@ class EditPipeline:
         else:
             seed = None
             self._check_latents(latents, batch, size)
-        final, images = self._run(
-            [(source, text) for text in instructions], latents, size, shared, callback, on_stage
-        )
+        final, images = self._run([(source, text) for text in instructions], latents, size, shared, callback, on_stage)
         records = self._records(instructions, seed, shared, size, source, resolution_binning, notes)
         return EditResult(images=images, latents=final, records=records)
 
