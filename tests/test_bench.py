@@ -111,14 +111,16 @@ def test_loaded_pipeline_distilled_and_offload(tiny_pipe):
     assert report["settings"]["guidance_branches"] == 1
     assert report["settings"]["device"] == "cpu"
     assert len(report["results"][0]["stages"]["denoise_step"]["runs"]) == 1
-    offloaded = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
-    assert offloaded["settings"]["offload"] == "model"
-    assert offloaded["results"][0]["vae_tiling"] is False  # the report says whether it tiled; memory was not short
-    tiny_pipe.speed.set_vae_tiling(True)
-    forced = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
-    assert forced["results"][0]["vae_tiling"] is True
-    tiny_pipe.speed.set_vae_tiling(None)
-    tiny_pipe.speed.set_offload("none")
+    try:  # tiny_pipe is shared by the session: put it back even when an assertion fails
+        offloaded = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
+        assert offloaded["settings"]["offload"] == "model"
+        assert offloaded["results"][0]["vae_tiling"] is False  # the report says whether it tiled; memory was not short
+        tiny_pipe.speed.set_vae_tiling(True)
+        forced = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
+        assert forced["results"][0]["vae_tiling"] is True
+    finally:
+        tiny_pipe.speed.set_vae_tiling(None)
+        tiny_pipe.speed.set_offload("none")
 
 
 @pytest.mark.parametrize(
