@@ -59,6 +59,12 @@ DEFAULT_FORMAT = "png"
 GRAPHS_AND_OFFLOAD = "--cuda-graphs and --offload do not mix: a graph replays the weights where it captured them"
 
 
+def speed_options(offload_mode: str, cuda_graphs: bool) -> None:
+    """The rule between the speed options: CUDA graphs need the weights to stay where they were captured."""
+    if cuda_graphs and offload_mode != "none":
+        raise UsageError(GRAPHS_AND_OFFLOAD)
+
+
 # ---- single values ----------------------------------------------------------------------------------------------
 
 
@@ -281,8 +287,7 @@ class ModelOptions:
             compile=bool(self.compile),
             cuda_graphs=bool(self.cuda_graphs),
         )
-        if self.cuda_graphs and self.offload != "none":
-            raise UsageError(GRAPHS_AND_OFFLOAD)
+        speed_options(self.offload, self.cuda_graphs)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import options
 from ..environment import environment_report
+from ..errors import UsageError
 from .measure import DeviceClock, ForeignLoad, PeakMemory, summarise
 
 if TYPE_CHECKING:
@@ -154,7 +155,6 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     import torch
 
     from ..engine.devices import resolve_dtype
-    from ..errors import UsageError
 
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -219,8 +219,6 @@ def _parameter_counts(pipe: EditPipeline) -> dict[str, int]:
 
 def check_options(resolutions: Sequence[int], steps: int, batch: int, warmup: int, repeats: int) -> None:
     """The benchmark's numbers, checked as ``edit`` checks its own (before any model is resolved or built)."""
-    from ..errors import UsageError
-
     try:
         if not resolutions:
             raise UsageError("resolutions must be positive edge lengths, got []")
@@ -249,8 +247,6 @@ def _guidance(pipe: EditPipeline, distilled: bool, text: float | None, image: fl
             raise BenchError("distilled runs unguided: leave both guidance scales unset (or 0)")
         return Guidance(0.0, 0.0)
     default = pipe.default_guidance()
-    from ..errors import UsageError
-
     try:
         text, image = options.scale(text, "--guidance"), options.scale(image, "--image-guidance")
     except UsageError as exc:
@@ -300,8 +296,10 @@ def run_bench(
 
     check_options(resolutions, steps, batch, warmup, repeats)
     _check_source(random_weights, model)
-    if cuda_graphs and offload != "none":
-        raise BenchError(options.GRAPHS_AND_OFFLOAD)
+    try:
+        options.speed_options(offload, cuda_graphs)
+    except UsageError as exc:
+        raise BenchError(str(exc)) from None
     device = torch.device(device) if device is not None else default_device()
     dtype = _parse_dtype(dtype, device)
     total = 1 + len(resolutions) * (warmup + repeats)

@@ -49,11 +49,6 @@ if TYPE_CHECKING:
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, timestep) -> noise prediction
 
 
-def _check_graphs_and_offload(graphs: bool, offload: str) -> None:
-    if graphs and offload != "none":
-        raise UsageError(options.GRAPHS_AND_OFFLOAD)
-
-
 @dataclass(frozen=True)
 class SpeedRequest:
     """The speed options a pipeline is loaded with, checked before any weight is read."""
@@ -65,7 +60,7 @@ class SpeedRequest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offload", options.offload(self.offload, "offload"))
-        _check_graphs_and_offload(self.cuda_graphs, self.offload)
+        options.speed_options(self.offload, self.cuda_graphs)
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where the weights load: CPU memory when they are offloaded, so a model larger than the device loads."""
@@ -155,7 +150,7 @@ class SpeedPlan:
         on the device.
         """
         mode = options.offload(mode, "offload")
-        _check_graphs_and_offload(self._graphs is not None, mode)
+        options.speed_options(mode, self._graphs is not None)
         if self._offloader is not None:
             self._offloader.restore()
             self._offloader = None
@@ -204,7 +199,7 @@ class SpeedPlan:
         self._graphs = None  # a graph held before goes with its memory pool
         if not enabled:
             return "CUDA graphs off"
-        _check_graphs_and_offload(True, self._offload)
+        options.speed_options(self._offload, True)
         if self._device.type != "cuda":
             note = f"CUDA graphs skipped: they need a CUDA device, and this pipeline runs on {self._device.type}"
             return self._skipped(note, warn)
