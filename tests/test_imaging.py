@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 
@@ -197,3 +198,29 @@ def test_a_pil_image_that_fails_to_load_is_an_input_image_error(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with Image.open(path) as image, pytest.raises(InputImageError, match="the image cannot be normalised"):
         as_source(image)
+
+
+@pytest.mark.parametrize("after", [0, 100_000])
+def test_a_stream_that_fails_to_read_is_an_input_image_error(after):
+    """stdin whose read fails (EIO) at once, or in the pixels of a PNG whose header was read: one line each, not an
+    internal error."""
+    data = _saved(Image.effect_noise((512, 512), 60), "PNG")
+    assert len(data) > after + 100_000  # the failure comes well inside the file
+
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.taken = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            if self.taken >= after:
+                raise OSError(errno.EIO, "Input/output error")
+            chunk = data[self.taken : min(after, self.taken + len(buffer))]
+            buffer[: len(chunk)] = chunk
+            self.taken += len(chunk)
+            return len(chunk)
+
+    with pytest.raises(InputImageError, match=r"^<stdin> cannot be read \(.*Input/output error\)$"):
+        open_image(io.BufferedReader(Failing(), buffer_size=16))

@@ -139,7 +139,11 @@ def _opened(source: str | Path | bytes | BinaryIO, limit: int) -> Iterator[tuple
             yield handle, str(source)
     else:
         with _Spool(source, limit) as handle:
-            if not handle.read(1):
+            try:
+                empty = not handle.read(1)
+            except OSError as exc:  # a read error on stdin itself (EIO, a closed terminal)
+                raise _failure(exc, STDIN, "cannot be read") from None
+            if empty:
                 raise InputImageError(f"{STDIN} is empty")
             handle.seek(0)
             yield handle, STDIN  # type: ignore[misc]
@@ -268,6 +272,8 @@ def _failure(exc: Exception, name: str, what: str) -> InputImageError:
     # but the file is refused rather than read without its text: Pillow skips such text only under
     # LOAD_TRUNCATED_IMAGES, which would also let truncated pixels through, and text that inflates a thousandfold is
     # an attack more often than a photo (README, "Errors and exit codes").
+    if isinstance(exc, OSError) and exc.errno is not None:  # the system failed to read (Pillow's own have none)
+        return InputImageError(f"{name} cannot be read ({detail})")
     if isinstance(exc, MemoryError):
         return InputImageError(f"{name} is too large to decode in the memory available")
     if isinstance(exc, ValueError) and "MAX_TEXT" in detail:
