@@ -191,15 +191,14 @@ async def shutdown(_request: Request, state: ServerState) -> JSONResponse:
 async def edit_image(request: Request, state: ServerState) -> JSONResponse:
     form = await _read_form(request, state.max_bytes)
     try:
-        params = _edit_request(form, state)
-        source = await run_in_threadpool(_open_upload, params.pop("upload"), state)
+        asked = _edit_request(form, state)
+        source = await run_in_threadpool(_open_upload, asked.upload, state)
     finally:
         await form.close()
-    fmt, quality = params.pop("format"), params.pop("quality")
-    chosen, prompt = params["chosen"], params["prompt"]
+    chosen, prompt, fmt = asked.chosen, asked.prompt, asked.format
     started = time.perf_counter()
     try:
-        pictures = await state.queue.submit(lambda: _edit(state.editor, source, prompt, chosen, fmt, quality))
+        pictures = await state.queue.submit(lambda: _edit(state.editor, source, prompt, chosen, fmt, asked.quality))
     except QueueFullError:
         seconds = str(state.queue.retry_after())
         raise ApiError(
@@ -274,7 +273,18 @@ def _text(form: FormData, name: str) -> str | None:
     return values[0]
 
 
-def _edit_request(form: FormData, state: ServerState) -> dict[str, Any]:
+@dataclass
+class EditRequest:
+    """An edit request's checked values; the upload is opened after, off the event loop."""
+
+    upload: UploadFile
+    prompt: str
+    chosen: options.EditOptions
+    format: str
+    quality: int | None
+
+
+def _edit_request(form: FormData, state: ServerState) -> EditRequest:
     """The checked parameters of an edit request (the upload still unopened), or an ApiError."""
     if "mask" in form:
         raise ApiError(400, MASKS_UNSUPPORTED, "mask_not_supported")
@@ -314,13 +324,13 @@ def _edit_request(form: FormData, state: ServerState) -> dict[str, Any]:
             seed=options.seed(_text(form, "seed") or options.DEFAULT_SEED, "seed"),
             num_images=options.num_images(_text(form, "n") or options.DEFAULT_NUM_IMAGES, "n"),
         )
-        return {
-            "upload": uploads[0],
-            "prompt": options.instruction(prompt, "prompt"),
-            "chosen": chosen,
-            "format": options.output_format_name(fmt, "output_format"),
-            "quality": options.quality(_text(form, "output_compression"), "output_compression"),
-        }
+        return EditRequest(
+            upload=uploads[0],
+            prompt=options.instruction(prompt, "prompt"),
+            chosen=chosen,
+            format=options.output_format_name(fmt, "output_format"),
+            quality=options.quality(_text(form, "output_compression"), "output_compression"),
+        )
     except UsageError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
 
