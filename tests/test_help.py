@@ -27,6 +27,9 @@ COMMANDS = [
     ["config"],
     ["config", "set"],
     ["config", "get"],
+    ["serve"],
+    ["serve", "status"],
+    ["serve", "stop"],
 ]
 
 

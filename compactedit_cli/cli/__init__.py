@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import config, models
+from . import config, models, serve
 from .batch import EXAMPLES as BATCH_EXAMPLES
 from .batch import batch
 from .bench import EXAMPLES as BENCH_EXAMPLES
@@ -65,6 +65,7 @@ app.add_typer(models.app, name="models")
 app.command()(selftest)
 app.command(epilog=BENCH_EXAMPLES)(bench)
 app.add_typer(config.app, name="config")
+app.add_typer(serve.app, name="serve")
 
 
 def main() -> None:

@@ -1,0 +1,385 @@
+"""The HTTP API: OpenAI's ``POST /v1/images/edits`` (multipart), ``GET /v1/models``, ``GET /health``, and the
+server's own ``GET /status`` and ``POST /shutdown``.
+
+Every value a client sends goes through :mod:`compactedit_cli.options` and the image through
+:func:`~compactedit_cli.files.imaging.open_image`, so a request fails exactly as the same edit on the command line
+would, and with the same limits. Failures are OpenAI-shaped JSON (``{"error": {"message", "type", "code"}}``) with
+a 4xx status for anything the client can fix; no response ever carries a traceback. The server reads and writes
+no path a client names: images travel in the request and the response.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .. import __version__, options
+from ..errors import CompactEditError, InputImageError, OutOfMemoryError, UsageError, internal_error, is_out_of_memory
+from ..files.imaging import SourceImage, max_bytes_limit, max_pixels_limit, open_image
+from .jobs import EditQueue, QueueFullError
+
+log = logging.getLogger("compactedit.serve")
+
+# Room for the form's text fields and multipart framing on top of the image's own byte limit.
+FORM_ALLOWANCE = 1024 * 1024
+MAX_FIELD_BYTES = 64 * 1024
+MASKS_UNSUPPORTED = "masks are not supported yet: send the image alone and say in the prompt what to change"
+# OpenAI fields accepted and ignored: they describe a hosted model's knobs that this one does not have.
+IGNORED_FIELDS = frozenset({"user", "safety_identifier", "quality", "background", "input_fidelity", "moderation"})
+FIELDS = frozenset(
+    {"image", "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream"}
+    | {"seed", "steps", "guidance", "image_guidance"}
+)
+
+
+class ApiError(Exception):
+    """A failure the response reports as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind, self.headers = status, message, code, kind, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "code": self.code, "param": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class ServerState:
+    """What the endpoints share: the loaded editor, its queue and the limits."""
+
+    editor: Any
+    queue: EditQueue
+    api_key: str | None = None
+    verbose: bool = False
+    idle_timeout: float | None = None
+    started: float = 0.0
+    on_stop: Callable[[], None] = lambda: None
+
+    def __post_init__(self) -> None:
+        self.started = self.started or time.monotonic()
+        self.max_pixels = max_pixels_limit()
+        self.max_bytes = max_bytes_limit(self.max_pixels)
+
+    @property
+    def model_id(self) -> str:
+        resolved = self.editor.resolved
+        return resolved.ref.repo_id or Path(resolved.path).name
+
+    def model_names(self) -> set[str]:
+        """What a request's ``model`` may say: the served id, or the name the server was started with."""
+        return {self.model_id, self.editor.options.model}
+
+
+def build_app(state: ServerState) -> Starlette:
+    """The Starlette application over ``state``; ``on_shutdown`` runs once it stops taking requests."""
+
+    async def not_found(_request: Request, exc: Exception) -> JSONResponse:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        message = "no such endpoint" if status == 404 else (exc.detail if isinstance(exc, HTTPException) else "")
+        return ApiError(status, message, "not_found" if status == 404 else "invalid_request").response()
+
+    app = Starlette(
+        routes=[
+            Route("/health", _guarded(state, health, auth=False), methods=["GET"]),
+            Route("/v1/models", _guarded(state, list_models), methods=["GET"]),
+            Route("/v1/images/edits", _guarded(state, edit_image), methods=["POST"]),
+            Route("/status", _guarded(state, status), methods=["GET"]),
+            Route("/shutdown", _guarded(state, shutdown), methods=["POST"]),
+        ],
+        exception_handlers={HTTPException: not_found},
+    )
+    app.state.server = state
+    return app
+
+
+def _guarded(state: ServerState, endpoint: Callable[..., Any], auth: bool = True) -> Callable[..., Any]:
+    """``endpoint(request, state)`` behind the API key check, with every failure an OpenAI-shaped response."""
+
+    async def run(request: Request) -> JSONResponse:
+        try:
+            if auth:
+                _authorize(request, state.api_key)
+            return await endpoint(request, state)
+        except ApiError as exc:
+            log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
+            return exc.response()
+        except Exception as exc:  # a bug: one line to the client, the traceback to the server's log with -v
+            log.error("%s %s -> 500 %s", request.method, request.url.path, internal_error(exc), exc_info=state.verbose)
+            return ApiError(500, internal_error(exc), "internal_error", "server_error").response()
+
+    return run
+
+
+def _authorize(request: Request, api_key: str | None) -> None:
+    if not api_key:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
+
+
+# ---- endpoints ---------------------------------------------------------------------------------------------
+
+
+async def health(_request: Request, _state: ServerState) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def list_models(_request: Request, state: ServerState) -> JSONResponse:
+    created = int(time.time() - (time.monotonic() - state.started))
+    entry = {"id": state.model_id, "object": "model", "created": created, "owned_by": "compactedit"}
+    return JSONResponse({"object": "list", "data": [entry]})
+
+
+async def status(_request: Request, state: ServerState) -> JSONResponse:
+    editor = state.editor
+    return JSONResponse(
+        {
+            "model": state.model_id,
+            "revision": editor.resolved.commit,
+            "device": str(editor.pipe.device),
+            "dtype": str(editor.pipe.dtype).removeprefix("torch."),
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - state.started, 1),
+            "queue": {
+                "running": int(state.queue.running),
+                "waiting": state.queue.waiting,
+                "max": state.queue.max_queue,
+            },
+            "edits_done": state.queue.done,
+            "idle_timeout": state.idle_timeout,
+            "memory": _memory(editor.pipe.device),
+            "limits": {"max_bytes": state.max_bytes, "max_pixels": state.max_pixels},
+        }
+    )
+
+
+async def shutdown(_request: Request, state: ServerState) -> JSONResponse:
+    log.info("stop requested: finishing queued edits")
+    state.on_stop()
+    return JSONResponse({"stopping": True}, status_code=202)
+
+
+async def edit_image(request: Request, state: ServerState) -> JSONResponse:
+    form = await _read_form(request, state.max_bytes)
+    try:
+        asked = _edit_request(form, state)
+        source = await run_in_threadpool(_open_upload, asked.upload, state)
+    finally:
+        await form.close()
+    chosen, prompt, fmt = asked.chosen, asked.prompt, asked.format
+    started = time.perf_counter()
+    try:
+        pictures = await state.queue.submit(lambda: _edit(state.editor, source, prompt, chosen, fmt, asked.quality))
+    except QueueFullError:
+        seconds = str(state.queue.retry_after())
+        raise ApiError(
+            429,
+            "the server is busy: too many edits are waiting",
+            "queue_full",
+            "rate_limit_error",
+            {"Retry-After": seconds},
+        ) from None
+    except CompactEditError as exc:
+        raise _edit_failure(exc) from None
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise _edit_failure(OutOfMemoryError()) from None
+        raise
+    width, height = source.size
+    described = f" prompt={prompt!r}" if state.verbose else ""
+    log.info(
+        "edit %dx%d n=%d steps=%d seed=%s %s in %.2fs%s",
+        width, height, chosen.num_images, chosen.steps, pictures[0][1], fmt, time.perf_counter() - started, described,
+    )  # fmt: skip
+    return JSONResponse(
+        {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed} for data, seed in pictures],
+            "output_format": fmt,
+            "size": f"{width}x{height}",
+        }
+    )
+
+
+# ---- parsing ------------------------------------------------------------------------------------------------
+
+
+async def _read_form(request: Request, max_bytes: int) -> FormData:
+    """The multipart form, read as it arrives and refused (413) once it passes the byte limit, whatever the
+    ``Content-Length`` says; it is never held whole in memory (file parts spool to disk)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(400, "send the edit as multipart/form-data (fields image, prompt, …)", "invalid_content_type")
+    limit = max_bytes + FORM_ALLOWANCE
+    too_large = ApiError(413, f"the upload is over the limit of {max_bytes:,} bytes for an image", "payload_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+
+    async def counted() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise too_large
+            yield chunk
+
+    parser = MultiPartParser(
+        request.headers, counted(), max_files=4, max_fields=len(FIELDS | IGNORED_FIELDS), max_part_size=MAX_FIELD_BYTES
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"malformed multipart body: {exc.message}", "invalid_multipart") from None
+
+
+def _text(form: FormData, name: str) -> str | None:
+    values = form.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, f"{name} is given {len(values)} times", "invalid_value")
+    if not isinstance(values[0], str):
+        raise ApiError(400, f"{name} must be a form field, not a file", "invalid_value")
+    return values[0]
+
+
+@dataclass
+class EditRequest:
+    """An edit request's checked values; the upload is opened after, off the event loop."""
+
+    upload: UploadFile
+    prompt: str
+    chosen: options.EditOptions
+    format: str
+    quality: int | None
+
+
+def _edit_request(form: FormData, state: ServerState) -> EditRequest:
+    """The checked parameters of an edit request (the upload still unopened), or an ApiError."""
+    if "mask" in form:
+        raise ApiError(400, MASKS_UNSUPPORTED, "mask_not_supported")
+    unknown = sorted(set(form.keys()) - FIELDS - IGNORED_FIELDS - {"image[]"})
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}", "unknown_parameter")
+    uploads = form.getlist("image") + form.getlist("image[]")
+    if not uploads:
+        raise ApiError(400, "image is required (a file field)", "missing_image")
+    if len(uploads) > 1:
+        raise ApiError(400, "send one image per request", "invalid_value")
+    if not isinstance(uploads[0], UploadFile):
+        raise ApiError(400, "image must be a file, not a text field", "invalid_image")
+    try:
+        model = _text(form, "model")
+        if model is not None and model not in state.model_names():
+            raise ApiError(
+                404, f"model {model!r} is not served here (this server serves {state.model_id!r})", "model_not_found"
+            )
+        prompt = _text(form, "prompt")
+        if prompt is None:
+            raise UsageError("prompt is required")
+        size = _text(form, "size")
+        if size is not None and size.strip().lower() != "auto":
+            raise UsageError(f"size must be auto: the output always has the input's size (got {size!r})")
+        response_format = _text(form, "response_format")
+        if response_format is not None and response_format.strip().lower() != "b64_json":
+            raise UsageError(f"response_format must be b64_json: this server returns no URLs (got {response_format!r})")
+        stream = _text(form, "stream")
+        if stream is not None and stream.strip().lower() not in ("false", "0", ""):
+            raise UsageError("stream is not supported: the response comes when the edit is done")
+        fmt = _text(form, "output_format") or options.DEFAULT_FORMAT
+        chosen = options.EditOptions(
+            steps=options.steps(_text(form, "steps") or options.DEFAULT_STEPS, "steps"),
+            guidance=options.scale(_text(form, "guidance"), "guidance"),
+            image_guidance=options.scale(_text(form, "image_guidance"), "image_guidance"),
+            seed=options.seed(_text(form, "seed") or options.DEFAULT_SEED, "seed"),
+            num_images=options.num_images(_text(form, "n") or options.DEFAULT_NUM_IMAGES, "n"),
+        )
+        return EditRequest(
+            upload=uploads[0],
+            prompt=options.instruction(prompt, "prompt"),
+            chosen=chosen,
+            format=options.output_format_name(fmt, "output_format"),
+            quality=options.quality(_text(form, "output_compression"), "output_compression"),
+        )
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "invalid_value") from None
+
+
+def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
+    """The uploaded image decoded under the CLI's limits (its size checked before a byte of it is decoded)."""
+    if upload.size is not None and upload.size > state.max_bytes:
+        raise ApiError(
+            413, f"the image is {upload.size:,} bytes, over the limit of {state.max_bytes:,}", "image_too_large"
+        )
+    upload.file.seek(0)
+    try:
+        return open_image(upload.file, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
+    except InputImageError as exc:
+        raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image") from None
+
+
+def _edit(
+    editor: Any, source: SourceImage, prompt: str, chosen: options.EditOptions, fmt: str, quality: int | None
+) -> list[tuple[bytes, int | None]]:
+    """One edit on the worker thread: each output's file bytes and seed. Several outputs go through a private
+    temporary folder, since a stream takes one image."""
+    written = options.OutputOptions(format=fmt, quality=quality)
+    if chosen.num_images == 1:
+        buffer = io.BytesIO()
+        [record] = editor.edit(source, prompt, buffer, edit_options=chosen, output_options=written, source_name=None)
+        return [(buffer.getvalue(), record.seed)]
+    with tempfile.TemporaryDirectory(prefix="compactedit-serve-") as folder:
+        target = Path(folder) / f"out{options.FORMAT_EXTENSIONS[fmt]}"
+        records = editor.edit(source, prompt, target, edit_options=chosen, output_options=written, source_name=None)
+        return [(Path(r.output).read_bytes(), r.seed) for r in records]
+
+
+def _edit_failure(exc: CompactEditError) -> ApiError:
+    if isinstance(exc, OutOfMemoryError):
+        return ApiError(503, str(exc), "out_of_memory", "server_error")
+    if isinstance(exc, (UsageError, InputImageError)):
+        return ApiError(400, str(exc), "invalid_value")
+    return ApiError(500, str(exc), "edit_failed", "server_error")
+
+
+def _memory(device: Any) -> dict[str, int]:
+    """Bytes in use: the process's resident memory, and on CUDA what torch holds on the device."""
+    import psutil
+
+    used = {"rss": psutil.Process().memory_info().rss}
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        used["device_allocated"] = torch.cuda.memory_allocated(device)
+        used["device_reserved"] = torch.cuda.memory_reserved(device)
+    return used

@@ -1,0 +1,93 @@
+"""A small client for a running server, on the standard library only (``serve status``, ``serve stop``).
+
+Any HTTP client works over TCP; over the Unix socket this connects with ``AF_UNIX`` and speaks plain HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from typing import Any
+
+from ..errors import CompactEditError, UsageError
+from .address import Address, answers
+
+
+class ServerError(CompactEditError):
+    """The server answered with an error, or there is no server at the address."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def request(
+    address: Address,
+    method: str,
+    path: str,
+    *,
+    api_key: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of one request to the server at ``address``; no server there is a ServerError."""
+    if address.socket_path is not None:
+        connection: http.client.HTTPConnection = _UnixConnection(str(address.socket_path), timeout)
+    else:
+        connection = http.client.HTTPConnection(address.host.strip("[]"), address.port, timeout=timeout)
+    sent = dict(headers or {})
+    if api_key:
+        sent["Authorization"] = f"Bearer {api_key}"
+    try:
+        connection.request(method, path, body=body, headers=sent)
+        response = connection.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ServerError(
+            f"no server answers on {address.label()} ({exc.strerror or exc})"
+            if isinstance(exc, OSError)
+            else f"{address.label()}: {exc}"
+        ) from None
+    finally:
+        connection.close()
+    try:
+        decoded = json.loads(data) if data else {}
+    except ValueError:
+        raise ServerError(f"{address.label()} did not answer with JSON: is it a compactedit server?") from None
+    return response.status, decoded
+
+
+def call(address: Address, method: str, path: str, api_key: str | None = None) -> dict[str, Any]:
+    """The JSON answer of a successful request; an error answer is a one-line ServerError."""
+    status, body = request(address, method, path, api_key=api_key)
+    if status >= 400:
+        message = body.get("error", {}).get("message", f"HTTP {status}")
+        error = UsageError if status in (401, 403) else ServerError
+        raise error(f"{address.label()}: {message}")
+    return body
+
+
+def wait_stopped(address: Address, timeout: float) -> bool:
+    """Whether the server at ``address`` stopped answering within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if address.socket_path is not None:
+            if not answers(address.socket_path, timeout=0.5):
+                return True
+        else:
+            try:
+                socket.create_connection((address.host.strip("[]"), address.port), timeout=0.5).close()
+            except OSError:
+                return True
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,102 @@
+"""Serve a loaded Editor in the foreground until SIGTERM, Ctrl-C, ``serve stop`` or the idle timeout.
+
+Stopping drains: the listening socket closes first, then every accepted request (queued edits included) finishes
+and is answered, then the worker thread ends and a Unix socket file is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+from .address import Address, bind
+from .app import ServerState, build_app
+from .jobs import EditQueue
+
+log = logging.getLogger("compactedit.serve")
+
+
+def serve(
+    editor: Any,
+    address: Address,
+    *,
+    api_key: str | None = None,
+    max_queue: int = 16,
+    idle_timeout: float | None = None,
+    verbose: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Listen on ``address`` and answer requests with ``editor`` until told to stop."""
+    _configure_logging(verbose, quiet)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    queue = EditQueue(max_queue)
+    state = ServerState(editor, queue, api_key=api_key, verbose=verbose, idle_timeout=idle_timeout, on_stop=stop)
+    app = build_app(state)
+    try:
+        sock = bind(address)
+    except BaseException:
+        queue.close()
+        raise
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(_watch_idle(state, stop)) if idle_timeout else None
+        log.info("serving %s on %s", state.model_id, address.label())
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await asyncio.to_thread(queue.close)
+
+    app.router.lifespan_context = lifespan
+    config = uvicorn.Config(
+        app,
+        log_level="warning" if quiet else "info",
+        access_log=not quiet,
+        timeout_graceful_shutdown=None,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if address.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                address.socket_path.unlink()
+        log.info("stopped after %d edits", queue.done)
+
+
+async def _watch_idle(state: ServerState, stop: Any) -> None:
+    """Stop the server once no edit has run or waited for ``idle_timeout`` seconds."""
+    assert state.idle_timeout
+    while True:
+        await asyncio.sleep(min(1.0, state.idle_timeout / 4))
+        if not state.queue.busy and time.monotonic() - state.queue.last_activity >= state.idle_timeout:
+            log.info("idle for %gs: stopping", state.idle_timeout)
+            stop()
+            return
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """compactedit's own lines on stderr beside uvicorn's; request lines name no image and no prompt unless -v."""
+    logger = logging.getLogger("compactedit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
