@@ -26,6 +26,7 @@ KEYS = {
     "dtype": "default --dtype (auto, bf16, fp16, fp32)",
     "offload": "default --offload (none, model, sequential)",
     "output_format": "default output format of batch, and of edit when -o gives none (png, jpg, webp)",
+    "server": "default --server of edit and batch (auto, never, http://HOST:PORT or a socket path)",
 }
 DEFAULTS = {
     "model": options.DEFAULT_MODEL,
@@ -33,6 +34,7 @@ DEFAULTS = {
     "dtype": "auto",
     "offload": "none",
     "output_format": options.DEFAULT_FORMAT,
+    "server": options.DEFAULT_SERVER,
 }
 
 
@@ -50,6 +52,7 @@ CHECKS: dict[str, Callable[[str, str], str]] = {
     "dtype": options.dtype,
     "offload": options.offload,
     "output_format": options.output_format_name,
+    "server": options.server,
 }
 
 

@@ -19,10 +19,12 @@ This module imports no torch itself: opening an Editor does, so callers check th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
+
+from PIL import Image
 
 from . import options
 from .errors import (
@@ -46,6 +48,14 @@ class Progress(Protocol):
     def stage(self, name: str) -> None: ...
 
     def step(self, state: Any) -> None: ...
+
+
+@dataclass
+class Computed:
+    """An edit's output pictures, each with its record, before anything is written."""
+
+    pictures: list[Image.Image]
+    records: list[EditRecord]
 
 
 @dataclass
@@ -140,10 +150,30 @@ class Editor:
         inputs = [Path(source)] if isinstance(source, (str, Path)) else []
         image = source if isinstance(source, SourceImage) else open_image(source)
         outputs.check_outputs(paths, inputs=inputs, overwrite=out.overwrite)
+        computed = self.compute(image, text, chosen, progress)
+        name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
+        seconds = round(time.perf_counter() - started, 3)
+        records = [r.but(source=name, seconds=seconds) for r in computed.records]
+        if stream:
+            output.write(outputs.file_bytes(computed.pictures[0], records[0], out.format, out))
+            output.flush()
+            return records
+        written = []
+        for picture, record, path in zip(computed.pictures, records, paths, strict=True):
+            done = record.but(output=str(path))
+            outputs.save(picture, done, path, out)
+            written.append(done)
+        return written
+
+    def compute(
+        self, image: SourceImage, instruction: str, chosen: EditOptions, progress: Progress | None = None
+    ) -> Computed:
+        """One edit's pictures and records (model and revision filled in), written nowhere: :meth:`edit` writes
+        them, and a server sends them to the client that writes them, so both save the same way."""
         result = self._run(
             lambda: self.pipe(
                 image,
-                text,
+                instruction,
                 num_inference_steps=chosen.steps,
                 guidance_scale=chosen.guidance,
                 image_guidance_scale=chosen.image_guidance,
@@ -154,19 +184,37 @@ class Editor:
                 on_stage=progress.stage if progress else None,
             )
         )
-        name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
-        seconds = round(time.perf_counter() - started, 3)
-        records = [self._finish(r, name, seconds) for r in result.records]
-        if stream:
-            output.write(outputs.file_bytes(result.images[0], records[0], out.format, out))
-            output.flush()
-            return records
-        written = []
-        for picture, record, path in zip(result.images, records, paths, strict=True):
-            done = record.but(output=str(path))
-            outputs.save(picture, done, path, out)
-            written.append(done)
-        return written
+        return Computed(result.images, [self._named(r) for r in result.records])
+
+    def compute_group(
+        self, items: list[tuple[SourceImage, str, int]], chosen: EditOptions, progress: Progress | None = None
+    ) -> list[Computed]:
+        """Several (image, instruction, seed) edits that share :meth:`group_key`, as one batch; each item gives
+        what it would alone."""
+        from .engine.pipeline import EditRequest
+
+        results = self._run(
+            lambda: self.pipe.edit_batch(
+                [EditRequest(image, instruction, seed) for image, instruction, seed in items],
+                num_inference_steps=chosen.steps,
+                guidance_scale=chosen.guidance,
+                image_guidance_scale=chosen.image_guidance,
+                num_images_per_prompt=chosen.num_images,
+                resolution_binning=chosen.binning,
+                callback=progress.step if progress else None,
+                on_stage=progress.stage if progress else None,
+            )
+        )
+        return [Computed(r.images, [self._named(record) for record in r.records]) for r in results]
+
+    def group_key(self, image: SourceImage, chosen: EditOptions) -> Hashable:
+        """What edits must share to run as one batch: the model size and every parameter but the seed."""
+        return self.pipe.model_size(image.size, binning=chosen.binning), _group_key(chosen)
+
+    @property
+    def model_name(self) -> str:
+        """The model as outputs record it: its hub id, or a local folder's name (never its path)."""
+        return self.resolved.ref.repo_id or Path(self.resolved.path).name
 
     # ---- many edits -------------------------------------------------------------------------------------------
 
@@ -190,7 +238,7 @@ class Editor:
         for job in jobs:
             try:
                 image = open_image(job.source)
-                key = (self.pipe.model_size(image.size, binning=job.options.binning), _group_key(job.options))
+                key = self.group_key(image, job.options)
             except CompactEditError as exc:
                 yield JobOutcome(job, "failed", error=str(exc))
                 continue
@@ -203,24 +251,12 @@ class Editor:
             yield from self._edit_group(pending, out)
 
     def _edit_group(self, group: list[tuple[EditJob, SourceImage]], out: OutputOptions) -> Iterator[JobOutcome]:
-        from .engine.pipeline import EditRequest
-
-        first = group[0][0].options
         seeds = [options.random_seed() if job.options.seed is None else job.options.seed for job, _ in group]
         started = time.perf_counter()
         try:
-            results = self._run(
-                lambda: self.pipe.edit_batch(
-                    [
-                        EditRequest(image, job.instruction, seed)
-                        for (job, image), seed in zip(group, seeds, strict=True)
-                    ],
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance,
-                    image_guidance_scale=first.image_guidance,
-                    num_images_per_prompt=first.num_images,
-                    resolution_binning=first.binning,
-                )
+            results = self.compute_group(
+                [(image, job.instruction, seed) for (job, image), seed in zip(group, seeds, strict=True)],
+                group[0][0].options,
             )
         except Exception as exc:  # one job can cause anything; the others go on
             error = describe_failure(exc)
@@ -235,10 +271,11 @@ class Editor:
             return
         seconds = round((time.perf_counter() - started) / len(group), 3)
         for (job, _), result in zip(group, results, strict=True):
-            record = self._finish(result.records[0], outputs.source_label(job.source), seconds)
-            record = record.but(output=str(job.output))
+            record = result.records[0].but(
+                source=outputs.source_label(job.source), seconds=seconds, output=str(job.output)
+            )
             try:
-                outputs.save(result.images[0], record, job.output, out)
+                outputs.save(result.pictures[0], record, job.output, out)
             except OutputError as exc:
                 fatal = exc if isinstance(exc, DiskFullError) else None
                 yield JobOutcome(job, "failed", error=str(exc), seed=record.seed, fatal=fatal)
@@ -260,15 +297,9 @@ class Editor:
         self.pipe.speed.release_memory()
         raise OutOfMemoryError()
 
-    def _finish(self, record: EditRecord, source_name: str | None, seconds: float) -> EditRecord:
+    def _named(self, record: EditRecord) -> EditRecord:
         """The engine's record completed with what only the Editor knows: the model's name and revision."""
-        ref = self.resolved.ref
-        return record.but(
-            model=ref.repo_id or Path(self.resolved.path).name,
-            revision=self.resolved.commit,
-            source=source_name,
-            seconds=seconds,
-        )
+        return record.but(model=self.model_name, revision=self.resolved.commit)
 
 
 def _group_key(chosen: EditOptions) -> tuple[Any, ...]:

@@ -166,6 +166,43 @@ def torch_dtype_name(value: str) -> str | None:
     return DTYPE_NAMES[dtype(value)]
 
 
+# ---- serving ---------------------------------------------------------------------------------------------------
+
+DEFAULT_SERVER = "auto"
+SERVER_CHOICES = ("auto", "never")
+DEFAULT_MAX_QUEUE = 16
+MAX_MAX_QUEUE = 10_000
+DEFAULT_MAX_BATCH = 1
+
+
+def server(value: Any, name: str = "--server") -> str:
+    """``auto`` (a matching running server, else in-process), ``never``, ``http://HOST:PORT``, ``unix:PATH`` or
+    a socket's path."""
+    text = str(value if value is not None else DEFAULT_SERVER).strip()
+    if not text:
+        raise UsageError(f"{name} is empty: give auto, never, http://HOST:PORT or a socket path")
+    return text.lower() if text.lower() in SERVER_CHOICES else text
+
+
+def max_queue(value: Any, name: str = "--max-queue") -> int:
+    return bounded_int(value, name, 1, MAX_MAX_QUEUE)
+
+
+def max_batch(value: Any, name: str = "--max-batch") -> int:
+    return bounded_int(value, name, 1, MAX_BATCH_SIZE)
+
+
+def idle_timeout(value: Any, name: str = "--idle-timeout") -> float | None:
+    """Seconds without an edit before a server stops; 0 (or None) never."""
+    try:
+        seconds = float(value or 0)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number of seconds (got {value!r})") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UsageError(f"{name} must be a number of seconds >= 0 (got {value})")
+    return seconds or None
+
+
 # Zero-width and other invisible format characters that make an instruction look non-empty.
 _INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn"}
 

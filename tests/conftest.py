@@ -11,6 +11,8 @@ import pytest
 
 # Tests never touch the network: every model comes from a local folder or a fake HF cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# No test edits through a server it did not start: the ones that test --server auto unset this.
+os.environ["COMPACTEDIT_SERVER"] = "never"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -35,7 +35,12 @@ class Server:
     """One ``compactedit serve`` process; stopped (SIGTERM, then SIGKILL) by :meth:`close`."""
 
     def __init__(
-        self, checkpoint: Path, *args: str, env: dict[str, str] | None = None, default_socket: bool = False
+        self,
+        checkpoint: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        default_socket: bool = False,
+        cwd: Path | None = None,
     ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="ce-", dir="/tmp"))  # short: a socket path has ~100 bytes
         self.socket = self.folder / "serve.sock"
@@ -62,7 +67,9 @@ class Server:
         }
         command = [sys.executable, "-m", "compactedit_cli", "serve", "--model", str(checkpoint), "--device", "cpu"]
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen([*command, *self.args], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [*command, *self.args], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+            )
 
     @property
     def base_url(self) -> str:

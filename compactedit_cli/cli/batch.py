@@ -60,6 +60,7 @@ def batch(
     overwrite: opt.Overwrite = False,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no parameters into outputs.")] = False,
     offline: opt.Offline = False,
+    server: opt.Server = None,
     quiet: opt.Quiet = False,
     verbose: opt.Verbose = False,
 ) -> None:
@@ -83,6 +84,7 @@ def batch(
         raise UsageError("INPUT_DIR needs -i/--instruction")
     defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+    server_choice = opt.server(server)
     size = options.batch_size(batch_size)
     written = options.OutputOptions(quality=quality, metadata=not no_metadata, overwrite=overwrite)
     default_fmt = opt.default_format(fmt)
@@ -101,7 +103,7 @@ def batch(
     from ..batch.lock import output_folder_lock
     from ..batch.results import ResultsLog
     from ..batch.run import run_batch
-    from ..editor import Editor
+    from ..server.remote import open_editor
 
     with output_folder_lock(output_dir), make_progress() as progress:
         removed = remove_stale_temporaries(output_dir)
@@ -110,7 +112,12 @@ def batch(
         for folder in sorted({item.output.parent for item in items}):
             ensure_folder(folder)
         task = progress.add_task("loading model", total=None)
-        editor = Editor(model_options, status=lambda message: progress.update(task, description=message))
+        editor = open_editor(
+            model_options,
+            server_choice,
+            status=lambda message: progress.update(task, description=message),
+            model_given=model is not None,
+        )
         for note in editor.notes:
             warn(note)
         progress.update(task, description="editing", total=len(items), completed=0)

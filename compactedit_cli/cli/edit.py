@@ -80,6 +80,7 @@ def edit(
         ),
     ] = None,
     offline: opt.Offline = False,
+    server: opt.Server = None,
     quiet: opt.Quiet = False,
     verbose: opt.Verbose = False,
 ) -> None:
@@ -108,6 +109,7 @@ def edit(
         no_binning or not recorded.get("resolution_binning", True),
     )
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+    server_choice = opt.server(server)
     if image == "-" and output is None:
         raise UsageError("reading from stdin needs -o (a file, or - for stdout)")
     to_stdout = output == "-"
@@ -134,10 +136,10 @@ def edit(
     paths = [] if out_path is None else numbered(out_path, chosen.num_images)
     check_outputs(paths, inputs=[] if image == "-" else [Path(image)], overwrite=overwrite)
 
-    from ..editor import Editor
+    from ..server.remote import open_editor
 
     with edit_progress() as progress:
-        editor = Editor(model_options, status=progress.status)
+        editor = open_editor(model_options, server_choice, status=progress.status, model_given=model is not None)
         for note in editor.notes:
             warn(note)
         records = editor.edit(

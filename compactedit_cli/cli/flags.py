@@ -179,6 +179,20 @@ Quality = Annotated[
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).", rich_help_panel=OUT)
 ]
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        metavar="SERVER",
+        envvar="COMPACTEDIT_SERVER",
+        show_envvar=False,
+        help="auto: edit through a running 'compactedit serve' that serves this model, else in this process; "
+        "never: always in this process; or the server to use (http://HOST:PORT, or a Unix socket's path). "
+        "[default: auto; env: COMPACTEDIT_SERVER]",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (and results on stdout).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail; tracebacks on errors.")]
 
@@ -223,6 +237,15 @@ def edit_options(
     )
 
 
+def server(flag: str | None) -> str:
+    """--server, else the config file's, else auto."""
+    from .. import config_file
+
+    if flag is not None:
+        return options.server(flag)
+    return config_file.load().get("server", options.DEFAULT_SERVER)
+
+
 def model_options(
     model: str | None,
     revision: str | None,
@@ -240,7 +263,7 @@ def model_options(
 
     saved = config_file.load()
     if model is None and "model" in saved:
-        from ..loading.hub import parse_model
+        from ..loading.refs import parse_model
 
         try:
             parse_model(saved["model"])

@@ -88,6 +88,29 @@ def serve(
         int,
         typer.Option("--max-queue", metavar="N", help="Edits that may wait; one more gets HTTP 429 with Retry-After."),
     ] = 16,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            metavar="N",
+            help="Run up to N waiting edits of the same size and parameters as one batch (outputs may differ "
+            "from unbatched ones by a level).",
+        ),
+    ] = 1,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="Start in the background and return once it is ready (log: --log-file)."),
+    ] = False,
+    log_file: Annotated[
+        str | None,
+        typer.Option(
+            "--log-file",
+            metavar="PATH",
+            help="With --detach, where the server's log goes. [default: serve.log beside the socket, or in the "
+            "runtime folder]",
+            show_default=False,
+        ),
+    ] = None,
     offline: opt.Offline = False,
     quiet: opt.Quiet = False,
     verbose: opt.Verbose = False,
@@ -98,10 +121,7 @@ def serve(
     """
     if ctx.invoked_subcommand is not None:
         return
-    import math
-
     from .. import options
-    from ..errors import UsageError
     from ..files.imaging import max_bytes_limit
     from ..server import address as where
 
@@ -109,10 +129,15 @@ def serve(
     address = where.resolve(socket, host, port)
     where.check_exposure(address, api_key)
     where.check_free(address)
-    queue = options.bounded_int(max_queue, "--max-queue", 1, 10_000)
-    if not (math.isfinite(idle_timeout) and idle_timeout >= 0):
-        raise UsageError(f"--idle-timeout must be a number of seconds >= 0 (got {idle_timeout})")
+    queue, batch = options.max_queue(max_queue), options.max_batch(max_batch)
+    idle = options.idle_timeout(idle_timeout)
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_)
+    if detach:
+        from ..server.detach import start_detached
+
+        pid, log = start_detached(address, _child_arguments(ctx), log_file, api_key)
+        info(f"serving on {address.label()} (pid {pid}, log {log})")
+        return
 
     from ..editor import Editor
     from ..server.run import serve as run_server
@@ -125,10 +150,25 @@ def serve(
         address,
         api_key=api_key,
         max_queue=queue,
-        idle_timeout=idle_timeout or None,
+        max_batch=batch,
+        idle_timeout=idle,
         verbose=verbose,
         quiet=quiet,
     )
+
+
+def _child_arguments(ctx: typer.Context) -> list[str]:
+    """This command's own options, as the detached server is started with them (all but --detach, --log-file
+    and the key, which travels in the environment)."""
+    skipped = {"detach", "log_file", "api_key"}
+    arguments = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skipped or value is None or value is False or value == param.default:
+            continue
+        flag = max(param.opts, key=len)
+        arguments += [flag] if value is True else [flag, str(value)]
+    return arguments
 
 
 @app.command()
@@ -155,6 +195,7 @@ def status(
     print(f"device:   {answer['device']} ({answer['dtype']})")
     print(f"uptime:   {answer['uptime_seconds']:.0f}s, {answer['edits_done']} edits, pid {answer['pid']}")
     print(f"queue:    {queue['running']} running, {queue['waiting']} waiting (at most {queue['max']})")
+    print(f"version:  compactedit {answer['version']}")
     print("memory:   " + ", ".join(f"{key} {value / 2**20:,.0f} MiB" for key, value in memory.items()))
 
 

@@ -9,7 +9,6 @@ readable and the file as long as it says) before anything loads.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,7 @@ from .checkpoint import (
     verify_folder,
     weight_files,
 )
-
-ALIASES = {
-    "vibe": "iitolstykh/VIBE-Image-Edit",
-    "vibe-distilled": "iitolstykh/VIBE-Image-Edit-DistilledCFG",
-}
-DEFAULT_MODEL = "vibe"
+from .refs import ALIASES, COMMIT, DEFAULT_MODEL, REPO_ID, REVISION, ModelRef, parse_model  # noqa: F401
 
 # Only what loading needs: never pickles, notebooks or sample images.
 DOWNLOAD_PATTERNS = [
@@ -40,25 +34,6 @@ DOWNLOAD_PATTERNS = [
     *(f"{name}/*.json" for name in WEIGHT_FILES),
     *(f"{name}/*.safetensors" for name in WEIGHT_FILES),
 ]
-
-_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
-REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed ``--model``: a local folder, or a hub repo at a revision."""
-
-    spec: str
-    repo_id: str | None = None
-    path: Path | None = None
-    revision: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.repo_id or str(self.path)
 
 
 @dataclass(frozen=True)
@@ -84,29 +59,6 @@ def is_offline(flag: bool = False) -> bool:
 def download_command(ref: ModelRef) -> str:
     revision = f" --revision {ref.revision}" if ref.revision else ""
     return f"compactedit models download {ref.spec}{revision}"
-
-
-def parse_model(spec: str, revision: str | None = None) -> ModelRef:
-    """Validate a ``--model`` value: an alias, a local folder, or an ``owner/name`` hub id."""
-    spec = spec.strip()
-    if not spec:
-        raise UsageError("--model is empty")
-    if (revision is not None and not REVISION.match(revision)) or (revision and ".." in revision):
-        raise UsageError(f"invalid revision {revision!r}")
-    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "") or Path(spec).is_dir()
-    if looks_local and spec not in ALIASES:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"model folder not found: {spec}")
-        if revision:
-            raise UsageError("--revision applies to hub models, not to a local folder")
-        return ModelRef(spec=spec, path=path.resolve())
-    repo_id = ALIASES.get(spec, spec)
-    if not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise UsageError(
-            f"unknown model {spec!r}: use an alias ({', '.join(ALIASES)}), a hub id (owner/name) or a local folder"
-        )
-    return ModelRef(spec=spec, repo_id=repo_id, revision=revision)
 
 
 def cache_dir() -> str:

@@ -69,6 +69,25 @@ def resolve(socket_path: str | None, host: str | None, port: int | None) -> Addr
     return Address(socket_path=path.absolute(), default=socket_path is None)
 
 
+def parse(value: str) -> Address:
+    """A server named on the command line: ``http://HOST:PORT``, ``unix:PATH`` or a socket's path."""
+    from urllib.parse import urlsplit
+
+    value = value.strip()
+    if value.startswith(("http://", "https://")):
+        parts = urlsplit(value)
+        if parts.scheme == "https":
+            raise UsageError("--server: https is not supported; put a TLS proxy in front and use its http address")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise UsageError(f"--server: bad port in {value!r}") from None
+        if not parts.hostname or parts.path not in ("", "/"):
+            raise UsageError(f"--server: expected http://HOST:PORT, got {value!r}")
+        return Address(host=parts.hostname, port=port)
+    return resolve(value.removeprefix("unix:"), None, None)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is this machine only (``localhost``, 127.0.0.0/8, ``::1``); a name is not trusted."""
     if host.lower() in LOOPBACK_NAMES:

@@ -10,16 +10,15 @@ no path a client names: images travel in the request and the response.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
-import io
+import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -28,22 +27,28 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__, options
 from ..errors import CompactEditError, InputImageError, OutOfMemoryError, UsageError, internal_error, is_out_of_memory
+from ..files import outputs
 from ..files.imaging import SourceImage, max_bytes_limit, max_pixels_limit, open_image
-from .jobs import EditQueue, QueueFullError
+from . import remote, wire
+from .jobs import EditCancelledError, EditQueue, Job, QueueFullError
 
 log = logging.getLogger("compactedit.serve")
 
 # Room for the form's text fields and multipart framing on top of the image's own byte limit.
 FORM_ALLOWANCE = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024
+# How often a waiting client hears its place in the queue (which is also how a gone client is noticed).
+QUEUE_NOTICE_SECONDS = 0.5
 MASKS_UNSUPPORTED = "masks are not supported yet: send the image alone and say in the prompt what to change"
 # OpenAI fields accepted and ignored: they describe a hosted model's knobs that this one does not have.
 IGNORED_FIELDS = frozenset({"user", "safety_identifier", "quality", "background", "input_fidelity", "moderation"})
+# The EditOptions fields compactedit's own client sends.
+EDIT_FIELDS = frozenset({"steps", "guidance", "image_guidance", "seed", "num_images", "binning"})
 FIELDS = frozenset(
     {"image", "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream"}
     | {"seed", "steps", "guidance", "image_guidance"}
@@ -64,9 +69,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.kind, self.headers = status, message, code, kind, headers
 
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.kind, "code": self.code, "param": None}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "code": self.code, "param": None}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -85,11 +92,11 @@ class ServerState:
         self.started = self.started or time.monotonic()
         self.max_pixels = max_pixels_limit()
         self.max_bytes = max_bytes_limit(self.max_pixels)
+        self.identity = remote.identity(self.editor)
 
     @property
     def model_id(self) -> str:
-        resolved = self.editor.resolved
-        return resolved.ref.repo_id or Path(resolved.path).name
+        return self.editor.model_name
 
     def model_names(self) -> set[str]:
         """What a request's ``model`` may say: the served id, or the name the server was started with."""
@@ -109,6 +116,7 @@ def build_app(state: ServerState) -> Starlette:
             Route("/health", _guarded(state, health, auth=False), methods=["GET"]),
             Route("/v1/models", _guarded(state, list_models), methods=["GET"]),
             Route("/v1/images/edits", _guarded(state, edit_image), methods=["POST"]),
+            Route(wire.EDIT_PATH, _guarded(state, compactedit_edit), methods=["POST"]),
             Route("/status", _guarded(state, status), methods=["GET"]),
             Route("/shutdown", _guarded(state, shutdown), methods=["POST"]),
         ],
@@ -121,7 +129,7 @@ def build_app(state: ServerState) -> Starlette:
 def _guarded(state: ServerState, endpoint: Callable[..., Any], auth: bool = True) -> Callable[..., Any]:
     """``endpoint(request, state)`` behind the API key check, with every failure an OpenAI-shaped response."""
 
-    async def run(request: Request) -> JSONResponse:
+    async def run(request: Request) -> Response:
         try:
             if auth:
                 _authorize(request, state.api_key)
@@ -168,13 +176,17 @@ async def status(_request: Request, state: ServerState) -> JSONResponse:
             "dtype": str(editor.pipe.dtype).removeprefix("torch."),
             "pid": os.getpid(),
             "version": __version__,
+            "protocol": wire.PROTOCOL,
+            "serves": state.identity,
             "uptime_seconds": round(time.monotonic() - state.started, 1),
             "queue": {
-                "running": int(state.queue.running),
+                "running": state.queue.running,
                 "waiting": state.queue.waiting,
                 "max": state.queue.max_queue,
+                "max_batch": state.queue.max_batch,
             },
             "edits_done": state.queue.done,
+            "edits_cancelled": state.queue.cancelled,
             "idle_timeout": state.idle_timeout,
             "memory": _memory(editor.pipe.device),
             "limits": {"max_bytes": state.max_bytes, "max_pixels": state.max_pixels},
@@ -197,23 +209,13 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
         await form.close()
     chosen, prompt, fmt = asked.chosen, asked.prompt, asked.format
     started = time.perf_counter()
+    job = Job(lambda _job: _encoded(state.editor, source, prompt, chosen, fmt, asked.quality))
     try:
-        pictures = await state.queue.submit(lambda: _edit(state.editor, source, prompt, chosen, fmt, asked.quality))
+        pictures = await state.queue.submit(job)
     except QueueFullError:
-        seconds = str(state.queue.retry_after())
-        raise ApiError(
-            429,
-            "the server is busy: too many edits are waiting",
-            "queue_full",
-            "rate_limit_error",
-            {"Retry-After": seconds},
-        ) from None
-    except CompactEditError as exc:
-        raise _edit_failure(exc) from None
+        raise _queue_full(state) from None
     except Exception as exc:
-        if is_out_of_memory(exc):
-            raise _edit_failure(OutOfMemoryError()) from None
-        raise
+        raise _edit_failure(exc) from None
     width, height = source.size
     described = f" prompt={prompt!r}" if state.verbose else ""
     log.info(
@@ -230,10 +232,104 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
     )
 
 
+async def compactedit_edit(request: Request, state: ServerState) -> Response:
+    """compactedit's own client: checked pixels in, events and raw pictures out (see :mod:`.wire`)."""
+    _check_client(request)
+    form = await _read_form(request, wire_limit(state.max_pixels), max_files=2)
+    try:
+        asked, planes = _native_request(form)
+        source = await run_in_threadpool(_read_planes, asked, planes, state)
+    finally:
+        await form.close()
+    instruction, chosen = asked["instruction"], asked["options"]
+    key = state.editor.group_key(source, chosen) if state.queue.max_batch > 1 else None
+    job = Job(
+        lambda job: state.editor.compute(source, instruction, chosen, progress=JobProgress([job])),
+        key=key,
+        item=(source, instruction, chosen.seed),
+        key_options=chosen,
+    )
+    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    job.on_event = events.put_nowait
+    job.loop = asyncio.get_running_loop()
+    job.future = job.loop.create_future()
+    job.future.add_done_callback(lambda _future: events.put_nowait(None))
+    try:
+        state.queue.enqueue(job)
+    except QueueFullError:
+        raise _queue_full(state) from None
+    size = f"{source.size[0]}x{source.size[1]}"
+    described = f" prompt={instruction!r}" if state.verbose else ""
+    log.info("edit %s n=%d steps=%d seed=%s queued%s", size, chosen.num_images, chosen.steps, chosen.seed, described)
+    return StreamingResponse(_stream(job, events, state), media_type="application/x-ndjson")
+
+
+async def _stream(job: Job, events: asyncio.Queue, state: ServerState) -> AsyncIterator[bytes]:
+    """The job's events as they come, then its result; a client that goes away cancels the job."""
+    started = time.perf_counter()
+    try:
+        place = None
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), QUEUE_NOTICE_SECONDS)
+            except TimeoutError:
+                if (now := state.queue.position(job)) != place:
+                    place = now
+                    yield wire.event_line({"queued": now})
+                continue
+            if event is None:
+                break
+            yield wire.event_line(event)
+        try:
+            computed = job.future.result()
+        except Exception as exc:
+            failure = _edit_failure(exc)
+            log.info("edit -> %d %s", failure.status, failure.code)
+            yield wire.event_line({"error": failure.body(), "status": failure.status})
+            return
+        parts = [wire.picture_parts(picture) for picture in computed.pictures]
+        records = [record.to_dict() for record in computed.records]
+        yield wire.event_line({"result": {"records": records, "pictures": [header for header, _ in parts]}})
+        for _, data in parts:
+            yield data
+        log.info("edit done in %.2fs", time.perf_counter() - started)
+    finally:
+        if not job.future.done():
+            job.cancelled.set()
+            log.info("edit cancelled: the client went away")
+
+
+class JobProgress:
+    """The engine's progress, sent to each waiting client; between steps, the edit stops if they all left."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+
+    def stage(self, name: str) -> None:
+        self._check()
+        for job in self.jobs:
+            job.emit({"stage": name})
+
+    def step(self, state: Any) -> None:
+        self._check()
+        for job in self.jobs:
+            job.emit({"step": state.index, "total": state.total})
+
+    def _check(self) -> None:
+        if all(job.cancelled.is_set() for job in self.jobs):
+            raise EditCancelledError()
+
+
+def run_batch(editor: Any, jobs: list[Job]) -> list[Any]:
+    """Jobs that share a batch key (the model size and every option but the seed), edited as one batch."""
+    log.info("edit %d waiting requests as one batch", len(jobs))
+    return editor.compute_group([job.item for job in jobs], jobs[0].key_options, progress=JobProgress(jobs))
+
+
 # ---- parsing ------------------------------------------------------------------------------------------------
 
 
-async def _read_form(request: Request, max_bytes: int) -> FormData:
+async def _read_form(request: Request, max_bytes: int, max_files: int = 4) -> FormData:
     """The multipart form, read as it arrives and refused (413) once it passes the byte limit, whatever the
     ``Content-Length`` says; it is never held whole in memory (file parts spool to disk)."""
     content_type = request.headers.get("content-type", "")
@@ -254,7 +350,11 @@ async def _read_form(request: Request, max_bytes: int) -> FormData:
             yield chunk
 
     parser = MultiPartParser(
-        request.headers, counted(), max_files=4, max_fields=len(FIELDS | IGNORED_FIELDS), max_part_size=MAX_FIELD_BYTES
+        request.headers,
+        counted(),
+        max_files=max_files,
+        max_fields=len(FIELDS | IGNORED_FIELDS),
+        max_part_size=MAX_FIELD_BYTES,
     )
     try:
         return await parser.parse()
@@ -348,28 +448,99 @@ def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
         raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image") from None
 
 
-def _edit(
+def _encoded(
     editor: Any, source: SourceImage, prompt: str, chosen: options.EditOptions, fmt: str, quality: int | None
 ) -> list[tuple[bytes, int | None]]:
-    """One edit on the worker thread: each output's file bytes and seed. Several outputs go through a private
-    temporary folder, since a stream takes one image."""
+    """One edit on the worker thread: each output's file bytes (with the metadata an edit writes) and seed."""
     written = options.OutputOptions(format=fmt, quality=quality)
-    if chosen.num_images == 1:
-        buffer = io.BytesIO()
-        [record] = editor.edit(source, prompt, buffer, edit_options=chosen, output_options=written, source_name=None)
-        return [(buffer.getvalue(), record.seed)]
-    with tempfile.TemporaryDirectory(prefix="compactedit-serve-") as folder:
-        target = Path(folder) / f"out{options.FORMAT_EXTENSIONS[fmt]}"
-        records = editor.edit(source, prompt, target, edit_options=chosen, output_options=written, source_name=None)
-        return [(Path(r.output).read_bytes(), r.seed) for r in records]
+    computed = editor.compute(source, prompt, chosen)
+    return [
+        (outputs.file_bytes(picture, record, fmt, written), record.seed)
+        for picture, record in zip(computed.pictures, computed.records, strict=True)
+    ]
 
 
-def _edit_failure(exc: CompactEditError) -> ApiError:
-    if isinstance(exc, OutOfMemoryError):
-        return ApiError(503, str(exc), "out_of_memory", "server_error")
+def _queue_full(state: ServerState) -> ApiError:
+    return ApiError(
+        429,
+        "the server is busy: too many edits are waiting",
+        "queue_full",
+        "rate_limit_error",
+        {"Retry-After": str(state.queue.retry_after())},
+    )
+
+
+def _edit_failure(exc: BaseException) -> ApiError:
+    """The response for an edit that raised ``exc``: the client's fault is 4xx, the server's 5xx."""
+    if isinstance(exc, EditCancelledError):
+        return ApiError(499, "the edit was cancelled", "cancelled")
+    if isinstance(exc, OutOfMemoryError) or is_out_of_memory(exc):
+        return ApiError(503, str(OutOfMemoryError()), "out_of_memory", "server_error")
     if isinstance(exc, (UsageError, InputImageError)):
         return ApiError(400, str(exc), "invalid_value")
-    return ApiError(500, str(exc), "edit_failed", "server_error")
+    if isinstance(exc, CompactEditError):
+        return ApiError(500, str(exc), "edit_failed", "server_error")
+    log.error("edit failed: %s", internal_error(exc), exc_info=exc)
+    return ApiError(500, internal_error(exc), "internal_error", "server_error")
+
+
+def wire_limit(max_pixels: int) -> int:
+    """The most bytes a compactedit client's request may carry: RGB and alpha planes at the pixel limit."""
+    return 4 * max_pixels
+
+
+def _check_client(request: Request) -> None:
+    """A compactedit client of another wire protocol is told so, rather than misread."""
+    theirs = request.headers.get(wire.PROTOCOL_HEADER)
+    if theirs != str(wire.PROTOCOL):
+        version = request.headers.get(wire.VERSION_HEADER, "unknown")
+        raise ApiError(
+            409,
+            f"this server runs compactedit {__version__} (protocol {wire.PROTOCOL}); the client is {version} "
+            f"(protocol {theirs or 'unknown'}): use the same version on both sides",
+            "version_mismatch",
+        )
+
+
+def _native_request(form: FormData) -> tuple[dict[str, Any], dict[str, bytes | UploadFile]]:
+    """The checked request of compactedit's own client, and its pixel planes (still unread)."""
+    raw = _text(form, "request")
+    if raw is None:
+        raise ApiError(400, "request is required (a JSON form field)", "invalid_value")
+    try:
+        asked = json.loads(raw)
+        if not isinstance(asked, dict):
+            raise ValueError("not an object")
+        given = asked.get("options") or {}
+        if not isinstance(given, dict) or set(given) - EDIT_FIELDS:
+            raise UsageError(f"options may hold only {', '.join(sorted(EDIT_FIELDS))}")
+        chosen = options.EditOptions(**given)
+        if chosen.seed is None:  # drawn here, so a batch of requests knows each one's seed
+            chosen = chosen.replace(seed=options.random_seed())
+        asked["options"] = chosen
+        asked["instruction"] = options.instruction(asked.get("instruction"))
+    except ValueError as exc:
+        raise ApiError(400, f"request is not valid JSON: {exc}", "invalid_value") from None
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "invalid_value") from None
+    planes = {name: form[name] for name in ("rgb", "alpha") if name in form}
+    if not all(isinstance(plane, UploadFile) for plane in planes.values()):
+        raise ApiError(400, "rgb and alpha must be file fields", "invalid_value")
+    return asked, planes
+
+
+def _read_planes(asked: dict[str, Any], planes: dict[str, Any], state: ServerState) -> SourceImage:
+    try:
+        source = asked.get("source") or {}
+        if not isinstance(source, dict):
+            raise UsageError("source must be an object")
+        read = {}
+        for name, upload in planes.items():
+            upload.file.seek(0)
+            read[name] = upload.file.read(wire_limit(state.max_pixels) + 1)
+        return wire.source_from(source, read, state.max_pixels)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "invalid_image") from None
 
 
 def _memory(device: Any) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""A small client for a running server, on the standard library only (``serve status``, ``serve stop``).
+"""A small client for a running server, on the standard library only (``serve status``, ``serve stop``, and the
+edits of :mod:`.remote`).
 
 Any HTTP client works over TCP; over the Unix socket this connects with ``AF_UNIX`` and speaks plain HTTP/1.1.
 """
@@ -41,23 +42,13 @@ def request(
     timeout: float = 30.0,
 ) -> tuple[int, dict[str, Any]]:
     """(status, JSON body) of one request to the server at ``address``; no server there is a ServerError."""
-    if address.socket_path is not None:
-        connection: http.client.HTTPConnection = _UnixConnection(str(address.socket_path), timeout)
-    else:
-        connection = http.client.HTTPConnection(address.host.strip("[]"), address.port, timeout=timeout)
-    sent = dict(headers or {})
-    if api_key:
-        sent["Authorization"] = f"Bearer {api_key}"
+    connection = connect(address, timeout)
     try:
-        connection.request(method, path, body=body, headers=sent)
-        response = connection.getresponse()
-        data = response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise ServerError(
-            f"no server answers on {address.label()} ({exc.strerror or exc})"
-            if isinstance(exc, OSError)
-            else f"{address.label()}: {exc}"
-        ) from None
+        response = send(connection, address, method, path, api_key=api_key, body=body, headers=headers)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerError(f"{address.label()} stopped answering ({exc})") from None
     finally:
         connection.close()
     try:
@@ -67,13 +58,51 @@ def request(
     return response.status, decoded
 
 
+def connect(address: Address, timeout: float | None) -> http.client.HTTPConnection:
+    """An HTTP connection (not yet open) to the server at ``address``."""
+    if address.socket_path is not None:
+        return _UnixConnection(str(address.socket_path), timeout)
+    assert address.host is not None
+    return http.client.HTTPConnection(address.host.strip("[]"), address.port, timeout=timeout)
+
+
+def send(
+    connection: http.client.HTTPConnection,
+    address: Address,
+    method: str,
+    path: str,
+    *,
+    api_key: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> http.client.HTTPResponse:
+    """Send one request and return the response, its body unread; no server there is a ServerError."""
+    sent = dict(headers or {})
+    if api_key:
+        sent["Authorization"] = f"Bearer {api_key}"
+    try:
+        connection.request(method, path, body=body, headers=sent)
+        return connection.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ServerError(
+            f"no server answers on {address.label()} ({exc.strerror or exc})"
+            if isinstance(exc, OSError) and exc.strerror
+            else f"the server on {address.label()} closed the connection ({exc or type(exc).__name__})"
+        ) from None
+
+
+def error_message(status: int, body: dict[str, Any]) -> str:
+    """The one line an error answer carries."""
+    error = body.get("error")
+    return error.get("message", f"HTTP {status}") if isinstance(error, dict) else f"HTTP {status}"
+
+
 def call(address: Address, method: str, path: str, api_key: str | None = None) -> dict[str, Any]:
     """The JSON answer of a successful request; an error answer is a one-line ServerError."""
     status, body = request(address, method, path, api_key=api_key)
     if status >= 400:
-        message = body.get("error", {}).get("message", f"HTTP {status}")
         error = UsageError if status in (401, 403) else ServerError
-        raise error(f"{address.label()}: {message}")
+        raise error(f"{address.label()}: {error_message(status, body)}")
     return body
 
 

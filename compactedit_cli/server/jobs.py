@@ -1,8 +1,10 @@
-"""Edits one at a time on one worker thread, behind a bounded queue.
+"""Edits in order on one worker thread, behind a bounded queue.
 
 The model is one set of weights on one device: two edits at once would only fight over it. Requests wait in order;
 when ``max_queue`` are already waiting, a new one is refused at once (the caller answers 429) rather than held for
-minutes. Results go back to the event loop that asked, so no request handler ever blocks it.
+minutes. Waiting jobs that share a batch key run as one batch of up to ``max_batch``. A job whose client went away
+is cancelled: skipped if it has not started, stopped at its next denoising step if it has. Results and progress
+events go back to the event loop that asked, so no request handler ever blocks it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,25 +22,53 @@ class QueueFullError(Exception):
     """``max_queue`` edits are already waiting."""
 
 
-@dataclass
-class _Job:
-    work: Callable[[], Any]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+class EditCancelledError(Exception):
+    """The client that asked for this edit is gone."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work. ``run(job)`` does it alone; jobs with the same ``key`` may instead be handed together to
+    the queue's batch runner, which reads each one's ``item`` and the options they share, ``key_options``."""
+
+    run: Callable[[Job], Any]
+    key: Hashable | None = None
+    item: Any = None
+    key_options: Any = None
+    on_event: Callable[[dict[str, Any]], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
     queued: float = field(default_factory=time.monotonic)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Send ``event`` to the requester (from the worker thread)."""
+        if self.on_event is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.on_event, event)
+
+    def check(self) -> None:
+        """Raise :class:`EditCancelledError` once the requester is gone (called between denoising steps)."""
+        if self.cancelled.is_set():
+            raise EditCancelledError()
+
+
+BatchRunner = Callable[[list[Job]], list[Any]]
 
 
 class EditQueue:
-    """Runs submitted callables in order on one thread; :meth:`submit` awaits one's result."""
+    """Runs submitted jobs in order on one thread; :meth:`submit` awaits one's result."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, max_batch: int = 1, run_batch: BatchRunner | None = None) -> None:
         self.max_queue = max_queue
-        self._waiting: deque[_Job] = deque()
+        self.max_batch = max_batch
+        self._run_batch = run_batch
+        self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
-        self._running = False
+        self._running = 0
         self._closed = False
         self._last_seconds: float | None = None
         self.done = 0
+        self.cancelled = 0
         self.last_activity = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="compactedit-editor", daemon=True)
         self._thread.start()
@@ -48,31 +78,47 @@ class EditQueue:
         return len(self._waiting)
 
     @property
-    def running(self) -> bool:
+    def running(self) -> int:
         return self._running
 
     @property
     def busy(self) -> bool:
         with self._lock:
-            return self._running or bool(self._waiting)
+            return bool(self._running or self._waiting)
+
+    def position(self, job: Job) -> int:
+        """How many jobs run or wait before ``job`` (0 once it runs)."""
+        with self._lock:
+            try:
+                return self._waiting.index(job) + self._running
+            except ValueError:
+                return 0
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one edit's time (the last one's), at least 1."""
         return max(1, round(self._last_seconds or 1))
 
-    async def submit(self, work: Callable[[], Any]) -> Any:
-        """``work()``'s result (or exception), once every earlier job is done. Raises :class:`QueueFullError`."""
-        loop = asyncio.get_running_loop()
-        job = _Job(work, loop.create_future(), loop)
+    async def submit(self, job: Job) -> Any:
+        """``job``'s result (or exception), once every earlier job is done. Raises :class:`QueueFullError`.
+        If the awaiting task is cancelled (its client went away), the job is cancelled too."""
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
+        self.enqueue(job)
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            job.future.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody will ask
+            raise
+
+    def enqueue(self, job: Job) -> None:
+        """Queue ``job`` (whose ``future`` and ``loop`` are set), or raise :class:`QueueFullError`."""
         with self._lock:
-            if self._closed:
-                raise QueueFullError()
-            if len(self._waiting) >= self.max_queue:
+            if self._closed or len(self._waiting) >= self.max_queue:
                 raise QueueFullError()
             self._waiting.append(job)
             self.last_activity = time.monotonic()
             self._lock.notify()
-        return await job.future
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""
@@ -81,32 +127,58 @@ class EditQueue:
             self._lock.notify()
         self._thread.join()
 
+    def _take(self) -> list[Job] | None:
+        """The next job, with the waiting jobs that can share its batch; None once closed and empty."""
+        with self._lock:
+            while not self._waiting and not self._closed:
+                self._lock.wait()
+            if not self._waiting:
+                return None
+            first = self._waiting.popleft()
+            group = [first]
+            if first.key is not None and self._run_batch is not None:
+                for job in list(self._waiting):
+                    if len(group) >= self.max_batch:
+                        break
+                    if job.key == first.key and not job.cancelled.is_set():
+                        self._waiting.remove(job)
+                        group.append(job)
+            self._running = len(group)
+            return group
+
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closed:
-                    self._lock.wait()
-                if not self._waiting:
-                    return
-                job = self._waiting.popleft()
-                self._running = True
+        while (group := self._take()) is not None:
+            live = [job for job in group if not job.cancelled.is_set()]
             started = time.monotonic()
-            try:
-                result, error = job.work(), None
-            except BaseException as exc:  # handed to the request, which reports it
-                result, error = None, exc
+            outcomes = self._work(live) if live else []
             with self._lock:
-                self._running = False
-                self._last_seconds = time.monotonic() - started
-                self.done += 1
+                self._running = 0
+                if live:
+                    self._last_seconds = (time.monotonic() - started) / len(live)
+                self.done += sum(not isinstance(o, EditCancelledError) for o in outcomes)
+                self.cancelled += len(group) - len(live) + sum(isinstance(o, EditCancelledError) for o in outcomes)
                 self.last_activity = time.monotonic()
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+            for job, outcome in zip(live, outcomes, strict=True):
+                job.loop.call_soon_threadsafe(_settle, job.future, outcome)
+            for job in group:
+                if job not in live:
+                    job.loop.call_soon_threadsafe(_settle, job.future, EditCancelledError())
+
+    def _work(self, jobs: list[Job]) -> list[Any]:
+        """Each job's result, or the exception it raised (handed to its request, which reports it)."""
+        try:
+            if len(jobs) == 1:
+                return [jobs[0].run(jobs[0])]
+            assert self._run_batch is not None
+            return self._run_batch(jobs)
+        except BaseException as exc:
+            return [exc] * len(jobs)
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():  # the client went away; its edit still ran, in order
+def _settle(future: asyncio.Future, outcome: Any) -> None:
+    if future.done():  # the request was cancelled; its outcome has no one to go to
         return
-    if error is not None:
-        future.set_exception(error)
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
     else:
-        future.set_result(result)
+        future.set_result(outcome)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import uvicorn
 
 from .address import Address, bind
-from .app import ServerState, build_app
+from .app import ServerState, build_app, run_batch
 from .jobs import EditQueue
 
 log = logging.getLogger("compactedit.serve")
@@ -29,6 +30,7 @@ def serve(
     *,
     api_key: str | None = None,
     max_queue: int = 16,
+    max_batch: int = 1,
     idle_timeout: float | None = None,
     verbose: bool = False,
     quiet: bool = False,
@@ -41,7 +43,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    queue = EditQueue(max_queue)
+    queue = EditQueue(max_queue, max_batch, run_batch=functools.partial(run_batch, editor))
     state = ServerState(editor, queue, api_key=api_key, verbose=verbose, idle_timeout=idle_timeout, on_stop=stop)
     app = build_app(state)
     try:
