@@ -296,6 +296,7 @@ async def _stream(job: Job, events: asyncio.Queue, state: ServerState) -> AsyncI
     finally:
         if not job.future.done():
             job.cancelled.set()
+            job.future.add_done_callback(lambda done: done.exception())  # its outcome has no one to go to
             log.info("edit cancelled: the client went away")
 
 
