@@ -303,3 +303,22 @@ class OutputOptions:
     def __post_init__(self) -> None:
         fmt = None if self.format is None else output_format_name(self.format)
         _set(self, format=fmt, quality=quality(self.quality))
+
+
+def compile_cache_dir() -> Path:
+    """Where ``--compile`` keeps torch's compiled-graph caches, so a later process of the same size reuses them.
+
+    ``TORCHINDUCTOR_CACHE_DIR`` (torch's own variable) wins when set; else ``COMPACTEDIT_CACHE_DIR/compile``; else
+    ``compile`` in the platform's user cache folder (platformdirs).
+    """
+    import os
+
+    torch_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if torch_dir:
+        return Path(torch_dir).expanduser()
+    override = os.environ.get("COMPACTEDIT_CACHE_DIR")
+    if override:
+        return Path(override).expanduser() / "compile"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("compactedit", appauthor=False)) / "compile"
