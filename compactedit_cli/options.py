@@ -308,14 +308,12 @@ class OutputOptions:
 def compile_cache_dir() -> Path:
     """Where ``--compile`` keeps torch's compiled-graph caches, so a later process of the same size reuses them.
 
-    ``TORCHINDUCTOR_CACHE_DIR`` (torch's own variable) wins when set; else ``COMPACTEDIT_CACHE_DIR/compile``; else
-    ``compile`` in the platform's user cache folder (platformdirs).
+    ``COMPACTEDIT_CACHE_DIR/compile`` when that is set, else ``compile`` in the platform's user cache folder
+    (platformdirs). Not torch's ``TORCHINDUCTOR_CACHE_DIR``: torch fills that in itself once anything asks inductor
+    for its cache, so it cannot say what the user chose; ``--compile`` replaces it.
     """
     import os
 
-    torch_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if torch_dir:
-        return Path(torch_dir).expanduser()
     override = os.environ.get("COMPACTEDIT_CACHE_DIR")
     if override:
         return Path(override).expanduser() / "compile"

@@ -36,11 +36,12 @@ def use_compile_cache() -> str:
     A second process of the same size then loads the compiled kernels instead of generating and building them; only
     dynamo's tracing runs again. Returns the folder.
     """
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     folder = compile_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     inductor_config.fx_graph_cache = True
-    inductor_config.autograd_cache = True
+    functorch_config.enable_autograd_cache = True
     return str(folder)
