@@ -65,7 +65,7 @@ def test_the_vlm_and_safetensors_load_straight_onto_the_device(tiny_checkpoint, 
     real_to = torch.nn.Module.to
 
     def spy_to(module, *args, **kwargs):
-        if args and isinstance(args[0], (str, torch.device)) or "device" in kwargs:
+        if (args and isinstance(args[0], (str, torch.device))) or "device" in kwargs:
             moved.append(type(module).__name__)
         return real_to(module, *args, **kwargs)
 
