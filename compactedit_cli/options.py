@@ -340,3 +340,20 @@ class OutputOptions:
     def __post_init__(self) -> None:
         fmt = None if self.format is None else output_format_name(self.format)
         _set(self, format=fmt, quality=quality(self.quality))
+
+
+def compile_cache_dir() -> Path:
+    """Where ``--compile`` keeps torch's compiled-graph caches, so a later process of the same size reuses them.
+
+    ``COMPACTEDIT_CACHE_DIR/compile`` when that is set, else ``compile`` in the platform's user cache folder
+    (platformdirs). Not torch's ``TORCHINDUCTOR_CACHE_DIR``: torch fills that in itself once anything asks inductor
+    for its cache, so it cannot say what the user chose; ``--compile`` replaces it.
+    """
+    import os
+
+    override = os.environ.get("COMPACTEDIT_CACHE_DIR")
+    if override:
+        return Path(override).expanduser() / "compile"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("compactedit", appauthor=False)) / "compile"

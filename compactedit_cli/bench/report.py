@@ -86,3 +86,25 @@ def startup_table(report: dict[str, Any]) -> Table:
     for name, stats in report["probes"].items():
         table.add_row(name, f"{stats['median']:.2f}", f"{stats['min']:.2f}-{stats['max']:.2f}")
     return table
+
+
+def cold_table(report: dict[str, Any]) -> Table:
+    """A Rich table of :func:`~.startup.cold_start`'s report: seconds per stage of a fresh edit process."""
+    from rich.table import Table
+
+    size = report["model_size"]
+    title = f"fresh edit process: {report['model']} at {size['width']}×{size['height']} on {report['device']['name']}"
+    caption = f"seconds, median of {report['repeats']} process(es); the process adds interpreter start and exit"
+    table = Table(title=title, caption=caption, box=None, pad_edge=False)
+    for header in ("stage", "seconds", "share"):
+        table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
+    total = report["total"]
+    for name, seconds in report["stages"].items():
+        table.add_row(name, f"{seconds:.2f}", f"{seconds / total:.0%}" if total else "n/a")
+    table.add_row("total", f"{total:.2f}", "")
+    table.add_row("process", f"{report['process']:.2f}", "")
+    cache = report.get("compile_cache")
+    if cache:
+        hits, misses = cache["fxgraph_cache_hit"], cache["fxgraph_cache_miss"]
+        table.add_row("compile cache", f"{hits} hit / {misses} miss", "")
+    return table

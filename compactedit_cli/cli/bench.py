@@ -21,6 +21,8 @@ Examples:
   compactedit bench --random-weights tiny --device cpu --json > bench.json
 
   compactedit bench --startup --repeats 5    (the fixed cost of a process: start, imports, a tiny load and edit)
+
+  compactedit bench --cold --resolution 1024 --json    (one fresh edit process, timed by stage)
 """
 
 
@@ -65,6 +67,15 @@ def bench(
             "load the tiny model and edit with it (on the CPU; uses only --repeats, --json and --save).",
         ),
     ] = False,
+    cold: Annotated[
+        bool,
+        typer.Option(
+            "--cold",
+            help="Instead of warm edits, time fresh processes that each import, resolve and verify, load, warm up, "
+            "edit once and save, stage by stage (uses the first --resolution; --repeats processes; --random-weights "
+            "tiny only).",
+        ),
+    ] = False,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
@@ -97,6 +108,8 @@ def bench(
 
     if random_weights is not None and model is not None:
         raise UsageError("--random-weights and --model are alternatives; give one")
+    if startup and cold:
+        raise UsageError("--startup and --cold are alternatives; give one")
     if startup:
         if random_weights is not None or model is not None:
             raise UsageError("--startup times its own tiny model: give neither --model nor --random-weights")
@@ -104,6 +117,12 @@ def bench(
         from ..bench.startup import startup_overhead
 
         _show(startup_overhead(repeats), startup_table, json_output, save)
+        return
+
+    if cold:
+        models = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+        resolutions = [*(resolution or []), *(more_resolutions or [])] or [1024]
+        _cold(models, resolutions, steps, repeats, random_weights, json_output, save)
         return
 
     from ..bench.report import report_table, unapplied_options
@@ -155,6 +174,54 @@ def bench(
     for message in unapplied_options(report):
         warn(message)
     _show(report, report_table, json_output, save)
+
+
+def _cold(
+    models: Any,
+    resolutions: list[int],
+    steps: int,
+    repeats: int,
+    random_weights: str | None,
+    json_output: bool,
+    save: Path | None,
+) -> None:
+    """``bench --cold``: fresh edit processes timed by stage (see :func:`~..bench.startup.cold_start`)."""
+    import tempfile
+
+    from ..bench.report import cold_table
+    from ..bench.run import BenchError, check_options
+    from ..bench.startup import cold_start
+    from ..errors import UsageError
+
+    if random_weights not in (None, "tiny"):
+        raise UsageError("--cold loads a checkpoint folder: give --model, or --random-weights tiny")
+    if len(resolutions) > 1:
+        raise UsageError("--cold times one edit: give one --resolution")
+    try:
+        check_options(resolutions, steps, 1, 0, repeats)
+    except BenchError as exc:
+        raise UsageError(str(exc)) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = models.model
+        if random_weights == "tiny":
+            from ..random_weights.tiny import build_tiny_checkpoint
+
+            folder = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
+        info(f"timing {repeats} fresh edit process(es) of {folder}")
+        report = cold_start(
+            folder,
+            revision=models.revision,
+            device=models.device,
+            dtype=models.dtype,
+            offline=models.offline,
+            offload=models.offload,
+            compile=models.compile,
+            cuda_graphs=models.cuda_graphs,
+            resolution=resolutions[0],
+            steps=steps,
+            repeats=repeats,
+        )
+    _show(report, cold_table, json_output, save)
 
 
 def _show(report: dict[str, Any], table: Callable[[dict[str, Any]], Any], json_output: bool, save: Path | None) -> None:

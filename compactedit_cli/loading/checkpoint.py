@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..engine.binning import BIN_MULTIPLE
@@ -299,14 +298,20 @@ def _few(names: list[str], limit: int = 3) -> str:
 
 
 def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Materialise a meta-device model from safetensors, in ``dtype`` on ``device`` (shapes already checked)."""
+    """Materialise a meta-device model from safetensors, in ``dtype`` on ``device`` (shapes already checked).
+
+    Each tensor is read straight onto ``device`` and cast there one at a time, so neither a second host copy of the
+    weights nor a whole second device copy (for a dtype cast) ever exists.
+    """
     state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
-            tensors = load_file(str(path), device=str(device))
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = handle.get_tensor(key)
+                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read {path} ({exc}); re-download the model") from exc
-        state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -334,7 +339,11 @@ def build_vae(folder: Path) -> tuple[AutoencoderDC, list[Path]]:
 
 
 def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Qwen3-VL through transformers (it converts older key layouts), refusing any missing or stray tensor."""
+    """Qwen3-VL through transformers (it converts older key layouts), refusing any missing or stray tensor.
+
+    ``device_map`` names the one device, so transformers materialises each weight there as it reads it: the weights
+    never pass through host memory on their way to an accelerator (one device: no accelerate dispatch hooks).
+    """
     from transformers import Qwen3VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -342,7 +351,12 @@ def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) ->
     hf_logging.disable_progress_bar()
     try:
         model, info = Qwen3VLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+            folder,
+            dtype=dtype,
+            device_map={"": device},
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the text encoder in {folder}: {exc}") from exc
@@ -356,7 +370,7 @@ def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) ->
         problems.insert(0, "missing tensor(s) " + _few(missing))
     if problems:
         raise CheckpointError(f"{folder}: " + "; ".join(problems))
-    return model.to(device).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def load_scheduler(folder: Path, class_name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Whether ``torch.compile`` can run on this machine: a missing piece is reported instead of failing mid-edit."""
+"""``torch.compile``'s preconditions: whether it can run on this machine (a missing piece is reported instead of
+failing mid-edit), and the persistent cache that lets a new process reuse the graphs an earlier one compiled."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import shutil
 
 import torch
+
+from ..options import compile_cache_dir
 
 
 def compile_unavailable(backend: str, device: torch.device) -> str | None:
@@ -24,3 +27,21 @@ def compile_unavailable(backend: str, device: torch.device) -> str | None:
     if not any(name and shutil.which(name) for name in compilers):
         return f"inductor needs a C++ compiler for {device.type}, and none was found (set CXX)"
     return None
+
+
+def use_compile_cache() -> str:
+    """Point inductor's FX-graph and AOT-autograd caches at :func:`~compactedit_cli.options.compile_cache_dir`.
+
+    Must run before the first compile: inductor reads ``TORCHINDUCTOR_CACHE_DIR`` when it first looks a graph up.
+    A second process of the same size then loads the compiled kernels instead of generating and building them; only
+    dynamo's tracing runs again. Returns the folder.
+    """
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return str(folder)

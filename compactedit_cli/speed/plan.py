@@ -38,7 +38,7 @@ from .. import options
 from ..errors import UsageError
 from ..models.feedforward import use_token_feed_forward
 from ..models.norm import use_lean_norms
-from .compiling import compile_unavailable
+from .compiling import compile_unavailable, use_compile_cache
 from .graphs import GraphedStep
 from .offload import WeightOffloader, stage_offloader
 from .tiling import free_device_bytes, vae_activation_bytes
@@ -172,7 +172,9 @@ class SpeedPlan:
         """``torch.compile`` the transformer's repeated blocks, in place.
 
         Regional compilation: one block shape is compiled and shared by all blocks, so compiling takes seconds, not
-        minutes. Compiling happens lazily, at the first edit of each new size. Where torch.compile cannot run here
+        minutes. Compiling happens lazily, at the first edit of each new size. With inductor the compiled graphs
+        persist in :func:`~compactedit_cli.options.compile_cache_dir`, so a new process of a size compiled before
+        skips code generation (:func:`~.compiling.use_compile_cache`). Where torch.compile cannot run here
         (no Triton on CUDA, no C++ compiler on the CPU) it notes why (and warns, with ``warn``) and leaves the
         pipeline as it was. Returns a one-line account of what happened. The VAE decoder stays eager: compiling it
         took long and gained nothing (BENCHMARKS.md).
@@ -182,11 +184,13 @@ class SpeedPlan:
             return self._skipped(f"torch.compile skipped: {reason}", warn)
         if self._graphs is not None:
             self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
+        cache = f", cache {use_compile_cache()}" if backend == "inductor" else ""
         transformer = self._components.transformer
         transformer.compile_repeated_blocks(backend=backend, mode=mode)
         self._compiled = True
         blocks = len(transformer.transformer_blocks)
-        return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode or 'default'})"
+        mode_name = mode or "default"
+        return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode_name}{cache})"
 
     def use_graphs(self, enabled: bool = True, *, warn: bool = True) -> str:
         """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).

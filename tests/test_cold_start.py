@@ -1,0 +1,77 @@
+"""A fresh edit process, stage by stage (``bench --cold``), and the loader's direct-to-device path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compactedit_cli.bench.startup import COLD_STAGES
+
+
+def test_bench_cold_times_one_fresh_process_by_stage(cli, tmp_path):
+    from rich.console import Console
+
+    from compactedit_cli.bench.report import cold_table
+
+    saved = tmp_path / "cold.json"
+    args = ("bench", "--cold", "--random-weights", "tiny", "--device", "cpu", "--resolution", "256", "--steps", "2")
+    result = cli(*args, "--repeats", "1", "--json", "--save", saved)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads(saved.read_text())
+    assert tuple(report["stages"]) == COLD_STAGES
+    assert all(seconds > 0 for seconds in report["stages"].values())
+    assert report["total"] == pytest.approx(sum(report["stages"].values()))
+    assert report["process"] > report["total"]  # the child's own clock starts after the interpreter does
+    assert report["options"]["steps"] == 2 and report["options"]["compile"] is False
+    assert report["compile_cache"] is None and len(report["runs"]) == 1
+    console = Console(record=True, width=120)
+    console.print(cold_table(report))
+    text = console.export_text()
+    assert all(name in text for name in (*COLD_STAGES, "total", "process"))
+
+
+def test_bench_cold_refuses_what_it_cannot_time(cli, tmp_path):
+    for args, needle in (
+        (("--random-weights", "full"), "--random-weights tiny"),
+        (("--startup",), "alternatives"),
+        (("--resolution", "256", "512"), "one --resolution"),
+    ):
+        result = cli("bench", "--cold", *args)
+        assert result.exit_code == 2 and needle in result.stderr, result.stderr
+
+
+def test_bench_cold_reports_the_edit_processes_own_error_and_exit_code(cli, tmp_path):
+    result = cli("bench", "--cold", "--model", tmp_path / "absent", "--device", "cpu", "--repeats", "1")
+    assert result.exit_code == 4, result.stderr
+    assert "cold-start process failed" in result.stderr and "absent" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_vlm_and_safetensors_load_straight_onto_the_device(tiny_checkpoint, monkeypatch):
+    """No model-wide ``.to(device)`` after loading, and every tensor read names the target device."""
+    from compactedit_cli.loading import checkpoint
+
+    opened: list[str] = []
+    real_open = checkpoint.safe_open
+
+    def spy_open(path, framework, device):
+        opened.append(device)
+        return real_open(path, framework=framework, device=device)
+
+    moved: list[str] = []
+    real_to = torch.nn.Module.to
+
+    def spy_to(module, *args, **kwargs):
+        if (args and isinstance(args[0], (str, torch.device))) or "device" in kwargs:
+            moved.append(type(module).__name__)
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", spy_open)
+    monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+    components = checkpoint.load_components(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    assert opened == ["cpu", "cpu"]  # the transformer's and the VAE's files, each read onto the device
+    assert "Qwen3VLForConditionalGeneration" not in moved
+    assert {p.device.type for p in components.text_encoder.parameters()} == {"cpu"}
