@@ -268,6 +268,7 @@ class Editor:
             revision=self.resolved.commit,
             source=source_name,
             seconds=seconds,
+            loras=[[spec, scale] for spec, scale in self.options.loras],
         )
 
 
@@ -297,4 +298,11 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         compile=model.compile,
         cuda_graphs=model.cuda_graphs,
     )
-    return pipe, resolved, list(pipe.speed.notes)
+    notes = list(pipe.speed.notes)
+    if model.loras:
+        from .loading.lora import apply_loras
+
+        status(f"fusing {len(model.loras)} LoRA adapter(s)")
+        base = ref.repo_id or Path(resolved.path).name
+        notes += apply_loras(pipe.transformer, model.loras, offline=is_offline(model.offline), base_model=base)
+    return pipe, resolved, notes

@@ -76,6 +76,7 @@ def serve(
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
+    lora: opt.Lora = None,
     socket: ServeSocket = None,
     host: ServeHost = None,
     port: ServePort = None,
@@ -112,7 +113,7 @@ def serve(
     queue = options.bounded_int(max_queue, "--max-queue", 1, 10_000)
     if not (math.isfinite(idle_timeout) and idle_timeout >= 0):
         raise UsageError(f"--idle-timeout must be a number of seconds >= 0 (got {idle_timeout})")
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_)
+    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, loras=lora)
 
     from ..editor import Editor
     from ..server.run import serve as run_server
