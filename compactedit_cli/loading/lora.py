@@ -46,9 +46,7 @@ class Adapter:
         return self.info.get("base_model")
 
 
-def adapter_metadata(
-    rank: int, alpha: float, target_modules: Sequence[str], info: dict[str, Any]
-) -> dict[str, str]:
+def adapter_metadata(rank: int, alpha: float, target_modules: Sequence[str], info: dict[str, Any]) -> dict[str, str]:
     """The safetensors header of an adapter file: peft's settings as diffusers stores them, and ours."""
     peft = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules), "use_dora": False}
     return {

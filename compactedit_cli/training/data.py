@@ -60,7 +60,7 @@ def pairs_from_manifest(manifest: Path) -> list[TrainingPair]:
         if unknown:
             raise UsageError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(FIELDS)})")
         for key in FIELDS:
-            if not isinstance(record.get(key), str) or not record[key].strip():
+            if not isinstance(record.get(key), str) or (key != "instruction" and not record[key].strip()):
                 raise UsageError(f"{where}: missing field {key!r}")
         paths = [Path(record[key]).expanduser() for key in ("source", "target")]
         source, target = (p if p.is_absolute() else base / p for p in paths)

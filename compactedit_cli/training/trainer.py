@@ -19,7 +19,6 @@ The objective is :mod:`.objective`'s; the adapter format is :mod:`compactedit_cl
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    partial.replace(path)
 
 
 class Trainer:
@@ -141,7 +140,10 @@ class Trainer:
         return examples, null
 
     def _add_lora(self) -> list[torch.nn.Parameter]:
-        from peft import LoraConfig
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise UsageError("compactedit train needs peft: pip install 'compactedit[train]'") from None
 
         settings = self.settings
         self.transformer.requires_grad_(False)
@@ -173,7 +175,7 @@ class Trainer:
         first = int(torch.randint(len(self.examples), (1,), generator=generator))
         group = self.groups[self.examples[first].size]
         order = [group[int(i)] for i in torch.randperm(len(group), generator=generator)]
-        chosen = [first] + [i for i in order if i != first][: self.settings.batch_size - 1]
+        chosen = [first, *[i for i in order if i != first][: self.settings.batch_size - 1]]
         return [self.examples[i] for i in chosen]
 
     def train_step(self) -> float:
