@@ -197,9 +197,9 @@ Lora = Annotated[
     list[str] | None,
     typer.Option(
         "--lora",
-        metavar="PATH[:SCALE]",
-        help="A LoRA adapter fused into the model at load (a .safetensors file, or owner/name/FILE on the hub), "
-        "at SCALE (default 1; 0 is the base model). Repeat to stack adapters.",
+        metavar="FILE[:S]",
+        help="A LoRA adapter fused in at load (a .safetensors file, or owner/name/FILE on the hub), at scale S "
+        "(default 1; 0 is the base model). Repeat to stack adapters.",
         rich_help_panel=MODEL,
         show_default=False,
     ),
