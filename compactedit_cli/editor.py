@@ -299,7 +299,11 @@ class Editor:
 
     def _named(self, record: EditRecord) -> EditRecord:
         """The engine's record completed with what only the Editor knows: the model's name and revision."""
-        return record.but(model=self.model_name, revision=self.resolved.commit)
+        return record.but(
+            model=self.model_name,
+            revision=self.resolved.commit,
+            loras=[[spec, scale] for spec, scale in self.options.loras],
+        )
 
 
 def _group_key(chosen: EditOptions) -> tuple[Any, ...]:
@@ -328,4 +332,11 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         compile=model.compile,
         cuda_graphs=model.cuda_graphs,
     )
-    return pipe, resolved, list(pipe.speed.notes)
+    notes = list(pipe.speed.notes)
+    if model.loras:
+        from .loading.lora import apply_loras
+
+        status(f"fusing {len(model.loras)} LoRA adapter(s)")
+        base = ref.repo_id or Path(resolved.path).name
+        notes += apply_loras(pipe.transformer, model.loras, offline=is_offline(model.offline), base_model=base)
+    return pipe, resolved, notes

@@ -137,6 +137,40 @@ def scale(value: Any, name: str = "--guidance") -> float | None:
     return float(value)
 
 
+def lora(value: Any, name: str = "--lora") -> tuple[str, float]:
+    """An adapter as ``PATH[:SCALE]`` (or an already split ``(spec, scale)``): the spec, and the scale (default 1).
+
+    The spec is a local file or ``owner/name/FILE`` on the hub (:mod:`compactedit_cli.loading.lora` resolves it);
+    the scale multiplies the adapter's own ``alpha / rank`` and may be any finite number (0 leaves the base as is).
+    """
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        spec, number = value
+    elif isinstance(value, str):
+        spec, _, tail = value.strip().rpartition(":")
+        if not spec or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail.strip()):
+            spec, tail = value.strip(), "1"
+        number = tail
+    else:
+        raise UsageError(f"{name} must be PATH[:SCALE] (got {value!r})")
+    spec = str(spec).strip()
+    if not spec:
+        raise UsageError(f"{name} names no adapter (got {value!r})")
+    weight = _finite(number, f"{name} {spec}: the scale")
+    return spec, weight
+
+
+def _finite(value: Any, name: str) -> float:
+    """Any finite number (an adapter's scale may be negative)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise UsageError(f"{name} must be a number (got {value!r})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number (got {value!r})")
+    return float(value)
+
+
 def offload(value: Any, name: str = "--offload") -> str:
     text = str(value).strip().lower()
     if text not in OFFLOAD_MODES:
@@ -309,6 +343,7 @@ class ModelOptions:
     offload: str = "none"
     compile: bool = False
     cuda_graphs: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (spec, scale) adapters fused into the DiT at load, in order
 
     def __post_init__(self) -> None:
         model = str(self.model).strip() if self.model is not None else DEFAULT_MODEL
@@ -323,6 +358,7 @@ class ModelOptions:
             offline=bool(self.offline),
             compile=bool(self.compile),
             cuda_graphs=bool(self.cuda_graphs),
+            loras=tuple(lora(entry) for entry in (self.loras or ())),
         )
         speed_options(self.offload, self.cuda_graphs)
 

@@ -29,6 +29,7 @@ METADATA_FIELDS = (
     "dtype",
     "device",
     "source",
+    "loras",
 )
 
 
@@ -62,6 +63,7 @@ class EditRecord:
     output: str | None = None
     seconds: float | None = None
     warnings: list[str] = field(default_factory=list)
+    loras: list[list[Any]] = field(default_factory=list)  # [spec, scale] of each LoRA adapter fused at load
     software: str = f"compactedit {__version__}"
 
     def to_dict(self) -> dict[str, Any]:

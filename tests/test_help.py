@@ -30,6 +30,7 @@ COMMANDS = [
     ["serve"],
     ["serve", "status"],
     ["serve", "stop"],
+    ["train"],
 ]
 
 

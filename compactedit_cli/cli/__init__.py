@@ -16,6 +16,8 @@ from .common import Group
 from .edit import EXAMPLES as EDIT_EXAMPLES
 from .edit import edit
 from .selftest import selftest
+from .train import EXAMPLES as TRAIN_EXAMPLES
+from .train import train
 
 EPILOG = """Run 'compactedit COMMAND --help' for a command's options and examples. Weights live in the Hugging Face
 cache (HF_HOME, HF_HUB_CACHE); 'compactedit config path' shows where defaults are kept.
@@ -66,6 +68,7 @@ app.command()(selftest)
 app.command(epilog=BENCH_EXAMPLES)(bench)
 app.add_typer(config.app, name="config")
 app.add_typer(serve.app, name="serve")
+app.command(epilog=TRAIN_EXAMPLES)(train)
 
 
 def main() -> None:

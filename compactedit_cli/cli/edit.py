@@ -58,6 +58,7 @@ def edit(
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
+    lora: opt.Lora = None,
     no_binning: opt.Binning = False,
     fmt: opt.EditFormat = None,
     quality: opt.Quality = None,
@@ -108,7 +109,8 @@ def edit(
         num_images,
         no_binning or not recorded.get("resolution_binning", True),
     )
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+    loras = lora or recorded.get("loras")
+    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, loras)
     server_choice = opt.server(server)
     if image == "-" and output is None:
         raise UsageError("reading from stdin needs -o (a file, or - for stdout)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -207,6 +207,17 @@ NumImages = Annotated[
         rich_help_panel=GEN,
     ),
 ]
+Lora = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora",
+        metavar="FILE[:S]",
+        help="A LoRA adapter fused in at load (a .safetensors file, or owner/name/FILE on the hub), at scale S "
+        "(default 1; 0 is the base model). Repeat to stack adapters.",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
 BatchSize = Annotated[
     int,
     typer.Option(
@@ -255,6 +266,7 @@ def model_options(
     offload: str | None,
     compile_: bool,
     cuda_graphs: bool = False,
+    loras: list[Any] | None = None,
 ) -> options.ModelOptions:
     """Flags first, then the config file, then built-in defaults; an error a saved value causes names its key and
     the file."""
@@ -279,6 +291,7 @@ def model_options(
             offload=options.offload(offload) if offload else saved.get("offload", "none"),
             compile=compile_,
             cuda_graphs=cuda_graphs,
+            loras=tuple(loras or ()),
         )
     except CompactEditError as exc:
         if offload is None and saved.get("offload", "none") != "none":  # --cuda-graphs with a saved offload

@@ -76,6 +76,7 @@ def serve(
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
+    lora: opt.Lora = None,
     socket: ServeSocket = None,
     host: ServeHost = None,
     port: ServePort = None,
@@ -131,7 +132,7 @@ def serve(
     where.check_free(address)
     queue, batch = options.max_queue(max_queue), options.max_batch(max_batch)
     idle = options.idle_timeout(idle_timeout)
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_)
+    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, loras=lora)
     if detach:
         from ..server.detach import start_detached
 
@@ -164,10 +165,14 @@ def _child_arguments(ctx: typer.Context) -> list[str]:
     arguments = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name in skipped or value is None or value is False or value == param.default:
+        if param.name in skipped or value in (None, False, (), []) or value == param.default:
             continue
         flag = max(param.opts, key=len)
-        arguments += [flag] if value is True else [flag, str(value)]
+        if value is True:
+            arguments.append(flag)
+        else:
+            for each in value if isinstance(value, (list, tuple)) else [value]:
+                arguments += [flag, str(each)]
     return arguments
 
 

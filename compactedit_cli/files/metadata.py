@@ -118,6 +118,19 @@ def _exact(check: Callable[[Any], Any], kind: type) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, kind) and not isinstance(v, bool) and _passes(check, v)
 
 
+def _is_loras(value: Any) -> bool:
+    """Recorded adapters: ``[spec, scale]`` pairs whose spec is a hub file (``owner/name/FILE``), never a path."""
+    from ..loading.hub import REPO_ID
+
+    def hub_file(spec: Any) -> bool:
+        parts = spec.split("/") if isinstance(spec, str) else []
+        return len(parts) > 2 and REPO_ID.match("/".join(parts[:2])) is not None and ".." not in parts
+
+    return isinstance(value, list) and all(
+        isinstance(e, list) and len(e) == 2 and hub_file(e[0]) and _passes(options.lora, tuple(e)) for e in value
+    )
+
+
 # The fields --replay may take from a file, each with the check its value must pass; nothing else is read. A
 # recorded model must be a hub id or alias: it is never taken as a path (``/etc``, ``../x``, a local folder).
 REPLAYABLE: dict[str, Callable[[Any], bool]] = {
@@ -129,6 +142,7 @@ REPLAYABLE: dict[str, Callable[[Any], bool]] = {
     "model": _is_model,
     "revision": _is_revision,
     "resolution_binning": lambda v: isinstance(v, bool),
+    "loras": _is_loras,
 }
 
 

@@ -53,11 +53,13 @@ def identity(editor: Editor) -> dict[str, Any]:
         "commit": editor.resolved.commit,
         "device": str(editor.pipe.device),
         "dtype": str(editor.pipe.dtype).removeprefix("torch."),
+        "loras": [[spec, scale] for spec, scale in editor.options.loras],
     }
 
 
 def mismatch(served: dict[str, Any], wanted: ModelOptions, *, check_model: bool = True) -> str | None:
-    """Why the server described by ``served`` (its ``/status``) cannot do ``wanted``'s edits, or None."""
+    """Why the server described by ``served`` (its ``/status``) cannot do ``wanted``'s edits, or None. LoRA adapters
+    must be the same (the same specs and scales, in order): they change the weights."""
     if served.get("protocol") != wire.PROTOCOL or served.get("version") != __version__:
         return (
             f"the server runs compactedit {served.get('version', 'unknown')} and this is {__version__}: "
@@ -78,6 +80,8 @@ def mismatch(served: dict[str, Any], wanted: ModelOptions, *, check_model: bool 
     dtype = options.torch_dtype_name(wanted.dtype)
     if dtype is not None and dtype != serves.get("dtype"):
         return f"the server runs in {serves.get('dtype')}, not {dtype}"
+    if [list(lora) for lora in wanted.loras] != serves.get("loras", []):
+        return "the server's LoRA adapters are not the ones asked for"
     return None
 
 
