@@ -83,7 +83,10 @@ def test_bench_flag_errors_are_one_line(cli, flags, line):
         (["edit", "a.png", "x", "-Z"], "error: unknown option -Z; see compactedit edit --help"),
         (["batch", "in/"], "error: missing option --output; see compactedit batch --help"),
         (["edti"], "error: unknown command 'edti' (did you mean edit?)"),
-        (["frob"], "error: unknown command 'frob' (one of: edit, batch, selftest, bench, train, models, config, serve)"),
+        (
+            ["frob"],
+            "error: unknown command 'frob' (one of: edit, batch, selftest, bench, train, models, config, serve)",
+        ),
         (["models", "lst"], "error: unknown command 'lst' (did you mean list?)"),
         (["config", "sett", "device", "cpu"], "error: unknown command 'sett' (did you mean set or unset?)"),
         (["models", "list", "--jsno"], "error: unknown option --jsno (did you mean --json?)"),
