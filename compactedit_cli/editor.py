@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -56,6 +56,7 @@ class EditJob:
     instruction: str
     output: Path
     options: EditOptions = field(default_factory=EditOptions)
+    exif: str | None = None  # this job's EXIF policy (a manifest's ``exif`` column); None: the run's
 
 
 @dataclass
@@ -140,6 +141,11 @@ class Editor:
         inputs = [Path(source)] if isinstance(source, (str, Path)) else []
         image = source if isinstance(source, SourceImage) else open_image(source)
         outputs.check_outputs(paths, inputs=inputs, overwrite=out.overwrite)
+        latents = None
+        if chosen.draw is not None:  # output ``index`` of a ``-n of`` draw: that row of the same noise
+            index, of = chosen.draw
+            size = self.pipe.model_size(image.size, binning=chosen.binning)
+            latents = self.pipe.initial_noise(of, *size, chosen.seed)[index : index + 1]
         result = self._run(
             lambda: self.pipe(
                 image,
@@ -148,6 +154,7 @@ class Editor:
                 guidance_scale=chosen.guidance,
                 image_guidance_scale=chosen.image_guidance,
                 seed=chosen.seed,
+                latents=latents,
                 num_images_per_prompt=chosen.num_images,
                 resolution_binning=chosen.binning,
                 callback=progress.step if progress else None,
@@ -157,14 +164,16 @@ class Editor:
         name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
         seconds = round(time.perf_counter() - started, 3)
         records = [self._finish(r, name, seconds) for r in result.records]
+        if chosen.draw is not None:
+            records = [r.but(seed=chosen.seed, index=chosen.draw[0], num_images=chosen.draw[1]) for r in records]
         if stream:
-            output.write(outputs.file_bytes(result.images[0], records[0], out.format, out))
+            output.write(outputs.file_bytes(result.images[0], records[0], out.format, out, image))
             output.flush()
             return records
         written = []
         for picture, record, path in zip(result.images, records, paths, strict=True):
             done = record.but(output=str(path))
-            outputs.save(picture, done, path, out)
+            outputs.save(picture, done, path, out, image)
             written.append(done)
         return written
 
@@ -234,11 +243,12 @@ class Editor:
                 yield from self._edit_group([one], out)
             return
         seconds = round((time.perf_counter() - started) / len(group), 3)
-        for (job, _), result in zip(group, results, strict=True):
+        for (job, image), result in zip(group, results, strict=True):
             record = self._finish(result.records[0], outputs.source_label(job.source), seconds)
             record = record.but(output=str(job.output))
+            written = out if job.exif is None else replace(out, exif=job.exif)
             try:
-                outputs.save(result.images[0], record, job.output, out)
+                outputs.save(result.images[0], record, job.output, written, image)
             except OutputError as exc:
                 fatal = exc if isinstance(exc, DiskFullError) else None
                 yield JobOutcome(job, "failed", error=str(exc), seed=record.seed, fatal=fatal)
