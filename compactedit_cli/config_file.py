@@ -1,4 +1,4 @@
-"""compactedit's own config file: defaults for the model, device, dtype, offload and output format.
+"""compactedit's own config file: defaults for the model, device, dtype, offload, output format and EXIF policy.
 
 It lives in the platform's config folder (``platformdirs``), or under ``COMPACTEDIT_HOME`` when that is set.
 Weights never go here: they stay in the Hugging Face cache. Command-line flags always win over the file.
@@ -26,6 +26,7 @@ KEYS = {
     "dtype": "default --dtype (auto, bf16, fp16, fp32)",
     "offload": "default --offload (none, model, sequential)",
     "output_format": "default output format of batch, and of edit when -o gives none (png, jpg, webp)",
+    "exif": "default --exif: what of the input's EXIF and XMP outputs keep (safe, keep, none)",
 }
 DEFAULTS = {
     "model": options.DEFAULT_MODEL,
@@ -33,6 +34,7 @@ DEFAULTS = {
     "dtype": "auto",
     "offload": "none",
     "output_format": options.DEFAULT_FORMAT,
+    "exif": options.DEFAULT_EXIF,
 }
 
 
@@ -50,6 +52,7 @@ CHECKS: dict[str, Callable[[str, str], str]] = {
     "dtype": options.dtype,
     "offload": options.offload,
     "output_format": options.output_format_name,
+    "exif": options.exif_policy,
 }
 
 

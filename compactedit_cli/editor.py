@@ -270,15 +270,15 @@ class Editor:
         self.pipe.speed.release_memory()
         raise OutOfMemoryError()
 
+    @property
+    def recorded_model(self) -> tuple[str, str | None]:
+        """The model as records name it: its hub id and revision, or a local folder's name only (never a path)."""
+        return self.resolved.ref.repo_id or Path(self.resolved.path).name, self.resolved.commit
+
     def _finish(self, record: EditRecord, source_name: str | None, seconds: float) -> EditRecord:
         """The engine's record completed with what only the Editor knows: the model's name and revision."""
-        ref = self.resolved.ref
-        return record.but(
-            model=ref.repo_id or Path(self.resolved.path).name,
-            revision=self.resolved.commit,
-            source=source_name,
-            seconds=seconds,
-        )
+        model, revision = self.recorded_model
+        return record.but(model=model, revision=revision, source=source_name, seconds=seconds)
 
 
 def _group_key(chosen: EditOptions) -> tuple[Any, ...]:

@@ -65,6 +65,7 @@ def edit(
         bool, typer.Option("--json", help="Print one JSON object describing the result to stdout.")
     ] = False,
     overwrite: opt.Overwrite = False,
+    exif: opt.Exif = None,
     sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the parameters to OUT.json.")] = False,
     no_metadata: Annotated[
         bool, typer.Option("--no-metadata", help="Write no parameters into the output file.")
@@ -130,7 +131,12 @@ def edit(
         out_path = Path(output)
         out_fmt = options.output_format(out_path, fmt)
     written = options.OutputOptions(
-        format=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar, overwrite=overwrite
+        format=out_fmt,
+        quality=quality,
+        metadata=not no_metadata,
+        sidecar=sidecar,
+        overwrite=overwrite,
+        exif=opt.exif_policy(exif),
     )
 
     # Everything the user can get wrong is checked before the engine is imported.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import os
 import stat
@@ -297,14 +298,45 @@ def _failure(exc: Exception, name: str, what: str) -> InputImageError:
     return InputImageError(f"{name} {what} ({detail})")
 
 
+# ISO-BMFF brands of HEIF files (HEIC from iPhones, and other HEIF codecs) and of AVIF files.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"heif"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+HEIF_HINT = "install the heif extra: pip install 'compactedit[heif]'"
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Whether HEIC/HEIF can be read: the optional ``pillow-heif`` (``compactedit[heif]``), registered with Pillow
+    once. AVIF is Pillow's own where the installed Pillow has it."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _unrecognised(handle: BinaryIO, name: str) -> InputImageError:
+    """Why Pillow could not identify the file: a HEIF or AVIF without the support to read it, or not an image."""
+    handle.seek(0)
+    head = handle.read(12)
+    brand = head[8:12] if head[4:8] == b"ftyp" else b""
+    if brand in _HEIF_BRANDS:
+        return InputImageError(f"{name} is a HEIC/HEIF image, which needs pillow-heif", hint=HEIF_HINT)
+    if brand in _AVIF_BRANDS:
+        return InputImageError(f"{name} is an AVIF image, and this Pillow cannot read AVIF", hint="upgrade Pillow")
+    return InputImageError(f"{name} is not a recognised image file")
+
+
 def _decode(handle: BinaryIO, name: str, limit: int) -> SourceImage:
     """Header, pixel limit, then pixels: anything but an interrupt becomes an InputImageError."""
+    heif_support()
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked before decoding
     try:
         try:
             image = Image.open(handle)
         except Image.UnidentifiedImageError:
-            raise InputImageError(f"{name} is not a recognised image file") from None
+            raise _unrecognised(handle, name) from None
         except Exception as exc:
             raise _failure(exc, name, "cannot be read") from None
         width, height = image.size

@@ -11,19 +11,24 @@ Metadata read back is data only: values are type-checked and nothing in it is us
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from html import escape, unescape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import options
 from ..errors import UsageError
+from ..record import METADATA_FIELDS
 from . import exif
 from .exif import CameraMetadata
+
+if TYPE_CHECKING:
+    from ..editor import EditJob
 
 XMP_NAMESPACE = "https://github.com/compactedit/compactedit/ns/1.0/"
 _XMP_ATTRIBUTE = re.compile(rb'compactedit:params="([^"]*)"')
@@ -251,3 +256,41 @@ def replayable(meta: dict[str, Any], given: frozenset[str] = frozenset()) -> tup
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def compare_existing(
+    job: EditJob, previous: dict[str, Any] | None, model: tuple[str, str | None]
+) -> tuple[dict[str, Any], list[str]]:
+    """What made ``job``'s existing output, and each way it differs from ``job`` (resuming a batch).
+
+    What made it is the record embedded in the file, else its line in an earlier ``results.jsonl``. Unset
+    requests (a random seed, the model's default guidance) match anything; a file whose parameters cannot be told
+    differs. ``model`` is the model and revision as records name them.
+    """
+    chosen = job.options
+    try:
+        recorded = read(job.output)
+    except UsageError:
+        recorded = previous or {}
+    recorded = {key: recorded[key] for key in METADATA_FIELDS if key in recorded}
+    if not recorded:
+        return {}, ["no recorded parameters"]
+    wanted: dict[str, Any] = {
+        "instruction": job.instruction,
+        "seed": chosen.seed,
+        "steps": chosen.steps,
+        "guidance_scale": chosen.guidance,
+        "image_guidance_scale": chosen.image_guidance,
+        "resolution_binning": chosen.binning,
+        "model": model[0],
+        "revision": model[1],
+    }
+    changed = []
+    for key, value in wanted.items():
+        was = recorded.get(key)
+        if value is None or (key == "revision" and was is None):
+            continue
+        same = math.isclose(was, value) if isinstance(value, float) and isinstance(was, (int, float)) else was == value
+        if not same:
+            changed.append(f"{key} {_short(was)}, now {_short(value)}")
+    return recorded, changed
