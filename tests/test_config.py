@@ -26,7 +26,7 @@ def home(tmp_path, monkeypatch):
         ("offload", "disk", "offload must be one of none, model, sequential (got 'disk')"),
         ("output_format", "gif", "output_format must be png, jpg or webp (got 'gif')"),
         ("model", " ", "model must be an alias, a hub id (owner/name) or a folder (got ' ')"),
-        ("colour", "blue", "unknown config key 'colour' (one of: model, device, dtype, offload, output_format)"),
+        ("colour", "blue", "unknown config key 'colour' (one of: model, device, dtype, offload, output_format, exif)"),
     ],
 )
 def test_bad_values_are_refused_when_set(cli, home, key, value, message):
