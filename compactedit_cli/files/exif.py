@@ -15,7 +15,9 @@ filters the input's XMP packet, property by property.
 from __future__ import annotations
 
 import contextlib
+import struct
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,7 +202,7 @@ def _writable(ifd: int, tag: int, value: Any) -> bool:
     return True
 
 
-def build_exif(kept: dict[int, dict[int, Any]], ifd0: dict[int, Any], exif_ifd: dict[int, Any]) -> Image.Exif | None:
+def build_exif(kept: dict[int, dict[int, Any]], ifd0: dict[int, Any], exif_ifd: dict[int, Any]) -> bytes | None:
     """One EXIF block: ``kept`` tags, then compactedit's own ``ifd0`` and ``exif_ifd`` values over them (``None``
     when there is nothing to write). A kept tag that Pillow cannot write again is dropped alone."""
     writable = {ifd: {t: v for t, v in tags.items() if _writable(ifd, t, v)} for ifd, tags in kept.items()}
@@ -213,7 +215,36 @@ def build_exif(kept: dict[int, dict[int, Any]], ifd0: dict[int, Any], exif_ifd: 
         if values:
             exif.get_ifd(ifd).update(values)
             empty = False
-    return None if empty else exif
+    return None if empty else _undefined_types(exif.tobytes())
+
+
+# Exif sub-IFD tags the specification types UNDEFINED. Pillow writes bytes it has no type for as BYTE, and readers
+# (piexif, so sd-prompt-reader) then see a tuple of numbers instead of the UserComment's bytes.
+_UNDEFINED = frozenset({0x9000, 0x9101, 0x927C, 0x9286, 0xA000, 0xA300, 0xA301, 0xA302})
+_BYTE, _UNDEFINED_TYPE = 1, 7
+
+
+def _undefined_types(block: bytes) -> bytes:
+    """``block`` (``Exif\\0\\0`` + TIFF) with those tags retyped BYTE -> UNDEFINED: the same size and layout."""
+    data = bytearray(block)
+    base = 6
+    order = "<" if data[base : base + 2] == b"II" else ">"
+
+    def entries(offset: int) -> Iterator[int]:
+        (count,) = struct.unpack_from(order + "H", data, base + offset)
+        for i in range(count):
+            yield base + offset + 2 + 12 * i
+
+    (ifd0,) = struct.unpack_from(order + "I", data, base + 4)
+    for entry in entries(ifd0):
+        tag, _, _, value = struct.unpack_from(order + "HHII", data, entry)
+        if tag != EXIF_IFD:
+            continue
+        for sub in entries(value):
+            tag, kind = struct.unpack_from(order + "HH", data, sub)
+            if tag in _UNDEFINED and kind == _BYTE:
+                struct.pack_into(order + "H", data, sub + 2, _UNDEFINED_TYPE)
+    return bytes(data)
 
 
 def _qualified(name: str) -> tuple[str, str]:
