@@ -2,7 +2,8 @@
 
 * PNG: a ``parameters`` text chunk in the AUTOMATIC1111 grammar (what image browsers and "PNG info" tools parse),
   plus a ``compactedit`` chunk holding the full JSON.
-* JPEG and WebP: the same JSON in an XMP packet, the ``parameters`` text in EXIF UserComment.
+* JPEG and WebP: the same JSON in an XMP packet, the ``parameters`` text in the UserComment of the Exif sub-IFD
+  (``UNICODE`` prefix, UTF-16 big-endian), where A1111, piexif and the readers built on them look.
 * Optionally a ``OUT.json`` sidecar with the same JSON.
 
 Metadata read back is data only: values are type-checked and nothing in it is used as a path or executed.
