@@ -242,13 +242,13 @@ def replayable(meta: dict[str, Any], given: frozenset[str] = frozenset()) -> tup
             clean[key] = value
         elif key == "model":
             ignored.append(
-                f"the recorded model {_short(value)} is not a hub id or alias, and local paths are not trusted "
-                "from metadata: give the model with -m"
+                f"ignoring the recorded model {_short(value)}: it is not a hub id or alias, and local paths are not "
+                "trusted from metadata; give the model with -m"
             )
         else:
             ignored.append(f"ignoring the recorded {key} {_short(value)}: not a valid {key}")
     if "revision" in clean and "model" not in clean:
-        clean.pop("revision")
+        ignored.append(f"ignoring the recorded revision {_short(clean.pop('revision'))}: it belongs to no usable model")
     if clean.get("index", 0) >= clean.get("num_images", 1):
         ignored.append(f"ignoring the recorded index {clean.pop('index')}: past the recorded number of images")
     return clean, ignored
