@@ -145,7 +145,8 @@ def test_bad_policy_values_are_usage_errors(cli, tmp_path):
     assert result.exit_code == 2 and "exif must be one of" in result.stderr
 
 
-def test_a_manifest_line_sets_its_own_policy(cli, tiny_checkpoint, tmp_path):
+def test_a_manifest_line_sets_its_own_policy(cli, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths on the command line: results.jsonl still says absolute ones
     camera_photo(tmp_path / "camera.jpg")
     manifest = tmp_path / "edits.jsonl"
     lines = [
@@ -153,8 +154,12 @@ def test_a_manifest_line_sets_its_own_policy(cli, tiny_checkpoint, tmp_path):
         {"image": "camera.jpg", "instruction": "x", "output": "safe.jpg"},
     ]
     manifest.write_text("\n".join(json.dumps(line) for line in lines))
-    result = cli("batch", "--manifest", manifest, "-o", tmp_path / "out", "-m", tiny_checkpoint, "--steps", "1")
+    result = cli("batch", "--manifest", "edits.jsonl", "-o", "out", "-m", tiny_checkpoint, "--steps", "1")
     assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(line["input"], line["output"]) for line in lines] == [
+        (str(tmp_path / "camera.jpg"), str(tmp_path / "out" / name)) for name in ("kept.jpg", "safe.jpg")
+    ]
     assert _tags(tmp_path / "out" / "kept.jpg")[2][1] == "N"
     assert _tags(tmp_path / "out" / "safe.jpg")[2] == {}
     manifest.write_text(json.dumps({"image": "camera.jpg", "instruction": "x", "exif": "gps-only"}))

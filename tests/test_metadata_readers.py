@@ -3,8 +3,6 @@ WebP, and ``--replay`` reads all three (also when only the A1111 text survives).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import Invoke, make_photo
 from PIL import Image
@@ -84,13 +82,3 @@ def test_replay_falls_back_on_the_a1111_text(outputs, tmp_path, ext):
     assert ignored == [f for f in ignored if "model" in f]  # the tiny model is a local folder: not replayed
     assert recorded["instruction"] == INSTRUCTION and recorded["seed"] == 1234 and recorded["steps"] == 3
     assert recorded["guidance_scale"] == 3.5
-
-
-def test_sidecar_holds_the_same_record(tiny_checkpoint, tmp_path):
-    photo = make_photo(tmp_path / "in.png")
-    out = tmp_path / "out.webp"
-    result = Invoke()("edit", photo, "x", "-o", out, "-m", tiny_checkpoint, "--steps", "1", "--sidecar")
-    assert result.exit_code == 0, result.stderr
-    assert json.loads((tmp_path / "out.webp.json").read_text()) == metadata.read(out)
-    assert metadata.read(out)["model"] == tiny_checkpoint.name  # a local folder: its name only
-    assert str(tiny_checkpoint.parent).encode() not in out.read_bytes() + (tmp_path / "out.webp.json").read_bytes()

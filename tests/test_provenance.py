@@ -57,6 +57,7 @@ def test_no_local_path_is_recorded(cli, tiny_checkpoint, tmp_path):
         assert result.exit_code == 0, result.stderr
         record = metadata.read(out)
         assert record["source"] == "beach.png" and record["model"] == "checkpoint"
+        assert json.loads((tmp_path / f"out.{ext}.json").read_text()) == record  # the sidecar: the same record
         written = out.read_bytes() + (tmp_path / f"out.{ext}.json").read_bytes()
         for private in (str(tmp_path), str(tiny_checkpoint)):
             assert private.encode() not in written
@@ -75,6 +76,9 @@ def test_resume_skips_equal_warns_on_changed_and_overwrite_redoes(cli, tiny_chec
     run = ("batch", photos, "-o", out, "-m", tiny_checkpoint, "--steps", "1", "--seed", "5")
     assert cli(*run, "-i", "make it winter").exit_code == 0
     made = {line["output"]: line for line in _lines(out)}
+    # results.jsonl paths: absolute, one rule for folder mode (here) and manifest mode (tests/test_exif.py)
+    assert sorted(made) == [str(out / "a.png"), str(out / "b.png")]
+    assert sorted(line["input"] for line in made.values()) == [str(photos / "a.png"), str(photos / "b.png")]
 
     same = cli(*run, "-i", "make it winter")  # equal: skipped, quietly
     assert same.exit_code == 0 and "other parameters" not in same.stderr
@@ -98,17 +102,3 @@ def test_resume_skips_equal_warns_on_changed_and_overwrite_redoes(cli, tiny_chec
     assert redo.exit_code == 0
     for line in _lines(out):
         assert line["status"] == "ok" and metadata.read(line["output"])["instruction"] == "make it summer"
-
-
-def test_results_paths_are_absolute_in_folder_and_manifest_mode(cli, tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_photo(tmp_path / "photos" / "a.png", size=(32, 32))
-    (tmp_path / "edits.jsonl").write_text(json.dumps({"image": "photos/a.png", "instruction": "x"}) + "\n")
-    common = ("-m", tiny_checkpoint, "--steps", "1")
-    assert cli("batch", "photos", "-i", "x", "-o", "by-folder", *common).exit_code == 0
-    assert cli("batch", "--manifest", "edits.jsonl", "-o", "by-manifest", *common).exit_code == 0
-    for folder in ("by-folder", "by-manifest"):
-        [line] = _lines(tmp_path / folder)
-        assert line["input"] == str(tmp_path / "photos" / "a.png")
-        assert line["output"] == str(tmp_path / folder / "a.png")
-        assert line["source"] == "a.png"
