@@ -1,4 +1,4 @@
-"""compactedit's own config file: defaults for the model, device, dtype, offload and output format.
+"""compactedit's own config file: defaults for the model, device, dtype, offload, output format and EXIF policy.
 
 It lives in the platform's config folder (``platformdirs``), or under ``COMPACTEDIT_HOME`` when that is set.
 Weights never go here: they stay in the Hugging Face cache. Command-line flags always win over the file.
@@ -27,6 +27,7 @@ KEYS = {
     "offload": "default --offload (none, model, sequential)",
     "output_format": "default output format of batch, and of edit when -o gives none (png, jpg, webp)",
     "server": "default --server of edit and batch (auto, never, http://HOST:PORT or a socket path)",
+    "exif": "default --exif: what of the input's EXIF and XMP outputs keep (safe, keep, none)",
 }
 DEFAULTS = {
     "model": options.DEFAULT_MODEL,
@@ -35,6 +36,7 @@ DEFAULTS = {
     "offload": "none",
     "output_format": options.DEFAULT_FORMAT,
     "server": options.DEFAULT_SERVER,
+    "exif": options.DEFAULT_EXIF,
 }
 
 
@@ -53,6 +55,7 @@ CHECKS: dict[str, Callable[[str, str], str]] = {
     "offload": options.offload,
     "output_format": options.output_format_name,
     "server": options.server,
+    "exif": options.exif_policy,
 }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -66,6 +66,7 @@ class EditJob:
     instruction: str
     output: Path
     options: EditOptions = field(default_factory=EditOptions)
+    exif: str | None = None  # this job's EXIF policy (a manifest's ``exif`` column); None: the run's
 
 
 @dataclass
@@ -155,13 +156,13 @@ class Editor:
         seconds = round(time.perf_counter() - started, 3)
         records = [r.but(source=name, seconds=seconds) for r in computed.records]
         if stream:
-            output.write(outputs.file_bytes(computed.pictures[0], records[0], out.format, out))
+            output.write(outputs.file_bytes(computed.pictures[0], records[0], out.format, out, image))
             output.flush()
             return records
         written = []
         for picture, record, path in zip(computed.pictures, records, paths, strict=True):
             done = record.but(output=str(path))
-            outputs.save(picture, done, path, out)
+            outputs.save(picture, done, path, out, image)
             written.append(done)
         return written
 
@@ -170,6 +171,11 @@ class Editor:
     ) -> Computed:
         """One edit's pictures and records (model and revision filled in), written nowhere: :meth:`edit` writes
         them, and a server sends them to the client that writes them, so both save the same way."""
+        latents = None
+        if chosen.draw is not None:  # output ``index`` of a ``-n of`` draw: that row of the same noise
+            index, of = chosen.draw
+            size = self.pipe.model_size(image.size, binning=chosen.binning)
+            latents = self.pipe.initial_noise(of, *size, chosen.seed)[index : index + 1]
         result = self._run(
             lambda: self.pipe(
                 image,
@@ -178,13 +184,17 @@ class Editor:
                 guidance_scale=chosen.guidance,
                 image_guidance_scale=chosen.image_guidance,
                 seed=chosen.seed,
+                latents=latents,
                 num_images_per_prompt=chosen.num_images,
                 resolution_binning=chosen.binning,
                 callback=progress.step if progress else None,
                 on_stage=progress.stage if progress else None,
             )
         )
-        return Computed(result.images, [self._named(r) for r in result.records])
+        records = [self._named(r) for r in result.records]
+        if chosen.draw is not None:
+            records = [r.but(seed=chosen.seed, index=chosen.draw[0], num_images=chosen.draw[1]) for r in records]
+        return Computed(result.images, records)
 
     def compute_group(
         self, items: list[tuple[SourceImage, str, int]], chosen: EditOptions, progress: Progress | None = None
@@ -270,12 +280,13 @@ class Editor:
                 yield from self._edit_group([one], out)
             return
         seconds = round((time.perf_counter() - started) / len(group), 3)
-        for (job, _), result in zip(group, results, strict=True):
+        for (job, image), result in zip(group, results, strict=True):
             record = result.records[0].but(
                 source=outputs.source_label(job.source), seconds=seconds, output=str(job.output)
             )
+            written = out if job.exif is None else replace(out, exif=job.exif)
             try:
-                outputs.save(result.pictures[0], record, job.output, out)
+                outputs.save(result.pictures[0], record, job.output, written, image)
             except OutputError as exc:
                 fatal = exc if isinstance(exc, DiskFullError) else None
                 yield JobOutcome(job, "failed", error=str(exc), seed=record.seed, fatal=fatal)
@@ -296,6 +307,11 @@ class Editor:
         # Past the except block, so the failed attempt's frames (and the tensors they hold) are gone.
         self.pipe.speed.release_memory()
         raise OutOfMemoryError()
+
+    @property
+    def recorded_model(self) -> tuple[str, str | None]:
+        """The model as records name it: its hub id and revision, or a local folder's name only (never a path)."""
+        return self.model_name, self.resolved.commit
 
     def _named(self, record: EditRecord) -> EditRecord:
         """The engine's record completed with what only the Editor knows: the model's name and revision."""

@@ -56,6 +56,21 @@ OUTPUT_EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "w
 FORMAT_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 DEFAULT_FORMAT = "png"
 
+# ---- the EXIF policy: what of an input's EXIF and XMP its outputs keep (files/exif.py says which tags) ---------
+
+EXIF_POLICIES = ("keep", "safe", "none")
+DEFAULT_EXIF = "safe"
+
+
+def exif_policy(value: Any, name: str = "--exif") -> str:
+    """``keep`` (all but what the edit makes false), ``safe`` (date, camera, lens, author; no GPS or serials) or
+    ``none``."""
+    text = str(value).strip().lower()
+    if text not in EXIF_POLICIES:
+        raise UsageError(f"{name} must be one of {', '.join(EXIF_POLICIES)} (got {value!r})")
+    return text
+
+
 GRAPHS_AND_OFFLOAD = "--cuda-graphs and --offload do not mix: a graph replays the weights where it captured them"
 
 
@@ -288,6 +303,19 @@ def output_format(path: Path | None, explicit: str | None = None) -> str:
     return from_ext
 
 
+def draw(value: Any, chosen_seed: int | None, count: int, name: str = "the recorded index") -> tuple[int, int] | None:
+    """``(index, of)``: which output of a ``-n of`` draw to make. It needs a seed and makes one image."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise UsageError(f"{name} must be (index, num_images) (got {value!r})")
+    of = num_images(value[1], f"{name}'s num_images")
+    index = bounded_int(value[0], name, 0, of - 1)
+    if chosen_seed is None or count != 1:
+        raise UsageError(f"{name} needs a fixed seed and one image (got seed {chosen_seed!r}, {count} images)")
+    return index, of
+
+
 # ---- groups of options ------------------------------------------------------------------------------------------
 
 
@@ -301,7 +329,8 @@ class EditOptions:
     """The parameters of one edit. Checked when made, so the Python API fails as the command line does.
 
     ``guidance`` and ``image_guidance`` of ``None`` take the model's defaults (4.5 and 1.2, or 0 for a CFG-distilled
-    model); ``seed`` of ``None`` draws a fresh seed, recorded with the result.
+    model); ``seed`` of ``None`` draws a fresh seed, recorded with the result. ``draw`` of ``(index, of)`` makes only
+    output ``index`` of the ``of`` outputs that ``seed`` gives (how ``--replay`` reproduces ``out-2`` of ``-n 2``).
     """
 
     steps: int = DEFAULT_STEPS
@@ -310,6 +339,7 @@ class EditOptions:
     seed: int | None = DEFAULT_SEED
     num_images: int = DEFAULT_NUM_IMAGES
     binning: bool = True
+    draw: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _set(
@@ -320,6 +350,7 @@ class EditOptions:
             seed=seed(self.seed, "seed"),
             num_images=num_images(self.num_images, "num_images"),
             binning=bool(self.binning),
+            draw=draw(self.draw, seed(self.seed, "seed"), num_images(self.num_images, "num_images")),
         )
 
     def replace(self, **changes: Any) -> EditOptions:
@@ -372,10 +403,11 @@ class OutputOptions:
     metadata: bool = True
     sidecar: bool = False
     overwrite: bool = False
+    exif: str = DEFAULT_EXIF
 
     def __post_init__(self) -> None:
         fmt = None if self.format is None else output_format_name(self.format)
-        _set(self, format=fmt, quality=quality(self.quality))
+        _set(self, format=fmt, quality=quality(self.quality), exif=exif_policy(self.exif, "exif"))
 
 
 def compile_cache_dir() -> Path:

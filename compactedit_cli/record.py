@@ -21,6 +21,8 @@ METADATA_FIELDS = (
     "guidance_scale",
     "image_guidance_scale",
     "seed",
+    "index",
+    "num_images",
     "size",
     "model_size",
     "resolution_binning",
@@ -38,7 +40,8 @@ class EditRecord:
     """One output of one edit: every parameter it was made with, what was written, how long it took, what went odd.
 
     ``size`` and ``model_size`` are ``[width, height]``: the output's (the input's upright size) and the model's bin.
-    ``index`` counts the outputs of one instruction (0 … ``num_images`` - 1), all drawn from one ``seed``.
+    ``index`` counts the outputs of one instruction (0 … ``num_images`` - 1), all drawn from one ``seed``: the
+    three together say what reproduces this output, so a file records them all.
     """
 
     instruction: str

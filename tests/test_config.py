@@ -29,7 +29,7 @@ def home(tmp_path, monkeypatch):
         (
             "colour",
             "blue",
-            "unknown config key 'colour' (one of: model, device, dtype, offload, output_format, server)",
+            "unknown config key 'colour' (one of: model, device, dtype, offload, output_format, server, exif)",
         ),
     ],
 )

@@ -23,7 +23,9 @@ from ..errors import OutputError, UsageError
 from ..options import FORMAT_EXTENSIONS, OUTPUT_EXTENSIONS, EditOptions
 
 DEFAULT_GLOB = "*"
-INPUT_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+INPUT_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif"}
+)
 
 # Manifest columns that set an edit parameter: column -> (EditOptions field, check). The check is the flag's own.
 PARAMETERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
@@ -32,7 +34,7 @@ PARAMETERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "guidance": ("guidance", options.scale),
     "image_guidance": ("image_guidance", options.scale),
 }
-TEXT_FIELDS = ("image", "instruction", "output")
+TEXT_FIELDS = ("image", "instruction", "output", "exif")
 FIELD_ALIASES = {"guidance_scale": "guidance", "image_guidance_scale": "image_guidance", "num_inference_steps": "steps"}
 
 
@@ -44,8 +46,8 @@ class BatchItem(EditJob):
 
     @property
     def key(self) -> str:
-        """Items are identified by their output (what resuming checks)."""
-        return str(self.output)
+        """Items are identified by their output's absolute path (what resuming checks, and results.jsonl says)."""
+        return str(self.output.absolute())
 
 
 def confined(out_dir: Path, relative: str | Path, where: str) -> Path:
@@ -137,6 +139,8 @@ def _coerce(record: dict[str, Any], where: str, defaults: EditOptions) -> tuple[
         if required not in text:
             raise UsageError(f"{where}: missing field {required!r}")
     text["instruction"] = options.instruction(text["instruction"], f"{where}: the instruction")
+    if "exif" in text:
+        text["exif"] = options.exif_policy(text["exif"], f"{where}: exif")
     return text, dataclasses.replace(defaults, **changes)
 
 
@@ -191,7 +195,14 @@ def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditO
         if output.resolve() == image.resolve():
             raise OutputError(f"{where}: the output {output} is the input image; refusing to overwrite an input")
         items.append(
-            BatchItem(source=image, instruction=clean["instruction"], output=output, options=chosen, line=number)
+            BatchItem(
+                source=image,
+                instruction=clean["instruction"],
+                output=output,
+                options=chosen,
+                exif=clean.get("exif"),
+                line=number,
+            )
         )
     if not items:
         raise UsageError(f"manifest {manifest} has no items")

@@ -1,6 +1,7 @@
 """The batch run: skip what is done, edit the rest through the Editor, and log every item as it finishes.
 
-Existing outputs are skipped, so a re-run resumes (``overwrite`` redoes them). One failing item is recorded and the
+Existing outputs made with the same parameters are skipped, so a re-run resumes; one made with other parameters is
+kept too, with a warning naming the differences (``overwrite`` redoes them). One failing item is recorded and the
 run goes on; a fault every later item would meet too (a full disk) stops it, keeping what was finished.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..editor import Editor, JobOutcome
 from ..errors import CompactEditError
+from ..files.metadata import compare_existing
 from ..options import OutputOptions
 from .plan import BatchItem
 from .results import ResultsLog
@@ -29,8 +31,8 @@ class BatchSummary:
 def result_line(item: BatchItem, status: str, outcome: JobOutcome | None = None, **known: Any) -> dict[str, Any]:
     """One line of ``results.jsonl``: the item, its status and error, then the edit's record (its keys, always)."""
     line: dict[str, Any] = {
-        "input": str(item.source),
-        "output": str(item.output),
+        "input": str(item.source.absolute()),
+        "output": item.key,
         "instruction": item.instruction,
         "status": status,
         "error": outcome.error if outcome else None,
@@ -40,7 +42,7 @@ def result_line(item: BatchItem, status: str, outcome: JobOutcome | None = None,
         **known,
     }
     if outcome is not None and outcome.record is not None:
-        line.update(outcome.record.to_dict())
+        line.update(outcome.record.to_dict(), output=item.key)
     return line
 
 
@@ -64,9 +66,10 @@ def run_batch(
 
     todo = []
     for item in items:
-        if item.output.exists() and not overwrite:
-            earlier = log.previous.get(item.key) or {}
-            finish(result_line(item, "skipped", seed=earlier.get("seed"), warnings=earlier.get("warnings") or []))
+        if item.output.exists() and not overwrite:  # the line describes the file as it is, not the request
+            made, changed = compare_existing(item, log.previous.get(item.key), editor.recorded_model)
+            redo = f"{item.output} was made with other parameters ({'; '.join(changed)}): kept; redo with --overwrite"
+            finish(result_line(item, "skipped", **made, warnings=[redo] if changed else []))
         else:
             todo.append(item)
     for outcome in editor.edit_many(todo, batch_size=batch_size, output_options=output_options):

@@ -18,7 +18,7 @@ Examples:
   compactedit batch --manifest edits.jsonl -o out/ --batch-size 4
 
   Each manifest line: {"image": "a.jpg", "instruction": "add a hat", and optionally "output": "a_hat.png",
-  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2}. CSV with the same columns works too.
+  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2, "exif": "none"}. CSV with the same columns works too.
 
 Exit status: 0 every item succeeded (or was already done), 1 some failed, otherwise as 'compactedit --help' lists.
 """
@@ -59,6 +59,7 @@ def batch(
     fmt: opt.BatchFormat = None,
     quality: opt.Quality = None,
     overwrite: opt.Overwrite = False,
+    exif: opt.Exif = None,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no parameters into outputs.")] = False,
     offline: opt.Offline = False,
     server: opt.Server = None,
@@ -87,7 +88,9 @@ def batch(
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora)
     server_choice = opt.server(server)
     size = options.batch_size(batch_size)
-    written = options.OutputOptions(quality=quality, metadata=not no_metadata, overwrite=overwrite)
+    written = options.OutputOptions(
+        quality=quality, metadata=not no_metadata, overwrite=overwrite, exif=opt.exif_policy(exif)
+    )
     default_fmt = opt.default_format(fmt)
     max_bytes_limit()  # a bad COMPACTEDIT_MAX_PIXELS / _MAX_BYTES is a usage error now, not every item's failure
     if input_dir is not None:
@@ -125,7 +128,7 @@ def batch(
 
         def on_item(line) -> None:
             progress.advance(task)
-            messages = {"failed": [line["error"]], "ok": line["warnings"]}.get(line["status"], [])
+            messages = [line["error"]] if line["status"] == "failed" else line["warnings"]
             for message in messages:
                 warn(message if line["input"] in message else f"{line['input']}: {message}")
 

@@ -66,6 +66,7 @@ def edit(
         bool, typer.Option("--json", help="Print one JSON object describing the result to stdout.")
     ] = False,
     overwrite: opt.Overwrite = False,
+    exif: opt.Exif = None,
     sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the parameters to OUT.json.")] = False,
     no_metadata: Annotated[
         bool, typer.Option("--no-metadata", help="Write no parameters into the output file.")
@@ -94,8 +95,9 @@ def edit(
     from ..files.imaging import open_image
     from ..files.outputs import check_outputs, default_output, numbered
 
-    recorded = _replayed(replay) if replay is not None else {}
-    if model is None:  # an explicit --model replaces the recorded model and its revision
+    # An explicit --model replaces the recorded model and its revision, which are then not read at all.
+    recorded = _replayed(replay, model is not None) if replay is not None else {}
+    if model is None:
         model, revision = recorded.get("model"), revision or recorded.get("revision")
     instruction = instruction if instruction is not None else recorded.get("instruction")
     if instruction is None:
@@ -109,6 +111,9 @@ def edit(
         num_images,
         no_binning or not recorded.get("resolution_binning", True),
     )
+    if recorded.get("num_images", 1) > 1 and chosen.num_images == 1 and chosen.seed is not None:
+        # out-2 of "-n 2": the second output of that seed's draw, not the first
+        chosen = chosen.replace(draw=(recorded.get("index", 0), recorded["num_images"]))
     loras = lora or recorded.get("loras")
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, loras)
     server_choice = opt.server(server)
@@ -130,7 +135,12 @@ def edit(
         out_path = Path(output)
         out_fmt = options.output_format(out_path, fmt)
     written = options.OutputOptions(
-        format=out_fmt, quality=quality, metadata=not no_metadata, sidecar=sidecar, overwrite=overwrite
+        format=out_fmt,
+        quality=quality,
+        metadata=not no_metadata,
+        sidecar=sidecar,
+        overwrite=overwrite,
+        exif=opt.exif_policy(exif),
     )
 
     # Everything the user can get wrong is checked before the engine is imported.
@@ -166,11 +176,12 @@ def edit(
     info(f"done in {first.seconds:.1f}s" if not to_stdout else f"wrote {out_fmt} to stdout in {first.seconds:.1f}s")
 
 
-def _replayed(path: Path) -> dict:
+def _replayed(path: Path, model_given: bool) -> dict:
     """The parameters recorded in ``path`` that are safe to reuse; each ignored value gets a warning."""
     from ..files import metadata
 
-    recorded, ignored = metadata.replayable(metadata.read(path))
+    given = frozenset({"model", "revision"} if model_given else ())
+    recorded, ignored = metadata.replayable(metadata.read(path), given)
     for message in ignored:
         warn(f"--replay: {message}")
     return recorded

@@ -176,6 +176,19 @@ Quality = Annotated[
         show_default=False,
     ),
 ]
+Exif = Annotated[
+    str | None,
+    typer.Option(
+        "--exif",
+        metavar="POLICY",
+        autocompletion=_choices(*options.EXIF_POLICIES),
+        help="What of the input's EXIF and XMP outputs keep: safe (date, camera, lens, exposure, artist, copyright; "
+        "no GPS, serial numbers or owner), keep (all but what the edit makes false) or none. "
+        f"[default: the config's exif, else {options.DEFAULT_EXIF}]",
+        rich_help_panel=OUT,
+        show_default=False,
+    ),
+]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).", rich_help_panel=OUT)
 ]
@@ -307,3 +320,12 @@ def default_format(explicit: str | None) -> str:
     if explicit is not None:
         return options.output_format_name(explicit)
     return options.output_format_name(config_file.load().get("output_format", options.DEFAULT_FORMAT))
+
+
+def exif_policy(explicit: str | None) -> str:
+    """The EXIF policy: ``--exif``, else the config file's ``exif``, else the default (``safe``)."""
+    from .. import config_file
+
+    if explicit is not None:
+        return options.exif_policy(explicit)
+    return config_file.load().get("exif", options.DEFAULT_EXIF)

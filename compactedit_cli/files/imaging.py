@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import os
 import stat
@@ -24,6 +25,8 @@ from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from ..errors import DiskFullError, InputImageError, OutputError, UsageError
 from ..options import DEFAULT_QUALITY
+from . import colour, exif
+from .exif import CameraMetadata
 
 # Decoded-pixel limit: larger headers are refused before any pixel is decoded. Change with COMPACTEDIT_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 120_000_000
@@ -71,11 +74,17 @@ def max_bytes_limit(max_pixels: int | None = None) -> int:
 
 @dataclass
 class SourceImage:
-    """An input image made ready for the model: upright RGB, with any alpha kept aside."""
+    """An input image made ready for the model: upright sRGB, with any alpha kept aside.
+
+    ``colour_managed`` says an embedded ICC profile was honoured (the pixels were converted to sRGB, and outputs
+    are tagged sRGB); ``camera`` is the input's EXIF and XMP, which outputs keep as the EXIF policy says.
+    """
 
     rgb: Image.Image
     alpha: Image.Image | None = None
     warnings: list[str] = field(default_factory=list)
+    colour_managed: bool = False
+    camera: CameraMetadata | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -90,22 +99,30 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8), mode="L")
 
 
-def normalise(image: Image.Image) -> SourceImage:
-    """EXIF orientation applied; greyscale, palette, CMYK and 16-bit made RGB; alpha split off; first frame only."""
+def normalise(image: Image.Image, name: str = "the image") -> SourceImage:
+    """EXIF orientation applied; the colour profile honoured (to sRGB); greyscale, palette, CMYK and 16-bit made
+    RGB; alpha split off; first frame only. The EXIF and XMP are read before the orientation is applied."""
     notes = []
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
         notes.append(f"animated image with {image.n_frames} frames: only the first frame is edited")
+    icc = image.info.get("icc_profile")
+    camera = exif.read(image)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _to_8bit(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    alpha = None
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
+        image = image.convert("LA" if image.mode == "LA" else "RGBA")
         alpha = image.getchannel("A")
-        return SourceImage(image.convert("RGB"), alpha if alpha.getextrema() != (255, 255) else None, notes)
-    return SourceImage(image.convert("RGB") if image.mode != "RGB" else image, None, notes)
+        image = image.convert("L" if image.mode == "LA" else "RGB")
+        alpha = alpha if alpha.getextrema() != (255, 255) else None
+    elif image.mode not in ("L", "RGB", "CMYK"):
+        image = image.convert("RGB")
+    rgb, managed = colour.to_srgb(image, icc, name, notes)
+    return SourceImage(rgb, alpha, notes, colour_managed=managed, camera=camera)
 
 
 def open_image(
@@ -281,14 +298,45 @@ def _failure(exc: Exception, name: str, what: str) -> InputImageError:
     return InputImageError(f"{name} {what} ({detail})")
 
 
+# ISO-BMFF brands of HEIF files (HEIC from iPhones, and other HEIF codecs) and of AVIF files.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"heif"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+HEIF_HINT = "install the heif extra: pip install 'compactedit[heif]'"
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Whether HEIC/HEIF can be read: the optional ``pillow-heif`` (``compactedit[heif]``), registered with Pillow
+    once. AVIF is Pillow's own where the installed Pillow has it."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _unrecognised(handle: BinaryIO, name: str) -> InputImageError:
+    """Why Pillow could not identify the file: a HEIF or AVIF without the support to read it, or not an image."""
+    handle.seek(0)
+    head = handle.read(12)
+    brand = head[8:12] if head[4:8] == b"ftyp" else b""
+    if brand in _HEIF_BRANDS:
+        return InputImageError(f"{name} is a HEIC/HEIF image, which needs pillow-heif", hint=HEIF_HINT)
+    if brand in _AVIF_BRANDS:
+        return InputImageError(f"{name} is an AVIF image, and this Pillow cannot read AVIF", hint="upgrade Pillow")
+    return InputImageError(f"{name} is not a recognised image file")
+
+
 def _decode(handle: BinaryIO, name: str, limit: int) -> SourceImage:
     """Header, pixel limit, then pixels: anything but an interrupt becomes an InputImageError."""
+    heif_support()
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked before decoding
     try:
         try:
             image = Image.open(handle)
         except Image.UnidentifiedImageError:
-            raise InputImageError(f"{name} is not a recognised image file") from None
+            raise _unrecognised(handle, name) from None
         except Exception as exc:
             raise _failure(exc, name, "cannot be read") from None
         width, height = image.size
@@ -299,7 +347,7 @@ def _decode(handle: BinaryIO, name: str, limit: int) -> SourceImage:
             )
         try:
             image.load()
-            return normalise(image)
+            return normalise(image, name)
         except Exception as exc:
             raise _failure(exc, name, "is truncated or corrupt") from None
     finally:

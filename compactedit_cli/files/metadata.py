@@ -2,7 +2,8 @@
 
 * PNG: a ``parameters`` text chunk in the AUTOMATIC1111 grammar (what image browsers and "PNG info" tools parse),
   plus a ``compactedit`` chunk holding the full JSON.
-* JPEG and WebP: the same JSON in an XMP packet, the ``parameters`` text in EXIF UserComment.
+* JPEG and WebP: the same JSON in an XMP packet, the ``parameters`` text in the UserComment of the Exif sub-IFD
+  (``UNICODE`` prefix, UTF-16 big-endian), where A1111, piexif and the readers built on them look.
 * Optionally a ``OUT.json`` sidecar with the same JSON.
 
 Metadata read back is data only: values are type-checked and nothing in it is used as a path or executed.
@@ -11,17 +12,24 @@ Metadata read back is data only: values are type-checked and nothing in it is us
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from html import escape, unescape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import options
 from ..errors import UsageError
+from ..record import METADATA_FIELDS
+from . import exif
+from .exif import CameraMetadata
+
+if TYPE_CHECKING:
+    from ..editor import EditJob
 
 XMP_NAMESPACE = "https://github.com/compactedit/compactedit/ns/1.0/"
 _XMP_ATTRIBUTE = re.compile(rb'compactedit:params="([^"]*)"')
@@ -41,38 +49,118 @@ def parameters_text(meta: dict[str, Any]) -> str:
         f"Model: {model}",
         f"Version: {meta['software']}",
     ]
+    if meta.get("num_images", 1) > 1:  # A1111's own names: which output of the seed's draw this is
+        fields[5:5] = [f"Batch size: {meta['num_images']}", f"Batch pos: {meta['index']}"]
     return meta["instruction"].replace("\n", " ") + "\n" + ", ".join(fields)
 
 
-def _xmp_packet(meta: dict[str, Any]) -> bytes:
-    payload = escape(json.dumps(meta, ensure_ascii=False), quote=True)
+# A1111's own pattern for its ``Key: value`` pairs (modules/infotext_utils.py).
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_FROM_TEXT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "Steps": ("steps", int),
+    "CFG scale": ("guidance_scale", float),
+    "Image CFG scale": ("image_guidance_scale", float),
+    "Seed": ("seed", int),
+    "Batch size": ("num_images", int),
+    "Batch pos": ("index", int),
+}
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """The record fields an A1111 ``parameters`` text holds (what --replay falls back on when a file has no
+    compactedit record, for example after a tool dropped its XMP): prompt, steps, scales, seed, model."""
+    lines = text.strip().splitlines()
+    if len(lines) < 2:
+        return {}
+    prompt = [line for line in lines[:-1] if not line.startswith("Negative prompt:")]
+    meta: dict[str, Any] = {"instruction": " ".join(prompt)}
+    for key, value in _PAIR.findall(lines[-1]):
+        value = value.strip().strip('"')
+        if key in _FROM_TEXT:
+            field, kind = _FROM_TEXT[key]
+            try:
+                meta[field] = kind(value)
+            except ValueError:
+                meta[field] = value  # kept as text: replayable() refuses it with a warning
+        elif key == "Model":
+            model, _, revision = value.partition("@")
+            meta["model"], meta["revision"] = model, revision or None
+    return meta
+
+
+def _exif_parameters(image: Image.Image) -> str | None:
+    """The UserComment of the Exif sub-IFD, decoded by its character-code prefix."""
+    try:
+        raw = image.getexif().get_ifd(exif.EXIF_IFD).get(exif.USER_COMMENT)
+    except Exception:
+        return None
+    if not isinstance(raw, bytes) or len(raw) <= 8:
+        return raw if isinstance(raw, str) else None
+    prefix, body = raw[:8], raw[8:]
+    if prefix == b"UNICODE\0":
+        codec = "utf-16" if body[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-16-be"
+        return body.decode(codec, "replace")
+    return body.decode("utf-8" if prefix != b"ASCII\0\0\0" else "ascii", "replace")
+
+
+def _xmp_packet(meta: dict[str, Any] | None, kept: str) -> bytes | None:
+    """One XMP packet: compactedit's record (when ``meta``), then the input's kept descriptions."""
+    if meta is None and not kept:
+        return None
+    ours = ""
+    if meta is not None:
+        payload = escape(json.dumps(meta, ensure_ascii=False), quote=True)
+        ours = f'<rdf:Description rdf:about="" xmlns:compactedit="{XMP_NAMESPACE}" compactedit:params="{payload}"/>'
     return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-        f'<rdf:Description rdf:about="" xmlns:compactedit="{XMP_NAMESPACE}" compactedit:params="{payload}"/>'
-        "</rdf:RDF></x:xmpmeta>"
+        f"{ours}{kept}</rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
     ).encode()
 
 
-def save_options(fmt: str, meta: dict[str, Any] | None) -> dict[str, Any]:
-    """Extra ``Image.save`` keyword arguments that embed ``meta`` in a file of format ``fmt``."""
-    if meta is None:
-        return {}
+def user_comment(text: str) -> bytes:
+    """An EXIF UserComment: the 8-byte character-code prefix, then the text (UCS-2 big-endian, as A1111 writes)."""
+    return b"UNICODE\0" + text.encode("utf-16-be")
+
+
+def save_options(
+    fmt: str, meta: dict[str, Any] | None, camera: CameraMetadata | None = None, policy: str = options.DEFAULT_EXIF
+) -> dict[str, Any]:
+    """Extra ``Image.save`` keyword arguments: ``meta`` embedded where readers look for it in ``fmt``, and the
+    input's ``camera`` EXIF and XMP as far as the EXIF ``policy`` keeps them."""
+    kept = exif.kept_tags(camera, policy)
+    kept_xmp = exif.xmp_descriptions(exif.kept_xmp(camera, policy))
+    extra: dict[str, Any] = {}
     if fmt == "png":
         info = PngInfo()
-        info.add_itxt("parameters", parameters_text(meta))
-        info.add_itxt("compactedit", json.dumps(meta, ensure_ascii=False))
-        return {"pnginfo": info}
-    exif = Image.Exif()
-    exif[0x0131] = meta["software"]  # Software
-    exif[0x9286] = b"UNICODE\0" + parameters_text(meta).encode("utf-16-be")  # UserComment
-    return {"exif": exif, "xmp": _xmp_packet(meta)}
+        if meta is not None:
+            info.add_text("parameters", parameters_text(meta))  # tEXt (iTXt only if the text is not Latin-1)
+            info.add_itxt("compactedit", json.dumps(meta, ensure_ascii=False))
+        packet = _xmp_packet(None, kept_xmp)
+        if packet is not None:
+            info.add_itxt("XML:com.adobe.xmp", packet.decode())
+        extra["pnginfo"] = info
+        block = exif.build_exif(kept, {}, {})
+    else:
+        ours = {} if meta is None else {exif.SOFTWARE: meta["software"]}
+        comment = {} if meta is None else {exif.USER_COMMENT: user_comment(parameters_text(meta))}
+        block = exif.build_exif(kept, ours, comment)
+        packet = _xmp_packet(meta, kept_xmp)
+        if packet is not None:
+            extra["xmp"] = packet
+    if block is not None:
+        extra["exif"] = block
+    return extra
 
 
 def read(path: Path) -> dict[str, Any]:
-    """The compactedit record embedded in an image (PNG chunk or XMP), or a UsageError if it has none."""
+    """The edit recorded in an image: compactedit's JSON (PNG chunk or XMP), else the A1111 ``parameters``
+    (PNG text chunk, or the EXIF UserComment of a JPEG or WebP); a UsageError if it has neither."""
     try:
         with Image.open(path) as image:
             info = dict(image.info)
+            text = info.get("parameters") if isinstance(info.get("parameters"), str) else _exif_parameters(image)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read metadata from {path}: {exc}") from None
     raw: str | None = info.get("compactedit")
@@ -81,7 +169,10 @@ def read(path: Path) -> dict[str, Any]:
         match = _XMP_ATTRIBUTE.search(xmp)
         raw = unescape(match.group(1).decode("utf-8", "replace")) if match else None
     if raw is None:
-        raise UsageError(f"{path} has no compactedit metadata to replay")
+        meta = parse_parameters(text) if text else {}
+        if not meta:
+            raise UsageError(f"{path} has no compactedit metadata to replay")
+        return meta
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -139,6 +230,8 @@ REPLAYABLE: dict[str, Callable[[Any], bool]] = {
     "guidance_scale": _exact(options.scale, (int, float)),
     "image_guidance_scale": _exact(options.scale, (int, float)),
     "seed": _exact(options.seed, int),
+    "index": _exact(lambda v: options.bounded_int(v, "index", 0, options.MAX_NUM_IMAGES - 1), int),
+    "num_images": _exact(options.num_images, int),
     "model": _is_model,
     "revision": _is_revision,
     "resolution_binning": lambda v: isinstance(v, bool),
@@ -146,27 +239,73 @@ REPLAYABLE: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def replayable(meta: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def replayable(meta: dict[str, Any], given: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[str]]:
     """The values ``--replay`` may reuse, and a warning for each recorded value it ignores.
 
     Metadata is untrusted data: a value of the wrong type or range is dropped, and a recorded model is used only
-    as a hub id, with its revision (a revision without its model is meaningless).
+    as a hub id, with its revision (a revision without its model is meaningless). Keys in ``given`` (set on the
+    command line) are not read at all, so they draw no warning.
     """
     clean: dict[str, Any] = {}
     ignored: list[str] = []
     for key, check in REPLAYABLE.items():
         value = meta.get(key)
-        if value is None:
+        if value is None or key in given:
             continue
         if check(value):
             clean[key] = value
+        elif key == "model":
+            ignored.append(
+                f"ignoring the recorded model {_short(value)}: it is not a hub id or alias, and local paths are not "
+                "trusted from metadata; give the model with -m"
+            )
         else:
             ignored.append(f"ignoring the recorded {key} {_short(value)}: not a valid {key}")
     if "revision" in clean and "model" not in clean:
         ignored.append(f"ignoring the recorded revision {_short(clean.pop('revision'))}: it belongs to no usable model")
+    if clean.get("index", 0) >= clean.get("num_images", 1):
+        ignored.append(f"ignoring the recorded index {clean.pop('index')}: past the recorded number of images")
     return clean, ignored
 
 
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def compare_existing(
+    job: EditJob, previous: dict[str, Any] | None, model: tuple[str, str | None]
+) -> tuple[dict[str, Any], list[str]]:
+    """What made ``job``'s existing output, and each way it differs from ``job`` (resuming a batch).
+
+    What made it is the record embedded in the file, else its line in an earlier ``results.jsonl``. Unset
+    requests (a random seed, the model's default guidance) match anything; a file whose parameters cannot be told
+    differs. ``model`` is the model and revision as records name them.
+    """
+    chosen = job.options
+    try:
+        recorded = read(job.output)
+    except UsageError:
+        recorded = previous or {}
+    recorded = {key: recorded[key] for key in METADATA_FIELDS if key in recorded}
+    if not recorded:
+        return {}, ["no recorded parameters"]
+    wanted: dict[str, Any] = {
+        "instruction": job.instruction,
+        "seed": chosen.seed,
+        "steps": chosen.steps,
+        "guidance_scale": chosen.guidance,
+        "image_guidance_scale": chosen.image_guidance,
+        "resolution_binning": chosen.binning,
+        "model": model[0],
+        "revision": model[1],
+    }
+    changed = []
+    for key, value in wanted.items():
+        was = recorded.get(key)
+        if value is None or (key == "revision" and was is None):
+            continue
+        same = math.isclose(was, value) if isinstance(value, float) and isinstance(was, (int, float)) else was == value
+        if not same:
+            changed.append(f"{key} {_short(was)}, now {_short(value)}")
+    return recorded, changed

@@ -11,8 +11,8 @@ from PIL import Image
 from ..errors import OutputError
 from ..options import FORMAT_EXTENSIONS, OutputOptions, output_format
 from ..record import EditRecord
-from . import metadata
-from .imaging import encode, write_atomic
+from . import colour, metadata
+from .imaging import SourceImage, encode, write_atomic
 
 
 def numbered(path: Path, count: int) -> list[Path]:
@@ -59,16 +59,24 @@ def ensure_folder(folder: Path) -> None:
         raise OutputError(f"cannot write to the output folder {folder}: permission denied")
 
 
-def file_bytes(image: Image.Image, record: EditRecord, fmt: str, options: OutputOptions) -> bytes:
-    """The output file's bytes in ``fmt``, with the record embedded unless metadata is turned off."""
-    extra = metadata.save_options(fmt, record.metadata() if options.metadata else None)
+def file_bytes(
+    image: Image.Image, record: EditRecord, fmt: str, options: OutputOptions, source: SourceImage | None = None
+) -> bytes:
+    """The output file's bytes in ``fmt``: the record embedded unless metadata is turned off, the ``source``'s
+    EXIF and XMP as the EXIF policy keeps them, and an sRGB profile when the source's profile was honoured."""
+    camera = source.camera if source is not None else None
+    extra = metadata.save_options(fmt, record.metadata() if options.metadata else None, camera, options.exif)
+    if source is not None and source.colour_managed:
+        extra["icc_profile"] = colour.srgb_icc()
     return encode(image, fmt, options.quality, **extra)
 
 
-def save(image: Image.Image, record: EditRecord, path: Path, options: OutputOptions) -> None:
+def save(
+    image: Image.Image, record: EditRecord, path: Path, options: OutputOptions, source: SourceImage | None = None
+) -> None:
     """Write one output (and its sidecar) atomically; the format follows ``options`` or the extension."""
     fmt = output_format(path, options.format)
-    write_atomic(path, file_bytes(image, record, fmt, options), overwrite=options.overwrite)
+    write_atomic(path, file_bytes(image, record, fmt, options, source), overwrite=options.overwrite)
     if options.sidecar:
         body = json.dumps(record.metadata(), indent=2, ensure_ascii=False) + "\n"
         write_atomic(path.with_name(path.name + ".json"), body.encode("utf-8"), overwrite=True)

@@ -48,7 +48,7 @@ MASKS_UNSUPPORTED = "masks are not supported yet: send the image alone and say i
 # OpenAI fields accepted and ignored: they describe a hosted model's knobs that this one does not have.
 IGNORED_FIELDS = frozenset({"user", "safety_identifier", "quality", "background", "input_fidelity", "moderation"})
 # The EditOptions fields compactedit's own client sends.
-EDIT_FIELDS = frozenset({"steps", "guidance", "image_guidance", "seed", "num_images", "binning"})
+EDIT_FIELDS = frozenset({"steps", "guidance", "image_guidance", "seed", "num_images", "binning", "draw"})
 FIELDS = frozenset(
     {"image", "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream"}
     | {"seed", "steps", "guidance", "image_guidance"}
@@ -456,7 +456,7 @@ def _encoded(
     written = options.OutputOptions(format=fmt, quality=quality)
     computed = editor.compute(source, prompt, chosen)
     return [
-        (outputs.file_bytes(picture, record, fmt, written), record.seed)
+        (outputs.file_bytes(picture, record, fmt, written, source), record.seed)
         for picture, record in zip(computed.pictures, computed.records, strict=True)
     ]
 

@@ -154,6 +154,10 @@ class RemoteEditor(Editor):
     def model_name(self) -> str:
         return self.served["model"]
 
+    @property
+    def recorded_model(self) -> tuple[str, str | None]:
+        return self.served["model"], self.served.get("revision")
+
     def group_key(self, image: SourceImage, chosen: EditOptions) -> Hashable:
         """Nothing is batched here: the server batches what its clients send (``serve --max-batch``)."""
         return None
