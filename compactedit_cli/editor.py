@@ -73,6 +73,24 @@ class JobOutcome:
     fatal: CompactEditError | None = None
 
 
+@dataclass
+class Prepared:
+    """A job with its image opened and its group key (model size and parameters): ready for the device."""
+
+    job: EditJob
+    image: SourceImage
+    key: Any
+
+
+@dataclass
+class Computed:
+    """A job edited but not yet written: the picture and its record (already naming the output)."""
+
+    job: EditJob
+    picture: Any
+    record: EditRecord
+
+
 def describe_failure(exc: BaseException) -> str:
     """The one line recorded for an edit that raised ``exc``."""
     if is_out_of_memory(exc):
@@ -183,38 +201,72 @@ class Editor:
         be opened, whose edit fails (a group that fails is retried one job at a time, after freeing memory, so only
         the culprit fails) or whose output cannot be written fails alone.
         """
-        size = options.batch_size(batch_size)
         out = output_options or OutputOptions()
-        pending: list[tuple[EditJob, SourceImage]] = []
-        pending_key: Any = None
-        for job in jobs:
-            try:
-                image = open_image(job.source)
-                key = (self.pipe.model_size(image.size, binning=job.options.binning), _group_key(job.options))
-            except CompactEditError as exc:
-                yield JobOutcome(job, "failed", error=str(exc))
-                continue
-            if pending and (key != pending_key or len(pending) >= size):
-                yield from self._edit_group(pending, out)
-                pending = []
-            pending.append((job, image))
-            pending_key = key
-        if pending:
-            yield from self._edit_group(pending, out)
+        for done in self.compute_many((self.prepare(job) for job in jobs), batch_size=batch_size):
+            outcome = done if isinstance(done, JobOutcome) else self.save(done, out)
+            yield outcome
+            if outcome.fatal is not None:
+                return
 
-    def _edit_group(self, group: list[tuple[EditJob, SourceImage]], out: OutputOptions) -> Iterator[JobOutcome]:
+    # The three stages of edit_many, public so a batch can run them on different threads or processes: open
+    # (decode ahead), compute (the device), save (encode and write behind).
+
+    def prepare(self, job: EditJob) -> Prepared | JobOutcome:
+        """Open a job's image and find its group key; a bad image is the job's failure."""
+        try:
+            image = open_image(job.source)
+            key = (self.pipe.model_size(image.size, binning=job.options.binning), _group_key(job.options))
+        except CompactEditError as exc:
+            return JobOutcome(job, "failed", error=str(exc))
+        return Prepared(job, image, key)
+
+    def compute_many(
+        self,
+        prepared: Iterable[Prepared | JobOutcome],
+        *,
+        batch_size: int = 1,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> Iterator[Computed | JobOutcome]:
+        """Edit prepared jobs in groups of up to ``batch_size`` consecutive same-key jobs; nothing is written.
+
+        ``ready()`` says whether another job is at hand: when it is not, a partial group is edited now rather than
+        waiting for one (so a job fed from a queue never waits on the next one to arrive).
+        """
+        size = options.batch_size(batch_size)
+        pending: list[Prepared] = []
+        for item in prepared:
+            if isinstance(item, JobOutcome):
+                yield item
+                continue
+            if pending and item.key != pending[0].key:
+                yield from self._compute_group(pending)
+                pending = []
+            pending.append(item)
+            if len(pending) >= size or not ready():
+                yield from self._compute_group(pending)
+                pending = []
+        if pending:
+            yield from self._compute_group(pending)
+
+    def save(self, done: Computed, output_options: OutputOptions) -> JobOutcome:
+        """Encode and write one computed edit; a full disk is ``fatal`` (every later job would meet it)."""
+        try:
+            outputs.save(done.picture, done.record, done.job.output, output_options)
+        except OutputError as exc:
+            fatal = exc if isinstance(exc, DiskFullError) else None
+            return JobOutcome(done.job, "failed", error=str(exc), seed=done.record.seed, fatal=fatal)
+        return JobOutcome(done.job, "ok", record=done.record, seed=done.record.seed)
+
+    def _compute_group(self, group: list[Prepared]) -> Iterator[Computed | JobOutcome]:
         from .engine.pipeline import EditRequest
 
-        first = group[0][0].options
-        seeds = [options.random_seed() if job.options.seed is None else job.options.seed for job, _ in group]
+        first = group[0].job.options
+        seeds = [options.random_seed() if p.job.options.seed is None else p.job.options.seed for p in group]
         started = time.perf_counter()
         try:
             results = self._run(
                 lambda: self.pipe.edit_batch(
-                    [
-                        EditRequest(image, job.instruction, seed)
-                        for (job, image), seed in zip(group, seeds, strict=True)
-                    ],
+                    [EditRequest(p.image, p.job.instruction, seed) for p, seed in zip(group, seeds, strict=True)],
                     num_inference_steps=first.steps,
                     guidance_scale=first.guidance,
                     image_guidance_scale=first.image_guidance,
@@ -228,24 +280,15 @@ class Editor:
             error = None
         if error is not None:
             if len(group) == 1:
-                yield JobOutcome(group[0][0], "failed", error=error, seed=seeds[0])
+                yield JobOutcome(group[0].job, "failed", error=error, seed=seeds[0])
                 return
             for one in group:
-                yield from self._edit_group([one], out)
+                yield from self._compute_group([one])
             return
         seconds = round((time.perf_counter() - started) / len(group), 3)
-        for (job, _), result in zip(group, results, strict=True):
-            record = self._finish(result.records[0], outputs.source_label(job.source), seconds)
-            record = record.but(output=str(job.output))
-            try:
-                outputs.save(result.images[0], record, job.output, out)
-            except OutputError as exc:
-                fatal = exc if isinstance(exc, DiskFullError) else None
-                yield JobOutcome(job, "failed", error=str(exc), seed=record.seed, fatal=fatal)
-                if fatal is not None:
-                    return
-                continue
-            yield JobOutcome(job, "ok", record=record, seed=record.seed)
+        for p, result in zip(group, results, strict=True):
+            record = self._finish(result.records[0], outputs.source_label(p.job.source), seconds)
+            yield Computed(p.job, result.images[0], record.but(output=str(p.job.output)))
 
     # ---- shared -----------------------------------------------------------------------------------------------
 

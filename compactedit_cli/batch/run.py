@@ -1,11 +1,14 @@
 """The batch run: skip what is done, edit the rest through the Editor, and log every item as it finishes.
 
 Existing outputs are skipped, so a re-run resumes (``overwrite`` redoes them). One failing item is recorded and the
-run goes on; a fault every later item would meet too (a full disk) stops it, keeping what was finished.
+run goes on; a fault every later item would meet too (a full disk) stops it, keeping what was finished. Every
+engine (one device, several workers, Ray) shares :func:`split_done` and :func:`result_line`, so they resume and
+record alike.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 from ..editor import Editor, JobOutcome
 from ..errors import CompactEditError
 from ..options import OutputOptions
+from .pipelined import BusyClock, edit_pipelined
 from .plan import BatchItem
 from .results import ResultsLog
 
@@ -21,6 +25,9 @@ from .results import ResultsLog
 class BatchSummary:
     records: list[dict[str, Any]] = field(default_factory=list)
     stopped: CompactEditError | None = None  # a fault that ended the run early (disk full)
+    busy_fraction: float | None = None  # the devices' steady-state busy share (see batch.pipelined)
+    seconds: float = 0.0  # wall time of the editing, model load excluded
+    workers: int = 1
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r["status"] == status)
@@ -44,6 +51,36 @@ def result_line(item: BatchItem, status: str, outcome: JobOutcome | None = None,
     return line
 
 
+def is_done(item: BatchItem, overwrite: bool) -> bool:
+    """Whether a run skips ``item``: its output exists and ``overwrite`` is off (the one resume rule)."""
+    return item.output.exists() and not overwrite
+
+
+def skipped_line(item: BatchItem, log: ResultsLog) -> dict[str, Any]:
+    """A skipped item's line, keeping the seed and warnings an earlier run recorded for it."""
+    earlier = log.previous.get(item.key) or {}
+    return result_line(item, "skipped", seed=earlier.get("seed"), warnings=earlier.get("warnings") or [])
+
+
+def split_done(
+    items: list[BatchItem], log: ResultsLog, overwrite: bool
+) -> tuple[list[dict[str, Any]], list[BatchItem]]:
+    """The lines of items already done, and the items still to edit."""
+    done, todo = [], []
+    for item in items:
+        if is_done(item, overwrite):
+            done.append(skipped_line(item, log))
+        else:
+            todo.append(item)
+    return done, todo
+
+
+def in_order(lines: list[dict[str, Any]], items: list[BatchItem]) -> list[dict[str, Any]]:
+    """Lines sorted as the items were planned (engines finish them in any order)."""
+    order = {item.key: index for index, item in enumerate(items)}
+    return sorted(lines, key=lambda line: order.get(line["output"], len(order)))
+
+
 def run_batch(
     editor: Editor,
     items: list[BatchItem],
@@ -54,7 +91,8 @@ def run_batch(
     output_options: OutputOptions | None = None,
     on_item: Callable[[dict[str, Any]], None] = lambda _line: None,
 ) -> BatchSummary:
-    """Edit ``items`` (skipping finished ones unless ``overwrite``); lines come back in the items' order."""
+    """Edit ``items`` (skipping finished ones unless ``overwrite``) on one device, decoding ahead and writing
+    behind the compute; lines come back in the items' order."""
     summary = BatchSummary()
 
     def finish(line: dict[str, Any]) -> None:
@@ -62,18 +100,19 @@ def run_batch(
         log.append(line)
         on_item(line)
 
-    todo = []
-    for item in items:
-        if item.output.exists() and not overwrite:
-            earlier = log.previous.get(item.key) or {}
-            finish(result_line(item, "skipped", seed=earlier.get("seed"), warnings=earlier.get("warnings") or []))
-        else:
-            todo.append(item)
-    for outcome in editor.edit_many(todo, batch_size=batch_size, output_options=output_options):
+    done, todo = split_done(items, log, overwrite)
+    for line in done:
+        finish(line)
+    clock = BusyClock()
+    started = time.perf_counter()
+    outcomes = edit_pipelined(editor, todo, batch_size=batch_size, output_options=output_options, clock=clock)
+    for outcome in outcomes:
         finish(result_line(outcome.job, outcome.status, outcome))
         if outcome.fatal is not None:
             summary.stopped = outcome.fatal
             break
-    order = {item.key: index for index, item in enumerate(items)}
-    summary.records.sort(key=lambda line: order.get(line["output"], len(order)))
+    outcomes.close()
+    summary.seconds = time.perf_counter() - started
+    summary.busy_fraction = clock.fraction()
+    summary.records = in_order(summary.records, items)
     return summary
