@@ -2,7 +2,7 @@
 
 The queues between the three are bounded, so memory stays flat however long the batch. The stages are the
 Editor's own (:meth:`~compactedit_cli.editor.Editor.prepare`, ``compute_many``, ``save``): there is one edit path.
-Outcomes come out in the order the writer finishes them (the order the device computed them); a full disk stops
+Outcomes are reported by the writer as it finishes them (the order the device computed them); a full disk stops
 the run after the outcome that met it, and what was computed but not yet written is left for a resume.
 
 The busy fraction is the share of the steady state (from the end of the first group, so model warm-up and any
@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,19 +86,23 @@ class _DeviceTimer:
 def edit_pipelined(
     editor: Editor,
     jobs: Iterable[EditJob],
+    on_outcome: Callable[[JobOutcome], None],
     *,
     batch_size: int = 1,
     output_options: OutputOptions | None = None,
     clock: BusyClock | None = None,
-    depth: int | None = None,
-) -> Iterator[JobOutcome]:
-    """What :meth:`Editor.edit_many` yields, with decoding and writing overlapping the device's work."""
+) -> None:
+    """Edit ``jobs`` as :meth:`Editor.edit_many` does, decoding and writing overlapping the device's work.
+
+    ``on_outcome`` gets each job's outcome, on the writer thread, once its output is written (or has failed); it
+    is called from that one thread only. It returns when every job is done, or after the outcome with a fatal
+    error; an error raised by ``on_outcome`` (the results log's disk) stops the run and is raised here.
+    """
     out = output_options or OutputOptions()
     clock = clock if clock is not None else BusyClock()
-    depth = depth or 2 * batch_size + 1
+    depth = 2 * batch_size + 1
     ahead: queue.Queue[Any] = queue.Queue(maxsize=depth)
     behind: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    finished: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     failures: list[BaseException] = []
 
@@ -115,31 +119,26 @@ def edit_pipelined(
 
     def write() -> None:
         try:
-            while (done := behind.get()) is not _END:
+            while (done := behind.get()) is not _END and not stop.is_set():
                 outcome = editor.save(done, out) if isinstance(done, Computed) else done
-                finished.put(outcome)
+                on_outcome(outcome)
                 if outcome.fatal is not None:
-                    stop.set()
                     break
         except BaseException as exc:
             failures.append(exc)
-            stop.set()
         finally:
-            finished.put(_END)
+            stop.set()
 
     def feed() -> Iterator[Prepared | JobOutcome]:
-        while not stop.is_set():
-            item = ahead.get()
-            if item is _END:
-                return
+        while (item := ahead.get()) is not _END and not stop.is_set():
             yield item
 
-    threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=write, daemon=True)]
-    for thread in threads:
-        thread.start()
+    reader = threading.Thread(target=read, daemon=True)
+    writer = threading.Thread(target=write, daemon=True)
+    reader.start()
+    writer.start()
     timer = _DeviceTimer(editor.pipe.device)
     computing = editor.compute_many(feed(), batch_size=batch_size, ready=lambda: not ahead.empty())
-    writer_done = False
     try:
         while not stop.is_set():
             begun = timer.start()
@@ -150,24 +149,15 @@ def edit_pipelined(
             if isinstance(done, Computed):
                 _tick(clock, timer.seconds(begun), started)
             _put(behind, done, stop)
-            while not finished.empty():
-                outcome = finished.get()
-                if outcome is _END:
-                    writer_done = True
-                    break
-                yield outcome
-        if not stop.is_set():
-            _put(behind, _END, stop)
-        while not writer_done and (outcome := finished.get()) is not _END:
-            yield outcome
+        _put(behind, _END, stop)
+        writer.join()
     finally:
-        stop.set()
+        stop.set()  # after Ctrl-C: the writer finishes the write under way (atomic either way) and stops
         _drain(ahead)
         _drain(behind)
-        if threads[1].is_alive():
-            behind.put(_END)
-        threads[1].join()  # a write under way finishes (it is atomic either way)
-        threads[0].join(timeout=1)  # a reader blocked on its source is a daemon: it dies with the process
+        behind.put(_END)
+        writer.join()
+        reader.join(timeout=1)  # a reader blocked on its source is a daemon: it dies with the process
     if failures:
         raise failures[0]
 

@@ -105,13 +105,13 @@ def run_batch(
         finish(line)
     clock = BusyClock()
     started = time.perf_counter()
-    outcomes = edit_pipelined(editor, todo, batch_size=batch_size, output_options=output_options, clock=clock)
-    for outcome in outcomes:
+
+    def finished(outcome: JobOutcome) -> None:  # on the writer thread
         finish(result_line(outcome.job, outcome.status, outcome))
         if outcome.fatal is not None:
             summary.stopped = outcome.fatal
-            break
-    outcomes.close()
+
+    edit_pipelined(editor, todo, finished, batch_size=batch_size, output_options=output_options, clock=clock)
     summary.seconds = time.perf_counter() - started
     summary.busy_fraction = clock.fraction()
     summary.records = in_order(summary.records, items)
