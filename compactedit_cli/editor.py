@@ -211,10 +211,11 @@ class Editor:
     # The three stages of edit_many, public so a batch can run them on different threads or processes: open
     # (decode ahead), compute (the device), save (encode and write behind).
 
-    def prepare(self, job: EditJob) -> Prepared | JobOutcome:
-        """Open a job's image and find its group key; a bad image is the job's failure."""
+    def prepare(self, job: EditJob, image: SourceImage | None = None) -> Prepared | JobOutcome:
+        """Open a job's image (unless opened already, elsewhere) and find its group key; a bad image is the job's
+        failure."""
         try:
-            image = open_image(job.source)
+            image = image if image is not None else open_image(job.source)
             key = (self.pipe.model_size(image.size, binning=job.options.binning), _group_key(job.options))
         except CompactEditError as exc:
             return JobOutcome(job, "failed", error=str(exc))
@@ -248,8 +249,10 @@ class Editor:
         if pending:
             yield from self._compute_group(pending)
 
-    def save(self, done: Computed, output_options: OutputOptions) -> JobOutcome:
-        """Encode and write one computed edit; a full disk is ``fatal`` (every later job would meet it)."""
+    @staticmethod
+    def save(done: Computed, output_options: OutputOptions) -> JobOutcome:
+        """Encode and write one computed edit; a full disk is ``fatal`` (every later job would meet it). Static: a
+        writer that holds no model (a Ray task) can call it."""
         try:
             outputs.save(done.picture, done.record, done.job.output, output_options)
         except OutputError as exc:

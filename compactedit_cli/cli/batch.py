@@ -63,7 +63,12 @@ def batch(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", metavar="N", help="N worker processes on --device.", show_default=False),
+        typer.Option(
+            "--workers",
+            metavar="N",
+            help="N worker processes on --device (with --engine ray: N edit actors).",
+            show_default=False,
+        ),
     ] = None,
     shard: Annotated[
         str | None,
@@ -131,8 +136,8 @@ def batch(
     spread = options.devices(devices) if devices is not None else None
     count = options.workers(workers) if workers is not None else None
     part = options.shard(shard, os.environ) if shard is not None else None
-    if chosen_engine == "ray" and (spread is not None or count is not None):
-        raise UsageError("--devices and --workers are for the local engine; Ray places one actor per GPU itself")
+    if chosen_engine == "ray" and spread is not None:
+        raise UsageError("--devices is for the local engine; Ray places one actor per GPU (--workers: how many)")
     if ray_address is not None and chosen_engine != "ray":
         ray_address = None  # RAY_ADDRESS in the environment matters only to --engine ray
     defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
@@ -193,7 +198,9 @@ def batch(
             elif chosen_engine == "ray":
                 from ..batch.ray_engine import run_ray
 
-                summary = run_ray(model_options, items, log, address=ray_address, status=status, **common)
+                summary = run_ray(
+                    model_options, items, log, address=ray_address, workers=count, status=status, **common
+                )
             else:
                 from ..batch.workers import resolve_devices, run_workers
 
