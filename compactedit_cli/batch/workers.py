@@ -34,8 +34,6 @@ RETRIES = 1  # a dead worker's items are tried once more elsewhere
 def resolve_devices(devices: list[str] | str | None, workers: int | None, device: str) -> list[str]:
     """One device name per worker: ``--devices`` as given (``all``: every CUDA device), or ``--workers`` copies of
     ``--device``."""
-    if devices is not None and workers is not None:
-        raise UsageError("give --devices or --workers, not both")
     if devices == ALL_DEVICES:
         import torch
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from . import flags as opt
 from .common import console, emit_json, handle_errors, info, make_progress, warn
@@ -136,6 +138,8 @@ def batch(
     spread = options.devices(devices) if devices is not None else None
     count = options.workers(workers) if workers is not None else None
     part = options.shard(shard, os.environ) if shard is not None else None
+    if spread is not None and count is not None:
+        raise UsageError("give --devices or --workers, not both")
     if chosen_engine == "ray" and spread is not None:
         raise UsageError("--devices is for the local engine; Ray places one actor per GPU (--workers: how many)")
     if ray_address is not None and chosen_engine != "ray":
@@ -256,3 +260,49 @@ def _print_summary(summary, results_path: Path) -> None:
         console.print(f"  failed: {record['input']}: {record['error']}", markup=False, soft_wrap=True)
     if len(failed) > 10:
         console.print(f"  … and {len(failed) - 10} more (see {results_path})", markup=False, soft_wrap=True)
+
+
+@handle_errors
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="The batch's output folder.", metavar="OUT_DIR")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+) -> None:
+    """Merge the shards' results files in OUT_DIR into one results.jsonl, and summarise the whole batch."""
+    from ..batch.report import merge
+    from ..errors import ExitCode
+
+    merged = merge(output_dir)
+    summary = merged.to_dict()
+    if json_output:
+        emit_json(summary)
+    elif not quiet:
+        from rich.table import Table
+
+        table = Table("items", "ok", "skipped", "failed", "files", "results", box=None)
+        counts = [str(summary[key]) for key in ("items", "ok", "skipped", "failed")]
+        table.add_row(*counts, str(len(merged.files)), summary["results"])
+        console.print(table)
+    for output in merged.done_twice[:10]:
+        warn(f"{output} was edited by more than one shard")
+    raise typer.Exit(ExitCode.FAILED if summary["failed"] else ExitCode.OK)
+
+
+def _report_command() -> click.Command:
+    app = typer.Typer(rich_markup_mode=None)
+    app.command(epilog="Example:\n\n  compactedit batch report winter/\n")(report)
+    return typer.main.get_command(app)
+
+
+class BatchCommand(TyperCommand):
+    """``batch``, whose first argument is a folder, with one sub-command: ``batch report OUT_DIR`` (a folder named
+    ``report`` is still reachable as ``./report``)."""
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        if args and args[0] == "report":
+            return _report_command().make_context(f"{info_name} report", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        return super().invoke(ctx) if ctx.command is self else ctx.command.invoke(ctx)
