@@ -32,16 +32,17 @@ def test_ray_engine_matches_the_local_engine_and_resumes(cli, tiny_checkpoint, t
         assert cli("batch", src, "-i", "x", "-o", local, "-m", tiny_checkpoint, *FAST).exit_code == 1
     out = tmp_path / "ray"
     make_photo(out / "p0.png", (48, 48), seed=0)  # done already: skipped, as locally
-    # A cluster the test started (ray.init in the process); the engine joins it as it would RAY_ADDRESS's.
+    # A 2-CPU local cluster started in the CLI's process (ray.init first); the engine runs on it.
     command = [sys.executable, "-c", _MAIN, "batch", str(src), "-i", "x", "-o", str(out), "-m", str(tiny_checkpoint)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "auto"}
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([*command, *FAST, "--engine", "ray", "--json"], capture_output=True, text=True, env=env)
     assert done.returncode == 1, done.stderr  # the broken image fails alone
     summary = json.loads(done.stdout)
     assert (summary["engine"], summary["ok"], summary["skipped"], summary["failed"]) == ("ray", 2, 1, 1)
     ours = {r["output"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     theirs = {r["output"]: r for r in map(json.loads, (local / "results.jsonl").read_text().splitlines())}
-    assert [r["status"] for r in ours.values()] == ["skipped", "ok", "failed", "ok"][: len(ours)] or True
+    assert ours[str(out / "p0.png")]["status"] == "skipped"
     for name in ("p1.png", "p2.png"):
         mine, reference = ours[str(out / name)], theirs[str(local / name)]
         assert {k: v for k, v in mine.items() if k not in ("output", "seconds")} == {

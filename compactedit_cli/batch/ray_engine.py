@@ -107,7 +107,9 @@ def run_ray(
         summary.records = in_order(summary.records, items)
         return summary
     status(f"connecting to Ray at {address}" if address else "starting a local Ray cluster")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    joined = ray.is_initialized()  # a host program's own Ray session is used as it is, and left running
+    if not joined:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -139,7 +141,8 @@ def run_ray(
                 break
         summary.seconds = time.perf_counter() - started
     finally:
-        ray.shutdown()
+        if not joined:
+            ray.shutdown()
     if summary.stopped is None:
         seen = {line["output"] for line in summary.records}
         for item in todo:

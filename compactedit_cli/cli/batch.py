@@ -58,8 +58,8 @@ def batch(
         str | None,
         typer.Option(
             "--devices",
-            metavar="all|0,1,3|cpu,cpu",
-            help="One worker process per device, each loading the model once. [default: one, --device]",
+            metavar="LIST",
+            help="all, GPU indices (0,1,3) or cpu,cpu: one worker process per device. [default: one, --device]",
             show_default=False,
         ),
     ] = None,
