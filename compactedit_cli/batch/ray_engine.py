@@ -116,11 +116,13 @@ def run_ray(
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray's own chatter is not our interface
         context.max_errored_blocks = -1  # an item whose task fails for good is recorded failed, the rest go on
         count, resources = _actors(ray, model, workers)
+        # CPU actors may hold every core; the light decode and write tasks then must not wait for one (a deadlock).
+        light = 0 if "num_cpus" in resources else 0.25
         summary.workers = count
         rows = [{"payload": pickle.dumps(item)} for item in todo]
         dataset = (
             ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * count))
-            .map(_decode, num_cpus=0.25)
+            .map(_decode, num_cpus=light)
             .map_batches(
                 _EditActor,
                 fn_constructor_kwargs={"model": model, "batch_size": batch_size},
@@ -130,7 +132,7 @@ def run_ray(
                 max_task_retries=TASK_RETRIES,
                 **resources,
             )
-            .map(_write, fn_kwargs={"output_options": out}, num_cpus=0.25)
+            .map(_write, fn_kwargs={"output_options": out}, num_cpus=light)
         )
         status(f"editing on {count} Ray actor(s)")
         started = time.perf_counter()
