@@ -84,6 +84,26 @@ class JobOutcome:
     fatal: CompactEditError | None = None
 
 
+@dataclass
+class Prepared:
+    """A job with its image opened and its group key (model size and parameters): ready for the device."""
+
+    job: EditJob
+    image: SourceImage
+    key: Any
+
+
+@dataclass
+class ComputedJob:
+    """A job of :meth:`Editor.edit_many` edited but not yet written: its source (which the output's colour tag and
+    EXIF come from), the picture and its record (already naming the output)."""
+
+    job: EditJob
+    image: SourceImage
+    picture: Image.Image
+    record: EditRecord
+
+
 def describe_failure(exc: BaseException) -> str:
     """The one line recorded for an edit that raised ``exc``."""
     if is_out_of_memory(exc):
@@ -241,32 +261,74 @@ class Editor:
         be opened, whose edit fails (a group that fails is retried one job at a time, after freeing memory, so only
         the culprit fails) or whose output cannot be written fails alone.
         """
-        size = options.batch_size(batch_size)
         out = output_options or OutputOptions()
-        pending: list[tuple[EditJob, SourceImage]] = []
-        pending_key: Any = None
-        for job in jobs:
-            try:
-                image = open_image(job.source)
-                key = self.group_key(image, job.options)
-            except CompactEditError as exc:
-                yield JobOutcome(job, "failed", error=str(exc))
-                continue
-            if pending and (key != pending_key or len(pending) >= size):
-                yield from self._edit_group(pending, out)
-                pending = []
-            pending.append((job, image))
-            pending_key = key
-        if pending:
-            yield from self._edit_group(pending, out)
+        for done in self.compute_many((self.prepare(job) for job in jobs), batch_size=batch_size):
+            outcome = done if isinstance(done, JobOutcome) else self.save(done, out)
+            yield outcome
+            if outcome.fatal is not None:
+                return
 
-    def _edit_group(self, group: list[tuple[EditJob, SourceImage]], out: OutputOptions) -> Iterator[JobOutcome]:
-        seeds = [options.random_seed() if job.options.seed is None else job.options.seed for job, _ in group]
+    # The three stages of edit_many, public so a batch can run them on different threads or processes: open
+    # (decode ahead), compute (the device), save (encode and write behind).
+
+    def prepare(self, job: EditJob, image: SourceImage | None = None) -> Prepared | JobOutcome:
+        """Open a job's image (unless opened already, elsewhere) and find its group key; a bad image is the job's
+        failure."""
+        try:
+            image = image if image is not None else open_image(job.source)
+            key = self.group_key(image, job.options)
+        except CompactEditError as exc:
+            return JobOutcome(job, "failed", error=str(exc))
+        return Prepared(job, image, key)
+
+    def compute_many(
+        self,
+        prepared: Iterable[Prepared | JobOutcome],
+        *,
+        batch_size: int = 1,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> Iterator[ComputedJob | JobOutcome]:
+        """Edit prepared jobs in groups of up to ``batch_size`` consecutive same-key jobs; nothing is written.
+
+        ``ready()`` says whether another job is at hand: when it is not, a partial group is edited now rather than
+        waiting for one (so a job fed from a queue never waits on the next one to arrive).
+        """
+        size = options.batch_size(batch_size)
+        pending: list[Prepared] = []
+        for item in prepared:
+            if isinstance(item, JobOutcome):
+                yield item
+                continue
+            if pending and item.key != pending[0].key:
+                yield from self._compute_jobs(pending)
+                pending = []
+            pending.append(item)
+            if len(pending) >= size or not ready():
+                yield from self._compute_jobs(pending)
+                pending = []
+        if pending:
+            yield from self._compute_jobs(pending)
+
+    @staticmethod
+    def save(done: ComputedJob, output_options: OutputOptions) -> JobOutcome:
+        """Encode and write one computed edit; a full disk is ``fatal`` (every later job would meet it). Static: a
+        writer that holds no model (a Ray task) can call it."""
+        job = done.job
+        written = output_options if job.exif is None else replace(output_options, exif=job.exif)
+        try:
+            outputs.save(done.picture, done.record, job.output, written, done.image)
+        except OutputError as exc:
+            fatal = exc if isinstance(exc, DiskFullError) else None
+            return JobOutcome(job, "failed", error=str(exc), seed=done.record.seed, fatal=fatal)
+        return JobOutcome(job, "ok", record=done.record, seed=done.record.seed)
+
+    def _compute_jobs(self, group: list[Prepared]) -> Iterator[ComputedJob | JobOutcome]:
+        seeds = [options.random_seed() if p.job.options.seed is None else p.job.options.seed for p in group]
         started = time.perf_counter()
         try:
             results = self.compute_group(
-                [(image, job.instruction, seed) for (job, image), seed in zip(group, seeds, strict=True)],
-                group[0][0].options,
+                [(p.image, p.job.instruction, seed) for p, seed in zip(group, seeds, strict=True)],
+                group[0].job.options,
             )
         except Exception as exc:  # one job can cause anything; the others go on
             error = describe_failure(exc)
@@ -274,26 +336,17 @@ class Editor:
             error = None
         if error is not None:
             if len(group) == 1:
-                yield JobOutcome(group[0][0], "failed", error=error, seed=seeds[0])
+                yield JobOutcome(group[0].job, "failed", error=error, seed=seeds[0])
                 return
             for one in group:
-                yield from self._edit_group([one], out)
+                yield from self._compute_jobs([one])
             return
         seconds = round((time.perf_counter() - started) / len(group), 3)
-        for (job, image), result in zip(group, results, strict=True):
+        for p, result in zip(group, results, strict=True):
             record = result.records[0].but(
-                source=outputs.source_label(job.source), seconds=seconds, output=str(job.output)
+                source=outputs.source_label(p.job.source), seconds=seconds, output=str(p.job.output)
             )
-            written = out if job.exif is None else replace(out, exif=job.exif)
-            try:
-                outputs.save(result.pictures[0], record, job.output, written, image)
-            except OutputError as exc:
-                fatal = exc if isinstance(exc, DiskFullError) else None
-                yield JobOutcome(job, "failed", error=str(exc), seed=record.seed, fatal=fatal)
-                if fatal is not None:
-                    return
-                continue
-            yield JobOutcome(job, "ok", record=record, seed=record.seed)
+            yield ComputedJob(p.job, p.image, result.pictures[0], record)
 
     # ---- shared -----------------------------------------------------------------------------------------------
 

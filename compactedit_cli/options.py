@@ -16,6 +16,7 @@ import math
 import random
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,66 @@ def compile_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("compactedit", appauthor=False)) / "compile"
+
+
+# ---- scaling a batch out: devices, workers, shards, engines ------------------------------------------------------
+
+MAX_WORKERS = 64
+ENGINES = ("local", "ray")
+ALL_DEVICES = "all"  # every CUDA device; counting them needs torch, so the batch resolves it
+
+
+def devices(value: Any, name: str = "--devices") -> list[str] | str:
+    """``all`` (kept as is), or a comma list of device indices and names: ``0,1,3`` means ``cuda:0,cuda:1,cuda:3``
+    and ``cpu,cpu`` two CPU workers. A CUDA device may appear once; ``cpu`` as often as wanted."""
+    text = str(value).strip().lower()
+    if text == ALL_DEVICES:
+        return ALL_DEVICES
+    names = [part.strip() for part in text.split(",")]
+    chosen = []
+    for part in names:
+        spelled = f"cuda:{part}" if part.isdigit() else part
+        if spelled in ("auto", "cuda") or not _DEVICE.match(spelled):
+            raise UsageError(f"{name} takes all, or a comma list of GPU indices or cpu (got {value!r})")
+        if spelled != "cpu" and spelled in chosen:
+            raise UsageError(f"{name} names {spelled} twice (one worker per GPU)")
+        chosen.append(spelled)
+    if len(chosen) > MAX_WORKERS:
+        raise UsageError(f"{name} names more than {MAX_WORKERS} devices")
+    return chosen
+
+
+def workers(value: Any, name: str = "--workers") -> int:
+    return bounded_int(value, name, 1, MAX_WORKERS)
+
+
+def engine(value: Any, name: str = "--engine") -> str:
+    text = str(value).strip().lower()
+    if text not in ENGINES:
+        raise UsageError(f"{name} must be one of {', '.join(ENGINES)} (got {value!r})")
+    return text
+
+
+def shard(value: Any, environ: Mapping[str, str], name: str = "--shard") -> tuple[int, int]:
+    """``K/N`` (1 <= K <= N), or ``auto``: Slurm's array task, numbered from ``SLURM_ARRAY_TASK_MIN`` (an array
+    ``--array=0-7`` and one ``--array=1-8`` both give shards 1/8 … 8/8; a stepped array is divided by its step)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        try:
+            task = int(environ["SLURM_ARRAY_TASK_ID"])
+            count = int(environ["SLURM_ARRAY_TASK_COUNT"])
+            base = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = max(1, int(environ.get("SLURM_ARRAY_TASK_STEP", "1")))
+        except KeyError as exc:
+            raise UsageError(f"{name} auto needs Slurm's array variables ({exc.args[0]} is not set)") from None
+        except ValueError:
+            raise UsageError(f"{name} auto: Slurm's array variables are not integers") from None
+        k, n = (task - base) // step + 1, count
+    else:
+        k_text, slash, n_text = text.partition("/")
+        if not slash or not k_text.isdigit() or not n_text.isdigit():
+            raise UsageError(f"{name} must be K/N (for example 2/8) or auto (got {value!r})")
+        k, n = int(k_text), int(n_text)
+    if not 1 <= k <= n:
+        raise UsageError(f"{name}: shard {k} of {n} is out of range (K runs from 1 to N)")
+    return k, n

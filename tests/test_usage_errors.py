@@ -52,7 +52,7 @@ def test_edit_flag_errors_are_one_line(cli, photo, tmp_path, flags, line):
         (["--batch-size", "0"], "error: --batch-size must be between 1 and 64 (got 0)"),
         (["--quality", "1000"], "error: --quality must be between 1 and 100 (got 1000)"),
         (["--guidance", "nan"], "error: --guidance must be a finite number >= 0 (got nan)"),
-        (["--recursiv"], "error: unknown option --recursiv (did you mean --recursive or --revision?)"),
+        (["--recursiv"], "error: unknown option --recursiv (did you mean --recursive or --workers?)"),
     ],
 )
 def test_batch_flag_errors_are_one_line(cli, photo, tmp_path, flags, line):

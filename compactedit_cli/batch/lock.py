@@ -19,9 +19,12 @@ LOCK_NAME = ".compactedit-batch.lock"
 
 
 @contextlib.contextmanager
-def output_folder_lock(out_dir: Path) -> Iterator[Path]:
-    """Hold the output folder's lock for the block, or raise an OutputError if another batch holds it."""
-    path = out_dir / LOCK_NAME
+def output_folder_lock(out_dir: Path, name: str = LOCK_NAME) -> Iterator[Path]:
+    """Hold the output folder's lock for the block, or raise an OutputError if another batch holds it.
+
+    Shards of one batch each take their own lock (``name``), since they edit disjoint items side by side.
+    """
+    path = out_dir / name
     fd = _take(path, out_dir)
     try:
         os.ftruncate(fd, 0)

@@ -20,8 +20,8 @@ RESULTS_NAME = "results.jsonl"
 class ResultsLog:
     """``results.jsonl``: appended and fsynced per item, repaired and compacted across runs."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / RESULTS_NAME
+    def __init__(self, out_dir: Path, name: str = RESULTS_NAME) -> None:
+        self.path = out_dir / name
         self.previous: dict[str, dict[str, Any]] = {}
         try:
             self._repair_and_read()

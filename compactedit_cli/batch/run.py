@@ -3,10 +3,13 @@
 Existing outputs made with the same parameters are skipped, so a re-run resumes; one made with other parameters is
 kept too, with a warning naming the differences (``overwrite`` redoes them). One failing item is recorded and the
 run goes on; a fault every later item would meet too (a full disk) stops it, keeping what was finished.
+Every engine (one device, several workers, Ray) shares :func:`split_done` and :func:`result_line`, so they resume and
+record alike.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +18,7 @@ from ..editor import Editor, JobOutcome
 from ..errors import CompactEditError
 from ..files.metadata import compare_existing
 from ..options import OutputOptions
+from .pipelined import BusyClock, edit_pipelined
 from .plan import BatchItem
 from .results import ResultsLog
 
@@ -23,6 +27,9 @@ from .results import ResultsLog
 class BatchSummary:
     records: list[dict[str, Any]] = field(default_factory=list)
     stopped: CompactEditError | None = None  # a fault that ended the run early (disk full)
+    busy_fraction: float | None = None  # the devices' steady-state busy share (see batch.pipelined)
+    seconds: float = 0.0  # wall time of the editing, model load excluded
+    workers: int = 1
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r["status"] == status)
@@ -46,6 +53,38 @@ def result_line(item: BatchItem, status: str, outcome: JobOutcome | None = None,
     return line
 
 
+def is_done(item: BatchItem, overwrite: bool) -> bool:
+    """Whether a run skips ``item``: its output exists and ``overwrite`` is off (the one resume rule)."""
+    return item.output.exists() and not overwrite
+
+
+def skipped_line(item: BatchItem, log: ResultsLog, model: tuple[str, str | None]) -> dict[str, Any]:
+    """A skipped item's line, describing the file as it is (not the request), with a warning when it was made
+    with other parameters than those asked for. ``model`` is the model and revision as records name them."""
+    made, changed = compare_existing(item, log.previous.get(item.key), model)
+    redo = f"{item.output} was made with other parameters ({'; '.join(changed)}): kept; redo with --overwrite"
+    return result_line(item, "skipped", **made, warnings=[redo] if changed else [])
+
+
+def split_done(
+    items: list[BatchItem], log: ResultsLog, overwrite: bool, model: tuple[str, str | None]
+) -> tuple[list[dict[str, Any]], list[BatchItem]]:
+    """The lines of items already done, and the items still to edit."""
+    done, todo = [], []
+    for item in items:
+        if is_done(item, overwrite):
+            done.append(skipped_line(item, log, model))
+        else:
+            todo.append(item)
+    return done, todo
+
+
+def in_order(lines: list[dict[str, Any]], items: list[BatchItem]) -> list[dict[str, Any]]:
+    """Lines sorted as the items were planned (engines finish them in any order)."""
+    order = {item.key: index for index, item in enumerate(items)}
+    return sorted(lines, key=lambda line: order.get(line["output"], len(order)))
+
+
 def run_batch(
     editor: Editor,
     items: list[BatchItem],
@@ -56,7 +95,8 @@ def run_batch(
     output_options: OutputOptions | None = None,
     on_item: Callable[[dict[str, Any]], None] = lambda _line: None,
 ) -> BatchSummary:
-    """Edit ``items`` (skipping finished ones unless ``overwrite``); lines come back in the items' order."""
+    """Edit ``items`` (skipping finished ones unless ``overwrite``) on one device, decoding ahead and writing
+    behind the compute; lines come back in the items' order."""
     summary = BatchSummary()
 
     def finish(line: dict[str, Any]) -> None:
@@ -64,19 +104,19 @@ def run_batch(
         log.append(line)
         on_item(line)
 
-    todo = []
-    for item in items:
-        if item.output.exists() and not overwrite:  # the line describes the file as it is, not the request
-            made, changed = compare_existing(item, log.previous.get(item.key), editor.recorded_model)
-            redo = f"{item.output} was made with other parameters ({'; '.join(changed)}): kept; redo with --overwrite"
-            finish(result_line(item, "skipped", **made, warnings=[redo] if changed else []))
-        else:
-            todo.append(item)
-    for outcome in editor.edit_many(todo, batch_size=batch_size, output_options=output_options):
+    done, todo = split_done(items, log, overwrite, editor.recorded_model)
+    for line in done:
+        finish(line)
+    clock = BusyClock()
+    started = time.perf_counter()
+
+    def finished(outcome: JobOutcome) -> None:  # on the writer thread
         finish(result_line(outcome.job, outcome.status, outcome))
         if outcome.fatal is not None:
             summary.stopped = outcome.fatal
-            break
-    order = {item.key: index for index, item in enumerate(items)}
-    summary.records.sort(key=lambda line: order.get(line["output"], len(order)))
+
+    edit_pipelined(editor, todo, finished, batch_size=batch_size, output_options=output_options, clock=clock)
+    summary.seconds = time.perf_counter() - started
+    summary.busy_fraction = clock.fraction()
+    summary.records = in_order(summary.records, items)
     return summary

@@ -9,7 +9,7 @@ import typer
 from .. import __version__
 from . import config, models, serve
 from .batch import EXAMPLES as BATCH_EXAMPLES
-from .batch import batch
+from .batch import BatchCommand, batch
 from .bench import EXAMPLES as BENCH_EXAMPLES
 from .bench import bench
 from .common import Group
@@ -62,7 +62,7 @@ def root(
 
 
 app.command(epilog=EDIT_EXAMPLES)(edit)
-app.command(epilog=BATCH_EXAMPLES)(batch)
+app.command(cls=BatchCommand, epilog=BATCH_EXAMPLES)(batch)
 app.add_typer(models.app, name="models")
 app.command()(selftest)
 app.command(epilog=BENCH_EXAMPLES)(bench)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from . import flags as opt
-from .common import console, handle_errors, info, make_progress, warn
+from .common import console, emit_json, handle_errors, info, make_progress, warn
 
 EXAMPLES = """
 Examples:
@@ -16,6 +19,14 @@ Examples:
   compactedit batch photos/ -i "make it winter" -o winter/ --recursive
 
   compactedit batch --manifest edits.jsonl -o out/ --batch-size 4
+
+  compactedit batch photos/ -i "make it winter" -o winter/ --devices all
+
+  compactedit batch photos/ -i "make it winter" -o winter/ --shard auto    (in a Slurm array job)
+
+  compactedit batch report winter/    (merge the shards' results)
+
+  compactedit batch photos/ -i "make it winter" -o winter/ --engine ray --ray-address auto
 
   Each manifest line: {"image": "a.jpg", "instruction": "add a hat", and optionally "output": "a_hat.png",
   "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2, "exif": "none"}. CSV with the same columns works too.
@@ -43,6 +54,48 @@ def batch(
     glob: Annotated[str, typer.Option("--glob", help="Which files of INPUT_DIR to edit.")] = "*",
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     batch_size: opt.BatchSize = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            "--devices",
+            metavar="LIST",
+            help="all, GPU indices (0,1,3) or cpu,cpu: one worker process per device. [default: one, --device]",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            help="N worker processes on --device (with --engine ray: N edit actors).",
+            show_default=False,
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="K/N|auto",
+            help="Edit only shard K of N (auto: the Slurm array task); merge with 'batch report'.",
+            show_default=False,
+        ),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", metavar="local|ray", help="ray: run as a Ray Data job (compactedit[ray]).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDRESS",
+            envvar="RAY_ADDRESS",
+            show_envvar=False,
+            help="The Ray cluster. [default: RAY_ADDRESS, else a local cluster for the run]",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout.")] = False,
     steps: opt.Steps = None,
     guidance: opt.Guidance = None,
     image_guidance: opt.ImageGuidance = None,
@@ -84,9 +137,21 @@ def batch(
         raise UsageError("--glob and --recursive apply to INPUT_DIR, not to --manifest")
     if input_dir is not None and instruction is None:
         raise UsageError("INPUT_DIR needs -i/--instruction")
+    chosen_engine = options.engine(engine)
+    spread = options.devices(devices) if devices is not None else None
+    count = options.workers(workers) if workers is not None else None
+    part = options.shard(shard, os.environ) if shard is not None else None
+    if spread is not None and count is not None:
+        raise UsageError("give --devices or --workers, not both")
+    if chosen_engine == "ray" and spread is not None:
+        raise UsageError("--devices is for the local engine; Ray places one actor per GPU (--workers: how many)")
+    if ray_address is not None and chosen_engine != "ray":
+        ray_address = None  # RAY_ADDRESS in the environment matters only to --engine ray
     defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
     model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora)
     server_choice = opt.server(server)
+    if server_choice not in options.SERVER_CHOICES and (chosen_engine == "ray" or spread or count):
+        raise UsageError("--server edits through one server; --devices, --workers and --engine ray load their own")
     size = options.batch_size(batch_size)
     written = options.OutputOptions(
         quality=quality, metadata=not no_metadata, overwrite=overwrite, exif=opt.exif_policy(exif)
@@ -104,26 +169,31 @@ def batch(
 
     ensure_folder(output_dir)
 
-    from ..batch.lock import output_folder_lock
-    from ..batch.results import ResultsLog
+    from ..batch import shard as shards
+    from ..batch.lock import LOCK_NAME, output_folder_lock
+    from ..batch.results import RESULTS_NAME, ResultsLog
     from ..batch.run import run_batch
     from ..server.remote import open_editor
 
-    with output_folder_lock(output_dir), make_progress() as progress:
+    if part is not None:
+        items = shards.select(items, output_dir, part)
+    lock, results = (shards.lock_name(part), shards.results_name(part)) if part else (LOCK_NAME, RESULTS_NAME)
+    with output_folder_lock(output_dir, lock), make_progress() as progress:
         removed = remove_stale_temporaries(output_dir)
         if removed:
             info(f"removed {removed} temporary file(s) left by an interrupted run")
         for folder in sorted({item.output.parent for item in items}):
             ensure_folder(folder)
         task = progress.add_task("loading model", total=None)
-        editor = open_editor(
-            model_options,
-            server_choice,
-            status=lambda message: progress.update(task, description=message),
-            model_given=model is not None,
-        )
-        for note in editor.notes:
-            warn(note)
+
+        def status(message: str) -> None:
+            progress.update(task, description=message)
+
+        editor = None
+        if chosen_engine == "local" and spread is None and count is None:
+            editor = open_editor(model_options, server_choice, status=status, model_given=model is not None)
+            for note in editor.notes:
+                warn(note)
         progress.update(task, description="editing", total=len(items), completed=0)
 
         def on_item(line) -> None:
@@ -132,20 +202,53 @@ def batch(
             for message in messages:
                 warn(message if line["input"] in message else f"{line['input']}: {message}")
 
-        log = ResultsLog(output_dir)
+        log = ResultsLog(output_dir, results)
+        common = {"overwrite": overwrite, "batch_size": size, "output_options": written, "on_item": on_item}
         try:
-            summary = run_batch(
-                editor, items, log, overwrite=overwrite, batch_size=size, output_options=written, on_item=on_item
-            )
+            if editor is not None:
+                summary = run_batch(editor, items, log, **common)
+            elif chosen_engine == "ray":
+                from ..batch.ray_engine import run_ray
+
+                summary = run_ray(
+                    model_options, items, log, address=ray_address, workers=count, status=status, **common
+                )
+            else:
+                from ..batch.workers import resolve_devices, run_workers
+
+                names = resolve_devices(spread, count, model_options.device)
+                summary = run_workers(model_options, names, items, log, status=status, warn=warn, **common)
         except BaseException:
             log.close()
             raise
         log.close(final=summary.records if summary.stopped is None else None)
 
-    _print_summary(summary, log.path)
+    if json_output:
+        emit_json(_summary_object(summary, log.path, chosen_engine, part))
+    else:
+        _print_summary(summary, log.path)
     if summary.stopped is not None:
         raise summary.stopped
     raise typer.Exit(ExitCode.FAILED if summary.count("failed") else ExitCode.OK)
+
+
+def _summary_object(summary, results_path: Path, engine: str, part: tuple[int, int] | None) -> dict:
+    """The --json summary: counts, where the results are, and how fast and busy the run was."""
+    edited = summary.count("ok") + summary.count("failed")
+    return {
+        "ok": summary.count("ok"),
+        "skipped": summary.count("skipped"),
+        "failed": summary.count("failed"),
+        "items": len(summary.records),
+        "results": str(results_path),
+        "engine": engine,
+        "workers": summary.workers,
+        "shard": f"{part[0]}/{part[1]}" if part else None,
+        "seconds": round(summary.seconds, 3),
+        "items_per_second": round(edited / summary.seconds, 3) if summary.seconds and edited else None,
+        "busy_fraction": None if summary.busy_fraction is None else round(summary.busy_fraction, 4),
+        "stopped": str(summary.stopped) if summary.stopped is not None else None,
+    }
 
 
 def _print_summary(summary, results_path: Path) -> None:
@@ -165,3 +268,49 @@ def _print_summary(summary, results_path: Path) -> None:
         console.print(f"  failed: {record['input']}: {record['error']}", markup=False, soft_wrap=True)
     if len(failed) > 10:
         console.print(f"  … and {len(failed) - 10} more (see {results_path})", markup=False, soft_wrap=True)
+
+
+@handle_errors
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="The batch's output folder.", metavar="OUT_DIR")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+) -> None:
+    """Merge the shards' results files in OUT_DIR into one results.jsonl, and summarise the whole batch."""
+    from ..batch.report import merge
+    from ..errors import ExitCode
+
+    merged = merge(output_dir)
+    summary = merged.to_dict()
+    if json_output:
+        emit_json(summary)
+    elif not quiet:
+        from rich.table import Table
+
+        table = Table("items", "ok", "skipped", "failed", "files", "results", box=None)
+        counts = [str(summary[key]) for key in ("items", "ok", "skipped", "failed")]
+        table.add_row(*counts, str(len(merged.files)), summary["results"])
+        console.print(table)
+    for output in merged.done_twice[:10]:
+        warn(f"{output} was edited by more than one shard")
+    raise typer.Exit(ExitCode.FAILED if summary["failed"] else ExitCode.OK)
+
+
+def _report_command() -> click.Command:
+    app = typer.Typer(rich_markup_mode=None)
+    app.command(epilog="Example:\n\n  compactedit batch report winter/\n")(report)
+    return typer.main.get_command(app)
+
+
+class BatchCommand(TyperCommand):
+    """``batch``, whose first argument is a folder, with one sub-command: ``batch report OUT_DIR`` (a folder named
+    ``report`` is still reachable as ``./report``)."""
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        if args and args[0] == "report":
+            return _report_command().make_context(f"{info_name} report", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        return super().invoke(ctx) if ctx.command is self else ctx.command.invoke(ctx)

@@ -59,3 +59,11 @@ def parse_model(spec: str, revision: str | None = None) -> ModelRef:
             f"unknown model {spec!r}: use an alias ({', '.join(ALIASES)}), a hub id (owner/name) or a local folder"
         )
     return ModelRef(spec=spec, repo_id=repo_id, revision=revision)
+
+
+def recorded_model(spec: str, revision: str | None = None) -> tuple[str, str | None]:
+    """The model and revision as records name them, known before loading: the hub id and the revision if it is a
+    commit (a branch's commit is known only once resolved), or a local folder's name (never its path)."""
+    ref = parse_model(spec, revision)
+    commit = ref.revision if ref.revision and COMMIT.match(ref.revision) else None
+    return ref.repo_id or ref.path.name, commit

@@ -1,0 +1,156 @@
+"""``--engine ray``: the same batch as a Ray Data job, for a whole cluster (the optional extra ``compactedit[ray]``).
+
+The planned items become a dataset; CPU tasks decode them; an actor pool of the Editor edits them (one actor per
+GPU, ``num_gpus=1``, or CPU actors with ``num_cpus=1``); CPU tasks encode and write the outputs, through the same
+``Editor.save`` as the local engine. The driver appends each finished line to the results file as it streams back,
+so resume, failures, collisions, metadata and ``results.jsonl`` are the local engine's. OUT_DIR (and the inputs)
+must be on a filesystem every node shares. A dead actor is restarted and its batch retried by Ray; an item whose
+task still fails is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..editor import ComputedJob, Editor, JobOutcome
+from ..errors import CompactEditError, DiskFullError, UsageError
+from ..loading.refs import recorded_model
+from ..options import ModelOptions, OutputOptions
+from .plan import BatchItem
+from .results import ResultsLog
+from .run import BatchSummary, in_order, result_line, split_done
+
+ACTOR_RESTARTS = 2  # a dead actor (kill -9, out of memory) comes back this often
+TASK_RETRIES = 1  # and the batch it held is tried again once
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    """A CPU task: open one item's image (a bad one travels on as the item's failure)."""
+    from ..files.imaging import open_image
+
+    item: BatchItem = pickle.loads(row["payload"])
+    try:
+        opened: Any = open_image(item.source)
+    except CompactEditError as exc:
+        opened = JobOutcome(item, "failed", error=str(exc))
+    return {"payload": pickle.dumps((item, opened))}
+
+
+class _EditActor:
+    """One model per actor, loaded once; edits a batch of decoded items."""
+
+    def __init__(self, model: ModelOptions, batch_size: int) -> None:
+        self.editor = Editor(model)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        prepared = []
+        for payload in batch["payload"]:
+            item, opened = pickle.loads(payload)
+            prepared.append(opened if isinstance(opened, JobOutcome) else self.editor.prepare(item, opened))
+        done = list(self.editor.compute_many(prepared, batch_size=self.batch_size))
+        return {"payload": [pickle.dumps(one) for one in done]}
+
+
+def _write(row: dict[str, Any], output_options: OutputOptions) -> dict[str, Any]:
+    """A CPU task: encode and write one edit (or pass its failure on) and give back its results line."""
+    done: ComputedJob | JobOutcome = pickle.loads(row["payload"])
+    outcome = done if isinstance(done, JobOutcome) else Editor.save(done, output_options)
+    fatal = str(outcome.fatal) if outcome.fatal is not None else ""
+    return {"line": pickle.dumps(result_line(outcome.job, outcome.status, outcome)), "fatal": fatal}
+
+
+def _actors(ray: Any, model: ModelOptions, workers: int | None) -> tuple[int, dict[str, Any]]:
+    """How many edit actors, and what each asks of the cluster: a GPU each where there are GPUs, else a CPU."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if model.device != "cpu" and gpus:
+        return workers or gpus, {"num_gpus": 1}
+    if model.device not in ("cpu", "auto"):
+        raise UsageError(f"--device {model.device}: the Ray cluster has no GPU")
+    return workers or 1, {"num_cpus": 1}
+
+
+def run_ray(
+    model: ModelOptions,
+    items: list[BatchItem],
+    log: ResultsLog,
+    *,
+    address: str | None,
+    overwrite: bool,
+    workers: int | None = None,
+    batch_size: int = 1,
+    output_options: OutputOptions | None = None,
+    on_item: Callable[[dict[str, Any]], None] = lambda _line: None,
+    status: Callable[[str], None] = lambda _message: None,
+) -> BatchSummary:
+    """Edit ``items`` as a Ray Data job on the cluster at ``address`` (None: a local cluster for the run)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'compactedit[ray]'") from None
+    out = output_options or OutputOptions()
+    summary = BatchSummary()
+
+    def finish(line: dict[str, Any]) -> None:
+        summary.records.append(line)
+        log.append(line)
+        on_item(line)
+
+    named = recorded_model(model.model, model.revision)
+    done, todo = split_done(items, log, overwrite, named)
+    for line in done:
+        finish(line)
+    if not todo:
+        summary.records = in_order(summary.records, items)
+        return summary
+    status(f"connecting to Ray at {address}" if address else "starting a local Ray cluster")
+    joined = ray.is_initialized()  # a host program's own Ray session is used as it is, and left running
+    if not joined:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray's own chatter is not our interface
+        context.max_errored_blocks = -1  # an item whose task fails for good is recorded failed, the rest go on
+        count, resources = _actors(ray, model, workers)
+        # CPU actors may hold every core; the light decode and write tasks then must not wait for one (a deadlock).
+        light = 0 if "num_cpus" in resources else 0.25
+        summary.workers = count
+        rows = [{"payload": pickle.dumps(item)} for item in todo]
+        dataset = (
+            ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * count))
+            .map(_decode, num_cpus=light)
+            .map_batches(
+                _EditActor,
+                fn_constructor_kwargs={"model": model, "batch_size": batch_size},
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=count),
+                max_restarts=ACTOR_RESTARTS,
+                max_task_retries=TASK_RETRIES,
+                **resources,
+            )
+            .map(_write, fn_kwargs={"output_options": out}, num_cpus=light)
+        )
+        status(f"editing on {count} Ray actor(s)")
+        started = time.perf_counter()
+        for row in dataset.iter_rows():
+            finish(pickle.loads(row["line"]))
+            if row["fatal"]:
+                summary.stopped = DiskFullError(row["fatal"])  # the one fatal fault
+                break
+        summary.seconds = time.perf_counter() - started
+    finally:
+        if not joined:
+            ray.shutdown()
+    if summary.stopped is None:
+        seen = {line["output"] for line in summary.records}
+        for item in todo:
+            if item.key not in seen:
+                finish(result_line(item, "failed", error="its Ray task failed, retries included"))
+    summary.records = in_order(summary.records, items)
+    return summary
