@@ -38,6 +38,7 @@ from .errors import (
 )
 from .files import outputs
 from .files.imaging import SourceImage, open_image
+from .loading.refs import recorded_adapter
 from .options import EditOptions, ModelOptions, OutputOptions
 from .record import EditRecord
 
@@ -361,17 +362,12 @@ class Editor:
         self.pipe.speed.release_memory()
         raise OutOfMemoryError()
 
-    @property
-    def recorded_model(self) -> tuple[str, str | None]:
-        """The model as records name it: its hub id and revision, or a local folder's name only (never a path)."""
-        return self.model_name, self.resolved.commit
-
     def _named(self, record: EditRecord) -> EditRecord:
         """The engine's record completed with what only the Editor knows: the model's name and revision."""
         return record.but(
             model=self.model_name,
             revision=self.resolved.commit,
-            loras=[[spec, scale] for spec, scale in self.options.loras],
+            loras=[[recorded_adapter(spec), scale] for spec, scale in self.options.loras],
         )
 
 

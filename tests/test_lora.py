@@ -144,7 +144,36 @@ def test_scale_zero_is_the_base_and_the_scale_is_recorded(trained, tiny_checkpoi
     assert not np.array_equal(pixels["base"], pixels["one"])
     from compactedit_cli.files import metadata
 
-    assert metadata.read(tmp_path / "zero.png")["loras"] == [[str(adapter), 0.0]]
+    assert metadata.read(tmp_path / "zero.png")["loras"] == [["a.safetensors", 0.0]]  # a file's name, no path
+
+
+def test_a_manifest_lora_column_edits_each_line_with_its_adapters(trained, tiny_checkpoint, cli, tmp_path):
+    """Lines with their own adapters are edited by a model with those fused; the others by the run's."""
+    import json
+    import shutil
+
+    root, _, _ = trained
+    shutil.copy(root / "a.safetensors", tmp_path / "a.safetensors")
+    shutil.copy(root / "s0.png", tmp_path / "s0.png")
+    lines = [
+        {"image": "s0.png", "instruction": "make it red", "output": "plain.png"},
+        {"image": "s0.png", "instruction": "make it red", "output": "adapted.png", "lora": "a.safetensors:0.5"},
+        {"image": "s0.png", "instruction": "make it red", "output": "off.png", "lora": "none"},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = cli("batch", "--manifest", manifest, "-o", tmp_path / "out", "-m", tiny_checkpoint, "--device", "cpu",
+              "--steps", "2", "--lora", f"{tmp_path / 'a.safetensors'}:1")  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    for name, extra in [("plain", ["--lora", f"{root / 'a.safetensors'}:1"]),
+                        ("adapted", ["--lora", f"{root / 'a.safetensors'}:0.5"]), ("off", [])]:  # fmt: skip
+        assert _edit(cli, root / "s0.png", tmp_path / f"{name}-edit.png", tiny_checkpoint, *extra).exit_code == 0
+        batched = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        assert np.array_equal(batched, np.asarray(Image.open(tmp_path / f"{name}-edit.png"))), name
+    from compactedit_cli.files import metadata
+
+    assert metadata.read(tmp_path / "out" / "adapted.png")["loras"] == [["a.safetensors", 0.5]]
+    assert metadata.read(tmp_path / "out" / "off.png")["loras"] == []
 
 
 def test_two_adapters_stack(trained, tiny_checkpoint, tmp_path):

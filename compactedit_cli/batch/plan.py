@@ -35,6 +35,7 @@ PARAMETERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "image_guidance": ("image_guidance", options.scale),
 }
 TEXT_FIELDS = ("image", "instruction", "output", "exif")
+LORA_FIELD = "lora"
 FIELD_ALIASES = {"guidance_scale": "guidance", "image_guidance_scale": "image_guidance", "num_inference_steps": "steps"}
 
 
@@ -43,6 +44,7 @@ class BatchItem(EditJob):
     """One planned edit, and the manifest line it came from (for error messages)."""
 
     line: int | None = None
+    loras: tuple[tuple[str, float], ...] | None = None  # a manifest's ``lora`` column; None: the run's --lora
 
     @property
     def key(self) -> str:
@@ -123,8 +125,10 @@ def _coerce(record: dict[str, Any], where: str, defaults: EditOptions) -> tuple[
     changes: dict[str, Any] = {}
     for raw_key, value in record.items():
         key = FIELD_ALIASES.get(raw_key, raw_key)
+        if key == LORA_FIELD:
+            continue
         if key not in TEXT_FIELDS and key not in PARAMETERS:
-            known = ", ".join([*TEXT_FIELDS, *PARAMETERS])
+            known = ", ".join([*TEXT_FIELDS, *PARAMETERS, LORA_FIELD])
             raise UsageError(f"{where}: unknown field {raw_key!r} (known: {known})")
         if value is None or value == "":
             continue
@@ -142,6 +146,26 @@ def _coerce(record: dict[str, Any], where: str, defaults: EditOptions) -> tuple[
     if "exif" in text:
         text["exif"] = options.exif_policy(text["exif"], f"{where}: exif")
     return text, dataclasses.replace(defaults, **changes)
+
+
+def _adapters(value: Any, base: Path, where: str) -> tuple[tuple[str, float], ...] | None:
+    """A manifest line's ``lora``: ``PATH[:SCALE]`` (several joined by ``;``, or a JSON list), a local path taken
+    relative to the manifest as images are; empty means the run's ``--lora``, ``none`` means no adapter."""
+    if value is None or value == "":
+        return None
+    entries = value if isinstance(value, list) else str(value).split(";") if isinstance(value, str) else None
+    if entries is None or not all(isinstance(entry, str) for entry in entries):
+        raise UsageError(f"{where}: lora must be text (PATH[:SCALE], several joined by ;) or a list of them")
+    if [entry.strip().lower() for entry in entries] == ["none"]:
+        return ()
+    adapters = []
+    for entry in entries:
+        spec, scale = options.lora(entry.strip(), f"{where}: lora")
+        local = Path(spec).expanduser()
+        if not local.is_absolute() and (base / local).exists():
+            spec = str(base / local)
+        adapters.append((spec, scale))
+    return tuple(adapters)
 
 
 def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -202,6 +226,7 @@ def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditO
                 options=chosen,
                 exif=clean.get("exif"),
                 line=number,
+                loras=_adapters(record.get(LORA_FIELD), base, where),
             )
         )
     if not items:

@@ -18,7 +18,6 @@ from typing import Any
 
 from ..editor import ComputedJob, Editor, JobOutcome
 from ..errors import CompactEditError, DiskFullError, UsageError
-from ..loading.refs import recorded_model
 from ..options import ModelOptions, OutputOptions
 from .plan import BatchItem
 from .results import ResultsLog
@@ -101,8 +100,7 @@ def run_ray(
         log.append(line)
         on_item(line)
 
-    named = recorded_model(model.model, model.revision)
-    done, todo = split_done(items, log, overwrite, named)
+    done, todo = split_done(items, log, overwrite, model)
     for line in done:
         finish(line)
     if not todo:

@@ -17,7 +17,8 @@ from typing import Any
 from ..editor import Editor, JobOutcome
 from ..errors import CompactEditError
 from ..files.metadata import compare_existing
-from ..options import OutputOptions
+from ..loading.refs import recorded_model
+from ..options import ModelOptions, OutputOptions
 from .pipelined import BusyClock, edit_pipelined
 from .plan import BatchItem
 from .results import ResultsLog
@@ -58,16 +59,17 @@ def is_done(item: BatchItem, overwrite: bool) -> bool:
     return item.output.exists() and not overwrite
 
 
-def skipped_line(item: BatchItem, log: ResultsLog, model: tuple[str, str | None]) -> dict[str, Any]:
+def skipped_line(item: BatchItem, log: ResultsLog, model: ModelOptions) -> dict[str, Any]:
     """A skipped item's line, describing the file as it is (not the request), with a warning when it was made
-    with other parameters than those asked for. ``model`` is the model and revision as records name them."""
-    made, changed = compare_existing(item, log.previous.get(item.key), model)
+    with other parameters than those asked for (``model``'s name, revision and adapters included)."""
+    named = recorded_model(model.model, model.revision)
+    made, changed = compare_existing(item, log.previous.get(item.key), named, model.loras)
     redo = f"{item.output} was made with other parameters ({'; '.join(changed)}): kept; redo with --overwrite"
     return result_line(item, "skipped", **made, warnings=[redo] if changed else [])
 
 
 def split_done(
-    items: list[BatchItem], log: ResultsLog, overwrite: bool, model: tuple[str, str | None]
+    items: list[BatchItem], log: ResultsLog, overwrite: bool, model: ModelOptions
 ) -> tuple[list[dict[str, Any]], list[BatchItem]]:
     """The lines of items already done, and the items still to edit."""
     done, todo = [], []
@@ -104,7 +106,7 @@ def run_batch(
         log.append(line)
         on_item(line)
 
-    done, todo = split_done(items, log, overwrite, editor.recorded_model)
+    done, todo = split_done(items, log, overwrite, editor.options)
     for line in done:
         finish(line)
     clock = BusyClock()

@@ -22,7 +22,6 @@ from typing import Any
 
 from ..editor import JobOutcome
 from ..errors import CompactEditError, UsageError, internal_error
-from ..loading.refs import recorded_model
 from ..options import ALL_DEVICES, ModelOptions, OutputOptions
 from .pipelined import BusyClock, edit_pipelined, mean_busy
 from .plan import BatchItem
@@ -127,8 +126,7 @@ def run_workers(
         log.append(line)
         on_item(line)
 
-    named = recorded_model(model.model, model.revision)
-    done, todo = split_done(items, log, overwrite, named)
+    done, todo = split_done(items, log, overwrite, model)
     for line in done:
         finish(line)
     if not todo:
@@ -165,7 +163,7 @@ def run_workers(
             if summary.stopped is not None:
                 break  # left for a resume
             if is_done(item, overwrite):  # written, but the worker died before saying so
-                finish(skipped_line(item, log, named))
+                finish(skipped_line(item, log, model))
             elif tries.get(item.key, 0) < RETRIES and live:
                 tries[item.key] = tries.get(item.key, 0) + 1
                 queue.appendleft(item)

@@ -29,7 +29,8 @@ Examples:
   compactedit batch photos/ -i "make it winter" -o winter/ --engine ray --ray-address auto
 
   Each manifest line: {"image": "a.jpg", "instruction": "add a hat", and optionally "output": "a_hat.png",
-  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2, "exif": "none"}. CSV with the same columns works too.
+  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2, "exif": "none", "lora": "style.safetensors:0.8"}.
+  CSV with the same columns works too.
 
 Exit status: 0 every item succeeded (or was already done), 1 some failed, otherwise as 'compactedit --help' lists.
 """
@@ -170,10 +171,9 @@ def batch(
     ensure_folder(output_dir)
 
     from ..batch import shard as shards
+    from ..batch.engines import EngineChoice, run_engine
     from ..batch.lock import LOCK_NAME, output_folder_lock
     from ..batch.results import RESULTS_NAME, ResultsLog
-    from ..batch.run import run_batch
-    from ..server.remote import open_editor
 
     if part is not None:
         items = shards.select(items, output_dir, part)
@@ -184,17 +184,10 @@ def batch(
             info(f"removed {removed} temporary file(s) left by an interrupted run")
         for folder in sorted({item.output.parent for item in items}):
             ensure_folder(folder)
-        task = progress.add_task("loading model", total=None)
+        task = progress.add_task("loading model", total=len(items), completed=0)
 
         def status(message: str) -> None:
             progress.update(task, description=message)
-
-        editor = None
-        if chosen_engine == "local" and spread is None and count is None:
-            editor = open_editor(model_options, server_choice, status=status, model_given=model is not None)
-            for note in editor.notes:
-                warn(note)
-        progress.update(task, description="editing", total=len(items), completed=0)
 
         def on_item(line) -> None:
             progress.advance(task)
@@ -203,21 +196,20 @@ def batch(
                 warn(message if line["input"] in message else f"{line['input']}: {message}")
 
         log = ResultsLog(output_dir, results)
-        common = {"overwrite": overwrite, "batch_size": size, "output_options": written, "on_item": on_item}
+        choice = EngineChoice(chosen_engine, spread, count, server_choice, model is not None, ray_address)
         try:
-            if editor is not None:
-                summary = run_batch(editor, items, log, **common)
-            elif chosen_engine == "ray":
-                from ..batch.ray_engine import run_ray
-
-                summary = run_ray(
-                    model_options, items, log, address=ray_address, workers=count, status=status, **common
-                )
-            else:
-                from ..batch.workers import resolve_devices, run_workers
-
-                names = resolve_devices(spread, count, model_options.device)
-                summary = run_workers(model_options, names, items, log, status=status, warn=warn, **common)
+            summary = run_engine(
+                model_options,
+                choice,
+                items,
+                log,
+                overwrite=overwrite,
+                batch_size=size,
+                output_options=written,
+                on_item=on_item,
+                status=status,
+                warn=warn,
+            )
         except BaseException:
             log.close()
             raise

@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import options
 from ..errors import UsageError
+from ..loading.refs import recorded_adapter
 from ..record import METADATA_FIELDS
 from . import exif
 from .exif import CameraMetadata
@@ -274,13 +275,17 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def compare_existing(
-    job: EditJob, previous: dict[str, Any] | None, model: tuple[str, str | None]
+    job: EditJob,
+    previous: dict[str, Any] | None,
+    model: tuple[str, str | None],
+    loras: tuple[tuple[str, float], ...] = (),
 ) -> tuple[dict[str, Any], list[str]]:
     """What made ``job``'s existing output, and each way it differs from ``job`` (resuming a batch).
 
     What made it is the record embedded in the file, else its line in an earlier ``results.jsonl``. Unset
     requests (a random seed, the model's default guidance) match anything; a file whose parameters cannot be told
-    differs. ``model`` is the model and revision as records name them.
+    differs. ``model`` is the model and revision as records name them, ``loras`` the adapters the job is edited
+    with.
     """
     chosen = job.options
     try:
@@ -299,11 +304,12 @@ def compare_existing(
         "resolution_binning": chosen.binning,
         "model": model[0],
         "revision": model[1],
+        "loras": [[recorded_adapter(spec), scale] for spec, scale in loras],
     }
     changed = []
     for key, value in wanted.items():
         was = recorded.get(key)
-        if value is None or (key == "revision" and was is None):
+        if value is None or (key in ("revision", "loras") and was is None):
             continue
         same = math.isclose(was, value) if isinstance(value, float) and isinstance(was, (int, float)) else was == value
         if not same:

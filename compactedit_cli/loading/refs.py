@@ -67,3 +67,9 @@ def recorded_model(spec: str, revision: str | None = None) -> tuple[str, str | N
     ref = parse_model(spec, revision)
     commit = ref.revision if ref.revision and COMMIT.match(ref.revision) else None
     return ref.repo_id or ref.path.name, commit
+
+
+def recorded_adapter(spec: str) -> str:
+    """A LoRA adapter as records name it: a hub file (``owner/name/FILE``) as given, a local file by its name."""
+    path = Path(spec).expanduser()
+    return path.name if path.is_file() else spec

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -44,6 +45,14 @@ def model_key(ref: ModelRef) -> str:
     return "local:" + hashlib.sha256(os.fsencode(ref.path)).hexdigest()[:16]
 
 
+def adapter_key(spec: str) -> str:
+    """A LoRA adapter as two processes compare it: a hub file as given, a local file by a digest of its real path."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return "local:" + hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]
+    return spec
+
+
 def identity(editor: Editor) -> dict[str, Any]:
     """What a server serves, as clients match it."""
     ref = parse_model(editor.options.model, editor.options.revision)
@@ -53,7 +62,7 @@ def identity(editor: Editor) -> dict[str, Any]:
         "commit": editor.resolved.commit,
         "device": str(editor.pipe.device),
         "dtype": str(editor.pipe.dtype).removeprefix("torch."),
-        "loras": [[spec, scale] for spec, scale in editor.options.loras],
+        "loras": [[adapter_key(spec), scale] for spec, scale in editor.options.loras],
     }
 
 
@@ -80,7 +89,7 @@ def mismatch(served: dict[str, Any], wanted: ModelOptions, *, check_model: bool 
     dtype = options.torch_dtype_name(wanted.dtype)
     if dtype is not None and dtype != serves.get("dtype"):
         return f"the server runs in {serves.get('dtype')}, not {dtype}"
-    if [list(lora) for lora in wanted.loras] != serves.get("loras", []):
+    if [[adapter_key(spec), scale] for spec, scale in wanted.loras] != serves.get("loras", []):
         return "the server's LoRA adapters are not the ones asked for"
     return None
 
@@ -153,10 +162,6 @@ class RemoteEditor(Editor):
     @property
     def model_name(self) -> str:
         return self.served["model"]
-
-    @property
-    def recorded_model(self) -> tuple[str, str | None]:
-        return self.served["model"], self.served.get("revision")
 
     def group_key(self, image: SourceImage, chosen: EditOptions) -> Hashable:
         """Nothing is batched here: the server batches what its clients send (``serve --max-batch``)."""
