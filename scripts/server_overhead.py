@@ -4,7 +4,7 @@ Builds a tiny checkpoint (or takes ``--model``), starts ``compactedit serve`` on
 ``compactedit edit --server SOCKET`` processes end to end; the edit's own compute is the same edit in a warm
 in-process Editor. Prints one JSON object: the medians, and the overhead (client wall minus compute).
 
-    python scripts/server_overhead.py --runs 7 --steps 20
+    python scripts/server_overhead.py --runs 7 --steps 20 --threads 1
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", default="512x384")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and in-process alike")
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory(prefix="ce-bench-", dir="/tmp") as folder:
         root = Path(folder)
         model = args.model
@@ -64,7 +65,11 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
+        import torch
+
         from compactedit_cli.editor import Editor
+
+        torch.set_num_threads(args.threads)
 
         editor = Editor(model, device=args.device, offline=True)
         computes = []
@@ -81,6 +86,7 @@ def main() -> None:
                 "runs": args.runs,
                 "steps": args.steps,
                 "size": args.size,
+                "threads": args.threads,
                 "client_wall_s": round(wall, 3),
                 "in_process_edit_s": round(compute, 3),
                 "overhead_s": round(wall - compute, 3),

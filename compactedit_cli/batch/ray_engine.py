@@ -21,7 +21,7 @@ from ..errors import CompactEditError, DiskFullError, UsageError
 from ..options import ModelOptions, OutputOptions
 from .plan import BatchItem
 from .results import ResultsLog
-from .run import BatchSummary, in_order, result_line, split_done
+from .run import BatchSummary, begin, in_order, result_line
 
 ACTOR_RESTARTS = 2  # a dead actor (kill -9, out of memory) comes back this often
 TASK_RETRIES = 1  # and the batch it held is tried again once
@@ -93,16 +93,7 @@ def run_ray(
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'compactedit[ray]'") from None
     out = output_options or OutputOptions()
-    summary = BatchSummary()
-
-    def finish(line: dict[str, Any]) -> None:
-        summary.records.append(line)
-        log.append(line)
-        on_item(line)
-
-    done, todo = split_done(items, log, overwrite, model)
-    for line in done:
-        finish(line)
+    summary, finish, todo = begin(items, log, model, overwrite=overwrite, on_item=on_item)
     if not todo:
         summary.records = in_order(summary.records, items)
         return summary

@@ -87,6 +87,30 @@ def in_order(lines: list[dict[str, Any]], items: list[BatchItem]) -> list[dict[s
     return sorted(lines, key=lambda line: order.get(line["output"], len(order)))
 
 
+def begin(
+    items: list[BatchItem],
+    log: ResultsLog,
+    model: ModelOptions,
+    *,
+    overwrite: bool,
+    on_item: Callable[[dict[str, Any]], None],
+    workers: int = 1,
+) -> tuple[BatchSummary, Callable[[dict[str, Any]], None], list[BatchItem]]:
+    """How every engine starts: its summary, ``finish`` (a line into the summary, the log and ``on_item``), and
+    the items still to edit, the finished ones already recorded as skipped."""
+    summary = BatchSummary(workers=workers)
+
+    def finish(line: dict[str, Any]) -> None:
+        summary.records.append(line)
+        log.append(line)
+        on_item(line)
+
+    done, todo = split_done(items, log, overwrite, model)
+    for line in done:
+        finish(line)
+    return summary, finish, todo
+
+
 def run_batch(
     editor: Editor,
     items: list[BatchItem],
@@ -99,16 +123,7 @@ def run_batch(
 ) -> BatchSummary:
     """Edit ``items`` (skipping finished ones unless ``overwrite``) on one device, decoding ahead and writing
     behind the compute; lines come back in the items' order."""
-    summary = BatchSummary()
-
-    def finish(line: dict[str, Any]) -> None:
-        summary.records.append(line)
-        log.append(line)
-        on_item(line)
-
-    done, todo = split_done(items, log, overwrite, editor.options)
-    for line in done:
-        finish(line)
+    summary, finish, todo = begin(items, log, editor.options, overwrite=overwrite, on_item=on_item)
     clock = BusyClock()
     started = time.perf_counter()
 

@@ -26,7 +26,7 @@ from ..options import ALL_DEVICES, ModelOptions, OutputOptions
 from .pipelined import BusyClock, edit_pipelined, mean_busy
 from .plan import BatchItem
 from .results import ResultsLog
-from .run import BatchSummary, in_order, is_done, result_line, skipped_line, split_done
+from .run import BatchSummary, begin, in_order, is_done, result_line, skipped_line
 
 RETRIES = 1  # a dead worker's items are tried once more elsewhere
 
@@ -119,16 +119,7 @@ def run_workers(
     from ..loading.hub import is_offline, parse_model, resolve
 
     out = output_options or OutputOptions()
-    summary = BatchSummary(workers=len(devices))
-
-    def finish(line: dict[str, Any]) -> None:
-        summary.records.append(line)
-        log.append(line)
-        on_item(line)
-
-    done, todo = split_done(items, log, overwrite, model)
-    for line in done:
-        finish(line)
+    summary, finish, todo = begin(items, log, model, overwrite=overwrite, on_item=on_item, workers=len(devices))
     if not todo:
         summary.records = in_order(summary.records, items)
         return summary
