@@ -243,6 +243,11 @@ class Editor:
         return self.pipe.model_size(image.size, binning=chosen.binning), _group_key(chosen)
 
     @property
+    def device(self) -> Any:
+        """The torch device the edits run on (None when they run elsewhere, in a server)."""
+        return self.pipe.device
+
+    @property
     def model_name(self) -> str:
         """The model as outputs record it: its hub id, or a local folder's name (never its path)."""
         return self.resolved.ref.repo_id or Path(self.resolved.path).name

@@ -137,7 +137,7 @@ def edit_pipelined(
     writer = threading.Thread(target=write, daemon=True)
     reader.start()
     writer.start()
-    timer = _DeviceTimer(editor.pipe.device)
+    timer = _DeviceTimer(editor.device)
     computing = editor.compute_many(feed(), batch_size=batch_size, ready=lambda: not ahead.empty())
     try:
         while not stop.is_set():

@@ -160,6 +160,10 @@ class RemoteEditor(Editor):
         self.notes = []
 
     @property
+    def device(self) -> None:
+        return None
+
+    @property
     def model_name(self) -> str:
         return self.served["model"]
 
