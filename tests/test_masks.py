@@ -346,3 +346,44 @@ def test_masks_through_a_batch_manifest(cli, tiny_checkpoint, tmp_path):
     from compactedit_cli.files import metadata
 
     assert metadata.read(tmp_path / "out" / "a.png")["mask"] == "a-mask.png"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    from test_server import Server
+
+    running = Server(tiny_checkpoint).wait_ready()
+    yield running
+    running.close()
+
+
+def test_the_openai_mask_field(server, tmp_path):
+    import base64
+    import io
+
+    photo = make_photo(tmp_path / "p.png", size=(80, 60), seed=15)
+    mask = box_mask(tmp_path / "m.png", (80, 60), (20, 20, 40, 40), "RGBA")
+    with photo.open("rb") as image, mask.open("rb") as plane:
+        answer = server.client().images.edit(
+            image=image, mask=plane, prompt="add a hat", extra_body={"steps": 2, "feather": 4}
+        )
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json))).convert("RGB"))
+    far = untouched((80, 60), (20, 20, 40, 40), 4)
+    assert np.array_equal(out[far], rgb(photo)[far])
+    assert not np.array_equal(out[20:40, 20:40], rgb(photo)[20:40, 20:40])
+
+
+def test_edit_mask_through_the_server_writes_the_same_bytes(server, editor, tiny_checkpoint, tmp_path):
+    from test_server_client import compactedit
+
+    from compactedit_cli.options import EditOptions
+
+    photo = make_photo(tmp_path / "p.png", size=(64, 48), seed=16)
+    mask = box_mask(tmp_path / "m.png", (64, 48), (30, 5, 60, 25))
+    flags = ["-m", tiny_checkpoint, *STEPS, "--mask", mask, "--mask-mode", "blend", "--color-match"]
+    remote = compactedit("edit", photo, "x", "-o", tmp_path / "remote.png", *flags, "--server", server.socket)
+    assert remote.returncode == 0, remote.stderr
+    with single_thread():
+        chosen = EditOptions(steps=2, mask_mode="blend", color_match=True)
+        editor.edit(photo, "x", tmp_path / "local.png", mask=mask, edit_options=chosen)
+    assert (tmp_path / "remote.png").read_bytes() == (tmp_path / "local.png").read_bytes()
