@@ -22,7 +22,7 @@ Examples:
 
   compactedit edit street.jpg --replay out.png -o again.png
 
-  compactedit edit big.jpg "add a red kite in the sky" --mask sky.png --crop-to-mask -o kite.png
+  compactedit edit big.jpg "add a kite" --mask sky.png --crop-to-mask -o kite.png
 """
 
 
