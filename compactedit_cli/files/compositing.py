@@ -80,12 +80,18 @@ def feather_weights(editable: np.ndarray, band: int) -> np.ndarray:
 
 def composite(edited: Image.Image, original: Image.Image, weights: np.ndarray) -> Image.Image:
     """``edited`` faded into ``original`` (both RGB, same size) by ``weights``: where a weight is 0 the pixel is
-    ``original``'s exactly, where it is 1 ``edited``'s exactly."""
-    new = np.asarray(edited.convert("RGB"))
-    old = np.asarray(original.convert("RGB"))
-    w = weights[..., None]
+    ``original``'s exactly, where it is 1 ``edited``'s exactly. Only the box of nonzero weights is computed."""
+    out = np.array(original.convert("RGB"))
+    box = bounding_box(weights > 0)
+    if box is None:
+        return Image.fromarray(out, mode="RGB")
+    left, top, right, bottom = box
+    window = (slice(top, bottom), slice(left, right))
+    new = np.asarray(edited.convert("RGB"))[window]
+    old = out[window]
+    w = weights[window][..., None]
     mixed = np.rint(old + w * (new.astype(np.float32) - old)).clip(0, 255).astype(np.uint8)
-    out = np.where(w == 0, old, np.where(w == 1, new, mixed))
+    out[window] = np.where(w == 0, old, np.where(w == 1, new, mixed))
     return Image.fromarray(out, mode="RGB")
 
 
@@ -93,16 +99,19 @@ def composite(edited: Image.Image, original: Image.Image, weights: np.ndarray) -
 
 _RGB_TO_XYZ = np.array(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
-    dtype=np.float64,
+    dtype=np.float32,
 )
-_WHITE = np.array([0.95047, 1.0, 1.08883])
+_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ.astype(np.float64)).astype(np.float32)
+_WHITE = np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
 _EPSILON, _KAPPA = 216 / 24389, 24389 / 27
+_DECODE = np.array([c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in np.arange(256) / 255.0])
+# Statistics are measured on at most this many pixels, evenly strided: plenty for a mean and a spread.
+STATISTICS_SAMPLE = 1_000_000
 
 
 def to_lab(rgb: np.ndarray) -> np.ndarray:
-    """8-bit sRGB (..., 3) as CIELAB (..., 3), D65 white."""
-    c = rgb.astype(np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    """8-bit sRGB (..., 3) as CIELAB (..., 3) in float32, D65 white."""
+    linear = _DECODE.astype(np.float32)[rgb]
     xyz = linear @ _RGB_TO_XYZ.T / _WHITE
     f = np.where(xyz > _EPSILON, np.cbrt(xyz), (_KAPPA * xyz + 16) / 116)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
@@ -113,30 +122,36 @@ def from_lab(lab: np.ndarray) -> np.ndarray:
     fy = (lab[..., 0] + 16) / 116
     f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
     xyz = np.where(f**3 > _EPSILON, f**3, (116 * f - 16) / _KAPPA) * _WHITE
-    linear = np.clip(xyz @ np.linalg.inv(_RGB_TO_XYZ).T, 0, 1)
+    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0, 1)
     c = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-    return np.rint(np.clip(c, 0, 1) * 255).astype(np.uint8)
+    return np.rint(c * 255).astype(np.uint8)
 
 
 def lab_statistics(rgb: np.ndarray, where: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation in Lab of the pixels ``where`` says (all of them for None)."""
-    lab = to_lab(rgb if where is None else rgb[where])
-    lab = lab.reshape(-1, 3)
+    pixels = (rgb if where is None else rgb[where]).reshape(-1, 3)
+    pixels = pixels[:: max(1, len(pixels) // STATISTICS_SAMPLE)]
+    lab = to_lab(pixels).astype(np.float64)
     return lab.mean(axis=0), lab.std(axis=0)
 
 
-def color_match(edited: Image.Image, original: Image.Image, where: np.ndarray | None = None) -> Image.Image:
+def color_match(
+    edited: Image.Image, original: Image.Image, where: np.ndarray | None = None, only: np.ndarray | None = None
+) -> Image.Image:
     """``edited`` with its Lab mean and standard deviation per channel moved to ``original``'s, both measured over
     the pixels ``where`` says (outside the mask; the whole image for None): the model's drift in brightness,
-    contrast and tint is undone while the edit's own colours move with the rest."""
+    contrast and tint is undone while the edit's own colours move with the rest. ``only`` limits the pixels
+    changed (those the composite keeps); the others are left as they are."""
     new, old = np.asarray(edited.convert("RGB")), np.asarray(original.convert("RGB"))
     if where is not None and not where.any():
         where = None
     new_mean, new_std = lab_statistics(new, where)
     old_mean, old_std = lab_statistics(old, where)
     scale = np.where(new_std > 1e-6, old_std / np.maximum(new_std, 1e-6), 1.0)
-    lab = (to_lab(new) - new_mean) * scale + old_mean
-    return Image.fromarray(from_lab(lab), mode="RGB")
+    matched = np.array(new)
+    chosen = (slice(None),) if only is None else only
+    matched[chosen] = from_lab((to_lab(new[chosen]) - new_mean) * scale + old_mean)
+    return Image.fromarray(matched, mode="RGB")
 
 
 # ---- one edit's plan -----------------------------------------------------------------------------------------------
@@ -213,7 +228,7 @@ class Retouch:
             edited = whole
         outside = None if self.weights is None else self.weights == 0
         if self.color:
-            edited = color_match(edited, source.rgb, outside)
+            edited = color_match(edited, source.rgb, outside, None if outside is None else ~outside)
         if self.weights is not None:
             edited = composite(edited, source.rgb, self.weights)
         if source.alpha is not None:
