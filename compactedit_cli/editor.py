@@ -159,10 +159,11 @@ class Editor:
             options.output_format(path, out.format)
         inputs = [Path(source)] if isinstance(source, (str, Path)) else []
         image = source if isinstance(source, SourceImage) else open_image(source)
+        read = list(inputs)  # files no output may replace: the image and the mask
         if mask is not None and not isinstance(mask, Mask):
-            inputs.extend([Path(mask)] if isinstance(mask, (str, Path)) else [])
+            read += [Path(mask)] if isinstance(mask, (str, Path)) else []
             mask = open_mask(mask, image.size, invert=invert_mask)
-        outputs.check_outputs(paths, inputs=inputs, overwrite=out.overwrite)
+        outputs.check_outputs(paths, inputs=read, overwrite=out.overwrite)
         computed = self.compute(image, text, chosen, progress, mask)
         name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
         seconds = round(time.perf_counter() - started, 3)

@@ -69,6 +69,13 @@ def sixteen_bit(path: Path) -> Path:
     return path
 
 
+def display_p3_photo(path: Path) -> Path:
+    from icc import display_p3
+
+    Image.open(make_photo(path.with_suffix(".raw.png"), size=(56, 40), seed=7)).save(path, icc_profile=display_p3())
+    return path
+
+
 def rgba(path: Path) -> Path:
     array = np.random.default_rng(6).integers(0, 256, (50, 70, 4), dtype=np.uint8)
     Image.fromarray(array, mode="RGBA").save(path)
@@ -82,6 +89,7 @@ INPUTS = {
     "exif-rotated": lambda p: exif_rotated(p.with_suffix(".jpg")),
     "rgba": rgba,
     "16-bit": sixteen_bit,
+    "display-p3": display_p3_photo,
 }
 
 
@@ -143,6 +151,9 @@ def test_both_conventions_and_invert(tmp_path):
     inverted = open_mask(tmp_path / "grey.png", (20, 16), invert=True)
     assert np.array_equal(inverted.editable, ~expected) and inverted.inverted
     assert grey.sha256 != alpha.sha256 and grey.name == "grey.png"
+    # An alpha channel opaque everywhere carries no mask: the grey levels are read, as in a greyscale mask.
+    Image.open(tmp_path / "grey.png").convert("RGBA").save(tmp_path / "opaque.png")
+    assert np.array_equal(open_mask(tmp_path / "opaque.png", (20, 16)).editable, expected)
     # A soft greyscale mask is editable from mid-grey up.
     Image.fromarray(np.array([[0, 127, 128, 255]], dtype=np.uint8)).save(tmp_path / "soft.png")
     assert open_mask(tmp_path / "soft.png").editable.tolist() == [[False, False, True, True]]
@@ -174,6 +185,12 @@ def test_bad_masks_are_one_line_errors(cli, tiny_checkpoint, tmp_path):
         assert result.exit_code == 3, result.stderr
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
+    box_mask(tmp_path / "fits.png", (40, 30), (0, 0, 5, 5))
+    before = (tmp_path / "fits.png").read_bytes()
+    result = cli("edit", photo, "x", "--mask", tmp_path / "fits.png", "-o", tmp_path / "fits.png", "--overwrite",
+                 "-m", tiny_checkpoint)  # fmt: skip
+    assert result.exit_code == 5 and "is the input image" in result.stderr
+    assert (tmp_path / "fits.png").read_bytes() == before
     result = cli("edit", photo, "x", "--crop-to-mask", "-o", tmp_path / "o.png", "-m", tiny_checkpoint)
     assert result.exit_code == 2 and "need --mask" in result.stderr
 

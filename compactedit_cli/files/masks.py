@@ -1,10 +1,10 @@
 """Masks: which pixels of the photo an edit may change.
 
 Two conventions, told apart by the file itself: a mask with transparency is read as OpenAI's (transparent is
-editable); any other mask is greyscale (white is editable, from grey level ``MASK_THRESHOLD`` up; colour masks are
-read as their luminance). ``invert`` swaps editable and kept. The mask file is read under the same bounded-read rules
-as an input image, and is turned upright by its EXIF orientation, as the image is; its upright size must then equal
-the image's. No torch here.
+editable); any other mask (an alpha channel that is opaque everywhere included) is greyscale (white is editable,
+from grey level ``MASK_THRESHOLD`` up; colour masks are read as their luminance). ``invert`` swaps editable and
+kept. The mask file is read under the same bounded-read rules as an input image, and is turned upright by its EXIF
+orientation, as the image is; its upright size must then equal the image's. No torch here.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def editable_pixels(image: Image.Image) -> np.ndarray:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "L")
     if image.mode in _ALPHA_MODES:
-        return np.asarray(image.getchannel("A")) < MASK_THRESHOLD
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min(initial=255) < 255:
+            return alpha < MASK_THRESHOLD
+        image = image.convert("L")  # an alpha channel with no transparency says nothing: read the grey levels
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = to_8bit(image)
     return np.asarray(image.convert("L")) >= MASK_THRESHOLD
