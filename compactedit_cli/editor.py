@@ -37,7 +37,9 @@ from .errors import (
     is_out_of_memory,
 )
 from .files import outputs
+from .files.compositing import Retouch
 from .files.imaging import SourceImage, open_image
+from .files.masks import Mask, open_mask
 from .loading.refs import recorded_adapter
 from .options import EditOptions, ModelOptions, OutputOptions
 from .record import EditRecord
@@ -68,6 +70,8 @@ class EditJob:
     output: Path
     options: EditOptions = field(default_factory=EditOptions)
     exif: str | None = None  # this job's EXIF policy (a manifest's ``exif`` column); None: the run's
+    mask: Path | None = None  # this job's mask file (a manifest's ``mask`` column)
+    invert_mask: bool = False
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Prepared:
     job: EditJob
     image: SourceImage
     key: Any
+    mask: Mask | None = None
 
 
 @dataclass
@@ -147,6 +152,8 @@ class Editor:
         output_options: OutputOptions | None = None,
         source_name: str | None = None,
         progress: Progress | None = None,
+        mask: str | Path | bytes | Mask | None = None,
+        invert_mask: bool = False,
         **parameters: Any,
     ) -> list[EditRecord]:
         """Edit ``source`` and write the result to ``output``; one record per file written.
@@ -155,7 +162,10 @@ class Editor:
         :class:`~compactedit_cli.files.imaging.SourceImage`. ``output`` is a path (``num_images`` > 1 writes
         ``out-1.png``, ``out-2.png``, …) or a binary stream (one image, in ``output_options.format``).
         ``parameters`` are :class:`EditOptions` fields (``steps``, ``guidance``, ``image_guidance``, ``seed``,
-        ``num_images``, ``binning``), applied over ``edit_options``.
+        ``num_images``, ``binning``, and the mask's ``mask_mode``, ``feather``, ``crop_to_mask``, ``color_match``),
+        applied over ``edit_options``. ``mask`` (a file, its bytes, or an opened
+        :class:`~compactedit_cli.files.masks.Mask`) limits the edit to its editable pixels; ``invert_mask`` swaps
+        them when the mask is read here.
         """
         started = time.perf_counter()
         chosen = (edit_options or EditOptions()).replace(**parameters)
@@ -171,8 +181,12 @@ class Editor:
             options.output_format(path, out.format)
         inputs = [Path(source)] if isinstance(source, (str, Path)) else []
         image = source if isinstance(source, SourceImage) else open_image(source)
-        outputs.check_outputs(paths, inputs=inputs, overwrite=out.overwrite)
-        computed = self.compute(image, text, chosen, progress)
+        read = list(inputs)  # files no output may replace: the image and the mask
+        if mask is not None and not isinstance(mask, Mask):
+            read += [Path(mask)] if isinstance(mask, (str, Path)) else []
+            mask = open_mask(mask, image.size, invert=invert_mask)
+        outputs.check_outputs(paths, inputs=read, overwrite=out.overwrite)
+        computed = self.compute(image, text, chosen, progress, mask)
         name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
         seconds = round(time.perf_counter() - started, 3)
         records = [r.but(source=name, seconds=seconds) for r in computed.records]
@@ -188,14 +202,22 @@ class Editor:
         return written
 
     def compute(
-        self, image: SourceImage, instruction: str, chosen: EditOptions, progress: Progress | None = None
+        self,
+        image: SourceImage,
+        instruction: str,
+        chosen: EditOptions,
+        progress: Progress | None = None,
+        mask: Mask | None = None,
     ) -> Computed:
         """One edit's pictures and records (model and revision filled in), written nowhere: :meth:`edit` writes
-        them, and a server sends them to the client that writes them, so both save the same way."""
+        them, and a server sends them to the client that writes them, so both save the same way. ``mask`` has
+        ``image``'s size; ``chosen`` says how it is used."""
+        retouch = retouch_plan(image, chosen, mask)
         latents = None
         if chosen.draw is not None:  # output ``index`` of a ``-n of`` draw: that row of the same noise
             index, of = chosen.draw
-            size = self.pipe.model_size(image.size, binning=chosen.binning)
+            work = retouch.work(image) if retouch is not None else image
+            size = self.pipe.model_size(work.size, binning=chosen.binning)
             latents = self.pipe.initial_noise(of, *size, chosen.seed)[index : index + 1]
         result = self._run(
             lambda: self.pipe(
@@ -210,6 +232,7 @@ class Editor:
                 resolution_binning=chosen.binning,
                 callback=progress.step if progress else None,
                 on_stage=progress.stage if progress else None,
+                retouch=retouch,
             )
         )
         records = [self._named(r) for r in result.records]
@@ -282,10 +305,13 @@ class Editor:
         failure."""
         try:
             image = image if image is not None else open_image(job.source)
-            key = self.group_key(image, job.options)
+            mask = None if job.mask is None else open_mask(job.mask, image.size, invert=job.invert_mask)
+            # A masked or colour-matched job runs alone: its retouch is its own.
+            alone = mask is not None or job.options.color_match
+            key = object() if alone else self.group_key(image, job.options)
         except CompactEditError as exc:
             return JobOutcome(job, "failed", error=str(exc))
-        return Prepared(job, image, key)
+        return Prepared(job, image, key, mask)
 
     def compute_many(
         self,
@@ -331,11 +357,16 @@ class Editor:
     def _compute_jobs(self, group: list[Prepared]) -> Iterator[ComputedJob | JobOutcome]:
         seeds = [options.random_seed() if p.job.options.seed is None else p.job.options.seed for p in group]
         started = time.perf_counter()
+        first = group[0]
         try:
-            results = self.compute_group(
-                [(p.image, p.job.instruction, seed) for p, seed in zip(group, seeds, strict=True)],
-                group[0].job.options,
-            )
+            if first.mask is not None or first.job.options.color_match:
+                chosen = first.job.options.replace(seed=seeds[0])
+                results = [self.compute(first.image, first.job.instruction, chosen, mask=first.mask)]
+            else:
+                results = self.compute_group(
+                    [(p.image, p.job.instruction, seed) for p, seed in zip(group, seeds, strict=True)],
+                    first.job.options,
+                )
         except Exception as exc:  # one job can cause anything; the others go on
             error = describe_failure(exc)
         else:
@@ -374,6 +405,18 @@ class Editor:
             revision=self.resolved.commit,
             loras=[[recorded_adapter(spec), scale] for spec, scale in self.options.loras],
         )
+
+
+def retouch_plan(image: SourceImage, chosen: EditOptions, mask: Mask | None) -> Retouch | None:
+    """What ``chosen`` and ``mask`` ask around the model (crop, blend, paste back, colour match), or None."""
+    return Retouch.plan(
+        image,
+        mask,
+        band=chosen.feather,
+        mode=chosen.mask_mode,
+        crop_to_mask=chosen.crop_to_mask,
+        color_match=chosen.color_match,
+    )
 
 
 def _group_key(chosen: EditOptions) -> tuple[Any, ...]:

@@ -62,6 +62,31 @@ DEFAULT_FORMAT = "png"
 EXIF_POLICIES = ("keep", "safe", "none")
 DEFAULT_EXIF = "safe"
 
+# Masks (README, "Editing only part of a photo"). A mask pixel is editable from this grey level up (white is 255).
+MASK_THRESHOLD = 128
+MASK_MODES = ("composite", "blend")  # composite: paste the edit back; blend: also steer the denoising to the mask
+DEFAULT_MASK_MODE = "composite"
+# The feather band, in photo pixels outside the mask, over which the edit fades into the untouched photo: wide
+# enough to hide the model's softer edge (its latents are 32 photo pixels a cell at a 1:1 bin), narrow enough to
+# keep the change where it was asked for.
+DEFAULT_FEATHER = 16
+MAX_FEATHER = 1024
+# --crop-to-mask keeps this much context around the mask's bounding box (a fraction of its longer side, at least
+# the feather band plus MIN_CROP_MARGIN pixels), so the model sees what it edits in its surroundings.
+CROP_CONTEXT = 0.25
+MIN_CROP_MARGIN = 32
+
+
+def mask_mode(value: Any, name: str = "--mask-mode") -> str:
+    text = str(value).strip().lower()
+    if text not in MASK_MODES:
+        raise UsageError(f"{name} must be one of {', '.join(MASK_MODES)} (got {value!r})")
+    return text
+
+
+def feather(value: Any, name: str = "--feather") -> int:
+    return bounded_int(value, name, 0, MAX_FEATHER)
+
 
 def exif_policy(value: Any, name: str = "--exif") -> str:
     """``keep`` (all but what the edit makes false), ``safe`` (date, camera, lens, author; no GPS or serials) or
@@ -341,10 +366,18 @@ class EditOptions:
     num_images: int = DEFAULT_NUM_IMAGES
     binning: bool = True
     draw: tuple[int, int] | None = None
+    mask_mode: str = DEFAULT_MASK_MODE  # how a mask given to the edit is used (an edit without one ignores it)
+    feather: int = DEFAULT_FEATHER
+    crop_to_mask: bool = False
+    color_match: bool = False
 
     def __post_init__(self) -> None:
         _set(
             self,
+            mask_mode=mask_mode(self.mask_mode, "mask_mode"),
+            feather=feather(self.feather, "feather"),
+            crop_to_mask=bool(self.crop_to_mask),
+            color_match=bool(self.color_match),
             steps=steps(self.steps, "steps"),
             guidance=scale(self.guidance, "guidance"),
             image_guidance=scale(self.image_guidance, "image_guidance"),

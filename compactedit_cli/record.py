@@ -33,6 +33,8 @@ METADATA_FIELDS = (
     "source",
     "loras",
 )
+# Kept too when an edit used them (a mask, colour matching), and left out otherwise, so unmasked files are unchanged.
+RETOUCH_FIELDS = ("mask", "mask_sha256", "invert_mask", "mask_mode", "feather", "crop", "color_match")
 
 
 @dataclass
@@ -67,6 +69,15 @@ class EditRecord:
     seconds: float | None = None
     warnings: list[str] = field(default_factory=list)
     loras: list[list[Any]] = field(default_factory=list)  # [spec, scale] of each LoRA adapter fused at load
+    # A masked edit's mask (its file name, "" when it had none, and the sha256 of its bytes), how it was used, and
+    # the [left, top, right, bottom] box --crop-to-mask edited; color_match for any edit.
+    mask: str | None = None
+    mask_sha256: str | None = None
+    invert_mask: bool = False
+    mask_mode: str | None = None
+    feather: int | None = None
+    crop: list[int] | None = None
+    color_match: bool = False
     software: str = f"compactedit {__version__}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,7 +86,8 @@ class EditRecord:
     def metadata(self) -> dict[str, Any]:
         """What goes into the output file (PNG chunk, XMP, sidecar): the schema, the software and the parameters."""
         data = self.to_dict()
-        return {"schema": SCHEMA, "software": self.software, **{key: data[key] for key in METADATA_FIELDS}}
+        retouch = {key: data[key] for key in RETOUCH_FIELDS if data[key] not in (None, False)}
+        return {"schema": SCHEMA, "software": self.software, **{key: data[key] for key in METADATA_FIELDS}, **retouch}
 
     def but(self, **changes: Any) -> EditRecord:
         """A copy with ``changes`` (the caller's knowledge: the output path, the hub revision, the timing)."""

@@ -70,7 +70,7 @@ def test_completion_scripts_are_up_to_date():
 
 def test_install_completion(cli, tmp_path):
     result = cli("--install-completion", "bash", env={"HOME": str(tmp_path)})
-    assert result.exit_code == 0
+    assert result.exit_code == 0, (result.stdout, result.stderr)
     assert "compactedit" in (tmp_path / ".bash_completions" / "compactedit.sh").read_text()
 
 

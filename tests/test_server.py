@@ -249,7 +249,7 @@ def pixel_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
         ({"size": "512x512"}, 400, "invalid_value", "size must be auto"),
         ({"response_format": "url"}, 400, "invalid_value", "b64_json"),
         ({"output_format": "gif"}, 400, "invalid_value", "output_format must be png, jpg or webp"),
-        ({"mask": ("mask.png", b"\x89PNG", "image/png")}, 400, "mask_not_supported", "masks are not supported yet"),
+        ({"mask": ("mask.png", b"\x89PNG", "image/png")}, 400, "invalid_mask", "the mask is not a recognised image"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

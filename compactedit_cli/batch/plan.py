@@ -33,8 +33,10 @@ PARAMETERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "steps": ("steps", options.steps),
     "guidance": ("guidance", options.scale),
     "image_guidance": ("image_guidance", options.scale),
+    "feather": ("feather", options.feather),
+    "mask_mode": ("mask_mode", options.mask_mode),
 }
-TEXT_FIELDS = ("image", "instruction", "output", "exif")
+TEXT_FIELDS = ("image", "instruction", "output", "exif", "mask")  # a mask's path resolves as the image's does
 LORA_FIELD = "lora"
 FIELD_ALIASES = {"guidance_scale": "guidance", "image_guidance_scale": "image_guidance", "num_inference_steps": "steps"}
 
@@ -207,6 +209,8 @@ def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditO
         clean, chosen = _coerce(record, where, defaults)
         image = Path(clean["image"]).expanduser()
         image = image if image.is_absolute() else base / image
+        mask = Path(clean["mask"]).expanduser() if "mask" in clean else None
+        mask = mask if mask is None or mask.is_absolute() else base / mask
         if "output" in clean:
             output = confined(out_dir, clean["output"], where)
             suffix = Path(clean["output"]).suffix.lower()
@@ -225,6 +229,7 @@ def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditO
                 output=output,
                 options=chosen,
                 exif=clean.get("exif"),
+                mask=mask,
                 line=number,
                 loras=_adapters(record.get(LORA_FIELD), base, where),
             )

@@ -29,8 +29,9 @@ Examples:
   compactedit batch photos/ -i "make it winter" -o winter/ --engine ray --ray-address auto
 
   Each manifest line: {"image": "a.jpg", "instruction": "add a hat", and optionally "output": "a_hat.png",
-  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2, "exif": "none", "lora": "style.safetensors:0.8"}.
-  CSV with the same columns works too.
+  "seed": 1, "steps": 20, "guidance": 4.5, "image_guidance": 1.2, "exif": "none", "lora": "style.safetensors:0.8",
+  "mask": "a_mask.png" (beside the manifest, as images are), "feather": 16, "mask_mode": "blend"}. CSV with the same
+  columns works too.
 
 Exit status: 0 every item succeeded (or was already done), 1 some failed, otherwise as 'compactedit --help' lists.
 """

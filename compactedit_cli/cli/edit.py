@@ -21,6 +21,8 @@ Examples:
   cat in.png | compactedit edit - "add a red hat" -o - > out.png
 
   compactedit edit street.jpg --replay out.png -o again.png
+
+  compactedit edit big.jpg "add a kite" --mask sky.png --crop-to-mask -o kite.png
 """
 
 
@@ -60,6 +62,12 @@ def edit(
     cuda_graphs: opt.CudaGraphs = False,
     lora: opt.Lora = None,
     no_binning: opt.Binning = False,
+    mask: opt.MaskFile = None,
+    invert_mask: opt.InvertMask = False,
+    feather: opt.Feather = None,
+    mask_mode: opt.MaskMode = None,
+    crop_to_mask: opt.CropToMask = False,
+    color_match: opt.ColorMatch = False,
     fmt: opt.EditFormat = None,
     quality: opt.Quality = None,
     json_output: Annotated[
@@ -93,6 +101,7 @@ def edit(
     from .. import options
     from ..errors import UsageError
     from ..files.imaging import open_image
+    from ..files.masks import open_mask
     from ..files.outputs import check_outputs, default_output, numbered
 
     # An explicit --model replaces the recorded model and its revision, which are then not read at all.
@@ -103,6 +112,8 @@ def edit(
     if instruction is None:
         raise UsageError("missing INSTRUCTION")
     instruction = options.instruction(instruction)
+    if mask is None and (crop_to_mask or feather is not None or mask_mode is not None or invert_mask):
+        raise UsageError("--crop-to-mask, --feather, --mask-mode and --invert-mask need --mask")
     chosen = opt.edit_options(
         steps if steps is not None else recorded.get("steps"),
         guidance if guidance is not None else recorded.get("guidance_scale"),
@@ -110,6 +121,10 @@ def edit(
         seed if seed is not None else recorded.get("seed"),
         num_images,
         no_binning or not recorded.get("resolution_binning", True),
+        mask_mode if mask_mode is not None else recorded.get("mask_mode"),
+        feather if feather is not None else recorded.get("feather"),
+        crop_to_mask or recorded.get("crop") is not None,
+        color_match or recorded.get("color_match", False),
     )
     if recorded.get("num_images", 1) > 1 and chosen.num_images == 1 and chosen.seed is not None:
         # out-2 of "-n 2": the second output of that seed's draw, not the first
@@ -145,8 +160,16 @@ def edit(
 
     # Everything the user can get wrong is checked before the engine is imported.
     source = open_image(sys.stdin.buffer if image == "-" else Path(image))
+    opened = None
+    if mask is not None:
+        opened = open_mask(Path(mask), source.size, invert=invert_mask or recorded.get("invert_mask", False))
+        _check_replayed_mask(recorded, opened.sha256, mask)
+    elif recorded.get("mask") is not None:
+        warn(f"--replay: the recorded edit used a mask ({recorded['mask'] or 'unnamed'}); give it with --mask to "
+             "reproduce it (this edit changes the whole image)")  # fmt: skip
     paths = [] if out_path is None else numbered(out_path, chosen.num_images)
-    check_outputs(paths, inputs=[] if image == "-" else [Path(image)], overwrite=overwrite)
+    inputs = [] if image == "-" else [Path(image)]
+    check_outputs(paths, inputs=inputs + ([Path(mask)] if mask is not None else []), overwrite=overwrite)
 
     from ..server.remote import open_editor
 
@@ -162,6 +185,7 @@ def edit(
             output_options=written,
             source_name=None if image == "-" else Path(image).name,
             progress=progress,
+            mask=opened,
         )
     first = records[0]
     if chosen.seed is None:
@@ -174,6 +198,13 @@ def edit(
         for record in records:
             print(record.output)
     info(f"done in {first.seconds:.1f}s" if not to_stdout else f"wrote {out_fmt} to stdout in {first.seconds:.1f}s")
+
+
+def _check_replayed_mask(recorded: dict, sha256: str | None, given: str) -> None:
+    """A replay given another mask than the recorded one says so: the output will not be the recorded one."""
+    if recorded.get("mask_sha256") is not None and recorded["mask_sha256"] != sha256:
+        named = f" {recorded['mask']}" if recorded.get("mask") else ""
+        warn(f"--replay: {given} is not the recorded mask{named} (its sha256 differs), so the output will differ")
 
 
 def _replayed(path: Path, model_given: bool) -> dict:

@@ -22,6 +22,7 @@ GEN = "Generation"
 MODEL = "Model"
 PERF = "Performance"
 OUT = "Output"
+MASK = "Mask"
 
 Steps = Annotated[
     int | None,
@@ -69,6 +70,60 @@ Binning = Annotated[
         "--no-binning",
         help="Run at the input's own size (rounded to 32) instead of the nearest trained aspect-ratio bin.",
         rich_help_panel=GEN,
+    ),
+]
+MaskFile = Annotated[
+    str | None,
+    typer.Option(
+        "--mask",
+        metavar="MASK",
+        help="Edit only where MASK allows: white is editable in a greyscale mask, transparent in one with alpha "
+        "(OpenAI's). It must have the image's size; outside it, past --feather, the output is the input exactly.",
+        rich_help_panel=MASK,
+        show_default=False,
+    ),
+]
+InvertMask = Annotated[
+    bool, typer.Option("--invert-mask", help="Swap the mask's editable and kept parts.", rich_help_panel=MASK)
+]
+Feather = Annotated[
+    int | None,
+    typer.Option(
+        "--feather",
+        metavar="PX",
+        help=f"Fade the edit into the photo over PX pixels outside the mask, 0 to {options.MAX_FEATHER}. "
+        f"[default: {options.DEFAULT_FEATHER}]",
+        rich_help_panel=MASK,
+        show_default=False,
+    ),
+]
+MaskMode = Annotated[
+    str | None,
+    typer.Option(
+        "--mask-mode",
+        metavar="MODE",
+        help="composite: edit, then paste back inside the mask; blend: also keep the model's latents outside the "
+        f"mask on the photo's while it denoises, so the edit lands inside. [default: {options.DEFAULT_MASK_MODE}]",
+        rich_help_panel=MASK,
+        show_default=False,
+        autocompletion=_choices(*options.MASK_MODES),
+    ),
+]
+CropToMask = Annotated[
+    bool,
+    typer.Option(
+        "--crop-to-mask",
+        help="Edit only a crop around the mask, at the crop's own bin: small edits on big photos get full detail.",
+        rich_help_panel=MASK,
+    ),
+]
+ColorMatch = Annotated[
+    bool,
+    typer.Option(
+        "--color-match",
+        help="Match the result's colour statistics (Lab mean and spread) to the input's, outside the mask or over "
+        "the whole image: counters drift over repeated edits.",
+        rich_help_panel=MASK,
     ),
 ]
 Model = Annotated[
@@ -249,6 +304,10 @@ def edit_options(
     seed: str | None,
     num_images: int = options.DEFAULT_NUM_IMAGES,
     no_binning: bool = False,
+    mask_mode: str | None = None,
+    feather: int | None = None,
+    crop_to_mask: bool = False,
+    color_match: bool = False,
 ) -> options.EditOptions:
     """The edit parameters from flags, each checked (and named) as the flag it came from."""
     return options.EditOptions(
@@ -258,6 +317,10 @@ def edit_options(
         seed=options.seed(seed if seed is not None else options.DEFAULT_SEED),
         num_images=options.num_images(num_images),
         binning=not no_binning,
+        mask_mode=options.mask_mode(mask_mode if mask_mode is not None else options.DEFAULT_MASK_MODE),
+        feather=options.feather(feather if feather is not None else options.DEFAULT_FEATHER),
+        crop_to_mask=crop_to_mask,
+        color_match=color_match,
     )
 
 

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .. import options
 from ..errors import UsageError
+from ..files.compositing import Retouch
 from ..files.imaging import SourceImage, as_source, restore_geometry
 from ..loading.checkpoint import Components, load_components
 from ..options import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, random_seed
@@ -34,6 +36,7 @@ from .binning import closest_bin
 from .conditioning import VLM_MAX_PIXELS, VLM_MIN_PIXELS, Conditioning, VLMConditioner
 from .devices import default_device, default_dtype
 from .guidance import Guidance
+from .masking import LatentBlend
 from .pixels import to_model_pixels, to_pil
 
 
@@ -234,8 +237,11 @@ class EditPipeline:
         guidance: Guidance,
         num_inference_steps: int,
         callback: Callable[[StepState], None] | None = None,
+        blend: LatentBlend | None = None,
     ) -> torch.Tensor:
-        """The guided denoise loop; the branches run as one batch, and nothing in it waits on the device."""
+        """The guided denoise loop; the branches run as one batch, and nothing in it waits on the device.
+
+        ``blend`` (a masked edit's) pulls the latents outside the mask back to the source's after each step."""
         with self.speed.stage("denoise"):
             dtype = self.transformer.dtype
             scheduler = self.scheduler
@@ -256,6 +262,8 @@ class EditPipeline:
                     raw = predict(model_input, model_timestep).float()
                     guided = guidance.combine(raw)
                     latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+                    if blend is not None:
+                        latents = blend(scheduler, index, latents)
                     if callback is not None:
                         callback(StepState(index, total, t, model_input, context, model_timestep, raw, guided, latents))
         return latents
@@ -283,8 +291,11 @@ class EditPipeline:
         shared: SharedParameters,
         callback: Callable[[StepState], None] | None,
         on_stage: Callable[[str], None] | None,
+        editable: np.ndarray | None = None,
     ) -> tuple[torch.Tensor | None, list[Image.Image]]:
-        """One batched edit of B (image, instruction) rows, ``n`` outputs each; returns latents or images."""
+        """One batched edit of B (image, instruction) rows, ``n`` outputs each; returns latents or images.
+
+        ``editable`` (pixels of the rows' image) turns on latent blending outside it."""
         stage = on_stage or (lambda _name: None)
         n = shared.num_images_per_prompt
         height, width = size
@@ -300,7 +311,10 @@ class EditPipeline:
         which = torch.tensor([next(i for i, s in enumerate(sources) if s is src) for src, _ in rows])
         image_latents = encoded[which.to(encoded.device)].repeat_interleave(n, dim=0)
         stage("denoise")
-        final = self.denoise(noise, image_latents, cond, null, shared.guidance, shared.num_inference_steps, callback)
+        blend = None if editable is None else LatentBlend.make(editable, image_latents, noise)
+        final = self.denoise(
+            noise, image_latents, cond, null, shared.guidance, shared.num_inference_steps, callback, blend
+        )
         if shared.output_type == "latent":
             return final, []
         stage("decode")
@@ -380,20 +394,25 @@ class EditPipeline:
         output_type: str = "pil",
         callback: Callable[[StepState], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
+        retouch: Retouch | None = None,
     ) -> EditResult:
         """Edit one image with one or more instructions (``n`` outputs each, in instruction-major order).
 
         ``guidance_scale`` and ``image_guidance_scale`` default to 4.5 and 1.2, or to 0 for a CFG-distilled
         checkpoint. The noise for all outputs is one draw from a CPU generator seeded with ``seed``; ``seed=None``
         draws a fresh seed (reported in the result), and ``latents`` replaces the noise altogether.
-        ``output_type="latent"`` skips decoding and returns the final latents.
+        ``output_type="latent"`` skips decoding and returns the final latents. ``retouch``
+        (:meth:`Retouch.plan <compactedit_cli.files.compositing.Retouch.plan>`) edits under a mask (the crop it
+        names, blended if asked, pasted back) and matches colours; a mask with nothing editable returns the input
+        itself without running the model.
         """
         source = as_source(image)
+        work = retouch.work(source) if retouch is not None else source
         instructions, notes = self._instructions(instruction)
         shared = self._shared(
             num_inference_steps, guidance_scale, image_guidance_scale, num_images_per_prompt, output_type
         )
-        size = self.model_size(source.size, binning=resolution_binning, height=height, width=width)
+        size = self.model_size(work.size, binning=resolution_binning, height=height, width=width)
         batch = len(instructions) * num_images_per_prompt
         if latents is None:
             seed = random_seed() if seed is None else seed
@@ -401,8 +420,17 @@ class EditPipeline:
         else:
             seed = None
             self._check_latents(latents, batch, size)
-        final, images = self._run([(source, text) for text in instructions], latents, size, shared, callback, on_stage)
         records = self._records(instructions, seed, shared, size, source, resolution_binning, notes)
+        editable = None
+        if retouch is not None:
+            records = [r.but(**retouch.record_fields()) for r in records]
+            if retouch.untouched:
+                return EditResult([retouch.unchanged(source) for _ in records], None, records)
+            editable = retouch.editable_in_work()
+        rows = [(work, text) for text in instructions]
+        final, images = self._run(rows, latents, size, shared, callback, on_stage, editable)
+        if retouch is not None:
+            images = [retouch.finish(picture, source) for picture in images]
         return EditResult(images=images, latents=final, records=records)
 
     def edit_batch(

@@ -15,10 +15,10 @@ import os
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
@@ -45,6 +45,7 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a w
 _BYTES_HINT = "raise it with COMPACTEDIT_MAX_BYTES if the file is trusted"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+T = TypeVar("T")
 
 
 def _env_limit(variable: str, default: int) -> int:
@@ -92,7 +93,7 @@ class SourceImage:
         return self.rgb.size
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def to_8bit(image: Image.Image) -> Image.Image:
     """High-bit-depth greyscale ("I;16", "I", "F") scaled to 8 bits; Pillow's own convert would clip at 255."""
     values = np.asarray(image, dtype=np.float64)
     peak = 65535.0 if values.max(initial=0) > 255 else 255.0
@@ -110,7 +111,7 @@ def normalise(image: Image.Image, name: str = "the image") -> SourceImage:
     camera = exif.read(image)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        image = _to_8bit(image)
+        image = to_8bit(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     alpha = None
@@ -134,15 +135,31 @@ def open_image(
     or folder by its kind) before it is read, and a stream is read only as far as Pillow asks, up to the byte
     limit. Every failure, whatever Pillow or the system raised, is a one-line InputImageError naming the input.
     """
-    pixels = max_pixels or max_pixels_limit()
-    limit = max_bytes or max_bytes_limit(pixels)
-    # Pillow's own warnings ("Corrupt EXIF data") become one-line notes on the image instead of stderr noise.
-    with _opened(source, limit) as (handle, name), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = _decode(handle, name, pixels)
+    caught: list[warnings.WarningMessage] = []
+    image, name = decode_input(source, normalise, max_pixels, max_bytes, caught)
     notes = (str(w.message).strip().splitlines() for w in caught)
     image.warnings.extend(dict.fromkeys(f"{name}: {lines[0]}" for lines in notes if lines))
     return image
+
+
+def decode_input(
+    source: str | Path | bytes | BinaryIO,
+    finish: Callable[[Image.Image, str], T],
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    caught: list[warnings.WarningMessage] | None = None,
+) -> tuple[T, str]:
+    """``finish(decoded image, name)`` under :func:`open_image`'s bounded-read rules (masks share them), and the
+    name errors give the input; Pillow's warnings go to ``caught``."""
+    pixels = max_pixels or max_pixels_limit()
+    limit = max_bytes or max_bytes_limit(pixels)
+    # Pillow's own warnings ("Corrupt EXIF data") become one-line notes on the image instead of stderr noise.
+    with _opened(source, limit) as (handle, name), warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter("always")
+        result = _decode(handle, name, pixels, finish)
+    if caught is not None:
+        caught.extend(recorded)
+    return result, name
 
 
 @contextlib.contextmanager
@@ -328,7 +345,7 @@ def _unrecognised(handle: BinaryIO, name: str) -> InputImageError:
     return InputImageError(f"{name} is not a recognised image file")
 
 
-def _decode(handle: BinaryIO, name: str, limit: int) -> SourceImage:
+def _decode(handle: BinaryIO, name: str, limit: int, finish: Callable[[Image.Image, str], T]) -> T:
     """Header, pixel limit, then pixels: anything but an interrupt becomes an InputImageError."""
     heif_support()
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked before decoding
@@ -347,7 +364,7 @@ def _decode(handle: BinaryIO, name: str, limit: int) -> SourceImage:
             )
         try:
             image.load()
-            return normalise(image, name)
+            return finish(image, name)
         except Exception as exc:
             raise _failure(exc, name, "is truncated or corrupt") from None
     finally:

@@ -237,6 +237,13 @@ REPLAYABLE: dict[str, Callable[[Any], bool]] = {
     "revision": _is_revision,
     "resolution_binning": lambda v: isinstance(v, bool),
     "loras": _is_loras,
+    "mask": lambda v: isinstance(v, str),  # only named in a warning: a recorded name is never opened
+    "mask_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    "invert_mask": lambda v: isinstance(v, bool),
+    "mask_mode": _exact(options.mask_mode, str),
+    "feather": _exact(options.feather, int),
+    "crop": lambda v: isinstance(v, list) and len(v) == 4 and all(type(x) is int and x >= 0 for x in v),
+    "color_match": lambda v: isinstance(v, bool),
 }
 
 

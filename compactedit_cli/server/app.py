@@ -34,6 +34,7 @@ from .. import __version__, options
 from ..errors import CompactEditError, InputImageError, OutOfMemoryError, UsageError, internal_error, is_out_of_memory
 from ..files import outputs
 from ..files.imaging import SourceImage, max_bytes_limit, max_pixels_limit, open_image
+from ..files.masks import Mask, open_mask
 from . import remote, wire
 from .jobs import EditCancelledError, EditQueue, Job, QueueFullError
 
@@ -44,14 +45,19 @@ FORM_ALLOWANCE = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024
 # How often a waiting client hears its place in the queue (which is also how a gone client is noticed).
 QUEUE_NOTICE_SECONDS = 0.5
-MASKS_UNSUPPORTED = "masks are not supported yet: send the image alone and say in the prompt what to change"
 # OpenAI fields accepted and ignored: they describe a hosted model's knobs that this one does not have.
 IGNORED_FIELDS = frozenset({"user", "safety_identifier", "quality", "background", "input_fidelity", "moderation"})
 # The EditOptions fields compactedit's own client sends.
-EDIT_FIELDS = frozenset({"steps", "guidance", "image_guidance", "seed", "num_images", "binning", "draw"})
+EDIT_FIELDS = frozenset(
+    {"steps", "guidance", "image_guidance", "seed", "num_images", "binning", "draw"}
+    | {"mask_mode", "feather", "crop_to_mask", "color_match"}
+)
+# compactedit's own OpenAI-style fields for a masked edit (``mask`` itself is OpenAI's: transparent is editable).
+MASK_FIELDS = frozenset({"mask_mode", "feather", "crop_to_mask", "color_match"})
 FIELDS = frozenset(
-    {"image", "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream"}
-    | {"seed", "steps", "guidance", "image_guidance"}
+    {"image", "mask", "prompt", "model", "n", "size", "response_format", "output_format", "output_compression"}
+    | {"stream", "seed", "steps", "guidance", "image_guidance"}
+    | MASK_FIELDS
 )
 
 
@@ -205,11 +211,12 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
     try:
         asked = _edit_request(form, state)
         source = await run_in_threadpool(_open_upload, asked.upload, state)
+        mask = None if asked.mask is None else await run_in_threadpool(_open_mask, asked.mask, source, state)
     finally:
         await form.close()
     chosen, prompt, fmt = asked.chosen, asked.prompt, asked.format
     started = time.perf_counter()
-    job = Job(lambda _job: _encoded(state.editor, source, prompt, chosen, fmt, asked.quality))
+    job = Job(lambda _job: _encoded(state.editor, source, prompt, chosen, fmt, asked.quality, mask))
     try:
         pictures = await state.queue.submit(job)
     except QueueFullError:
@@ -235,16 +242,17 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
 async def compactedit_edit(request: Request, state: ServerState) -> Response:
     """compactedit's own client: checked pixels in, events and raw pictures out (see :mod:`.wire`)."""
     _check_client(request)
-    form = await _read_form(request, wire_limit(state.max_pixels), max_files=2)
+    form = await _read_form(request, wire_limit(state.max_pixels), max_files=len(wire.PLANES))
     try:
         asked, planes = _native_request(form)
-        source = await run_in_threadpool(_read_planes, asked, planes, state)
+        source, mask = await run_in_threadpool(_read_planes, asked, planes, state)
     finally:
         await form.close()
     instruction, chosen = asked["instruction"], asked["options"]
-    key = state.editor.group_key(source, chosen) if state.queue.max_batch > 1 else None
+    alone = mask is not None or chosen.color_match  # its retouch is its own: never batched with others
+    key = state.editor.group_key(source, chosen) if state.queue.max_batch > 1 and not alone else None
     job = Job(
-        lambda job: state.editor.compute(source, instruction, chosen, progress=JobProgress([job])),
+        lambda job: state.editor.compute(source, instruction, chosen, progress=JobProgress([job]), mask=mask),
         key=key,
         item=(source, instruction, chosen.seed),
         key_options=chosen,
@@ -379,6 +387,7 @@ class EditRequest:
     """An edit request's checked values; the upload is opened after, off the event loop."""
 
     upload: UploadFile
+    mask: UploadFile | None
     prompt: str
     chosen: options.EditOptions
     format: str
@@ -387,8 +396,6 @@ class EditRequest:
 
 def _edit_request(form: FormData, state: ServerState) -> EditRequest:
     """The checked parameters of an edit request (the upload still unopened), or an ApiError."""
-    if "mask" in form:
-        raise ApiError(400, MASKS_UNSUPPORTED, "mask_not_supported")
     unknown = sorted(set(form.keys()) - FIELDS - IGNORED_FIELDS - {"image[]"})
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}", "unknown_parameter")
@@ -399,6 +406,9 @@ def _edit_request(form: FormData, state: ServerState) -> EditRequest:
         raise ApiError(400, "send one image per request", "invalid_value")
     if not isinstance(uploads[0], UploadFile):
         raise ApiError(400, "image must be a file, not a text field", "invalid_image")
+    masks = form.getlist("mask")
+    if len(masks) > 1 or not all(isinstance(m, UploadFile) for m in masks):
+        raise ApiError(400, "mask must be one file", "invalid_value")
     try:
         model = _text(form, "model")
         if model is not None and model not in state.model_names():
@@ -424,9 +434,14 @@ def _edit_request(form: FormData, state: ServerState) -> EditRequest:
             image_guidance=options.scale(_text(form, "image_guidance"), "image_guidance"),
             seed=options.seed(_text(form, "seed") or options.DEFAULT_SEED, "seed"),
             num_images=options.num_images(_text(form, "n") or options.DEFAULT_NUM_IMAGES, "n"),
+            mask_mode=options.mask_mode(_text(form, "mask_mode") or options.DEFAULT_MASK_MODE, "mask_mode"),
+            feather=options.feather(_text(form, "feather") or options.DEFAULT_FEATHER, "feather"),
+            crop_to_mask=_flag(form, "crop_to_mask"),
+            color_match=_flag(form, "color_match"),
         )
         return EditRequest(
             upload=uploads[0],
+            mask=masks[0] if masks else None,
             prompt=options.instruction(prompt, "prompt"),
             chosen=chosen,
             format=options.output_format_name(fmt, "output_format"),
@@ -434,6 +449,28 @@ def _edit_request(form: FormData, state: ServerState) -> EditRequest:
         )
     except UsageError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
+
+
+def _flag(form: FormData, name: str) -> bool:
+    """A true/false form field (absent: false)."""
+    value = (_text(form, name) or "false").strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise UsageError(f"{name} must be true or false (got {value!r})")
+    return value in ("true", "1")
+
+
+def _open_mask(upload: UploadFile, source: SourceImage, state: ServerState) -> Mask:
+    """The uploaded mask, read under the image's limits, at the image's size (OpenAI's: transparent is editable)."""
+    if upload.size is not None and upload.size > state.max_bytes:
+        raise ApiError(
+            413, f"the mask is {upload.size:,} bytes, over the limit of {state.max_bytes:,}", "mask_too_large"
+        )
+    upload.file.seek(0)
+    data = upload.file.read(state.max_bytes + 1)
+    try:
+        return open_mask(data, source.size, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
+    except InputImageError as exc:
+        raise ApiError(400, str(exc).replace("<stdin>", "the mask"), "invalid_mask") from None
 
 
 def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
@@ -450,11 +487,17 @@ def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
 
 
 def _encoded(
-    editor: Any, source: SourceImage, prompt: str, chosen: options.EditOptions, fmt: str, quality: int | None
+    editor: Any,
+    source: SourceImage,
+    prompt: str,
+    chosen: options.EditOptions,
+    fmt: str,
+    quality: int | None,
+    mask: Mask | None = None,
 ) -> list[tuple[bytes, int | None]]:
     """One edit on the worker thread: each output's file bytes (with the metadata an edit writes) and seed."""
     written = options.OutputOptions(format=fmt, quality=quality)
-    computed = editor.compute(source, prompt, chosen)
+    computed = editor.compute(source, prompt, chosen, mask=mask)
     return [
         (outputs.file_bytes(picture, record, fmt, written, source), record.seed)
         for picture, record in zip(computed.pictures, computed.records, strict=True)
@@ -486,8 +529,8 @@ def _edit_failure(exc: BaseException) -> ApiError:
 
 
 def wire_limit(max_pixels: int) -> int:
-    """The most bytes a compactedit client's request may carry: RGB and alpha planes at the pixel limit."""
-    return 4 * max_pixels
+    """The most bytes a compactedit client's request may carry: RGB, alpha and mask planes at the pixel limit."""
+    return 5 * max_pixels
 
 
 def _check_client(request: Request) -> None:
@@ -524,13 +567,13 @@ def _native_request(form: FormData) -> tuple[dict[str, Any], dict[str, bytes | U
         raise ApiError(400, f"request is not valid JSON: {exc}", "invalid_value") from None
     except UsageError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
-    planes = {name: form[name] for name in ("rgb", "alpha") if name in form}
+    planes = {name: form[name] for name in wire.PLANES if name in form}
     if not all(isinstance(plane, UploadFile) for plane in planes.values()):
-        raise ApiError(400, "rgb and alpha must be file fields", "invalid_value")
+        raise ApiError(400, "rgb, alpha and mask must be file fields", "invalid_value")
     return asked, planes
 
 
-def _read_planes(asked: dict[str, Any], planes: dict[str, Any], state: ServerState) -> SourceImage:
+def _read_planes(asked: dict[str, Any], planes: dict[str, Any], state: ServerState) -> tuple[SourceImage, Mask | None]:
     try:
         source = asked.get("source") or {}
         if not isinstance(source, dict):
@@ -539,7 +582,7 @@ def _read_planes(asked: dict[str, Any], planes: dict[str, Any], state: ServerSta
         for name, upload in planes.items():
             upload.file.seek(0)
             read[name] = upload.file.read(wire_limit(state.max_pixels) + 1)
-        return wire.source_from(source, read, state.max_pixels)
+        return wire.source_from(source, read, state.max_pixels), wire.mask_from(source, read)
     except UsageError as exc:
         raise ApiError(400, str(exc), "invalid_image") from None
 

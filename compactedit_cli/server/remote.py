@@ -25,6 +25,7 @@ from .. import __version__, options
 from ..editor import Computed, Editor, Progress
 from ..errors import InputImageError, OutOfMemoryError, UsageError
 from ..files.imaging import SourceImage
+from ..files.masks import Mask
 from ..loading.refs import ModelRef, parse_model
 from ..options import EditOptions, ModelOptions
 from ..record import EditRecord
@@ -177,9 +178,14 @@ class RemoteEditor(Editor):
         return [self.compute(image, text, chosen.replace(seed=seed), progress) for image, text, seed in items]
 
     def compute(
-        self, image: SourceImage, instruction: str, chosen: EditOptions, progress: Progress | None = None
+        self,
+        image: SourceImage,
+        instruction: str,
+        chosen: EditOptions,
+        progress: Progress | None = None,
+        mask: Mask | None = None,
     ) -> Computed:
-        described, planes = wire.source_fields(image)
+        described, planes = wire.source_fields(image, mask)
         request = {"instruction": instruction, "options": asdict(chosen), "source": described}
         body, content_type = wire.multipart({"request": json.dumps(request)}, planes)
         headers = {
