@@ -6,6 +6,7 @@ Regenerate the snapshots after an intended change with ``UPDATE_SNAPSHOTS=1 pyth
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,12 @@ def test_completion_scripts_are_up_to_date():
     assert done.returncode == 0, done.stderr
 
 
-def test_install_completion(cli, tmp_path):
-    result = cli("--install-completion", "bash", env={"HOME": str(tmp_path)})
-    assert result.exit_code == 0, (result.stdout, result.stderr)
+def test_install_completion(tmp_path):
+    """Typer finds the shell among the process's ancestors (shellingham), so the command runs under a real bash."""
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = f"{shlex.quote(sys.executable)} -m compactedit_cli --install-completion; exit $?"  # bash stays the parent
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.stdout, result.stderr)
     assert "compactedit" in (tmp_path / ".bash_completions" / "compactedit.sh").read_text()
 
 
