@@ -363,6 +363,17 @@ def test_masks_through_a_batch_manifest(cli, tiny_checkpoint, tmp_path):
     from compactedit_cli.files import metadata
 
     assert metadata.read(tmp_path / "out" / "a.png")["mask"] == "a-mask.png"
+    # Resuming: the same mask skips quietly; another mask in the same file is said, and the output kept.
+    again = cli("batch", "--manifest", folder / "jobs.jsonl", "-o", tmp_path / "out", "-m", tiny_checkpoint, *STEPS)
+    assert again.exit_code == 0, again.stderr
+    assert "other parameters" not in again.stderr
+    made = (tmp_path / "out" / "a.png").read_bytes()
+    box_mask(folder / "a-mask.png", (64, 48), (30, 8, 60, 40))
+    changed = cli("batch", "--manifest", folder / "jobs.jsonl", "-o", tmp_path / "out", "-m", tiny_checkpoint, *STEPS)
+    assert changed.exit_code == 0, changed.stderr
+    assert "a.png was made with other parameters (mask '" in changed.stderr
+    assert "b.png" not in changed.stderr
+    assert (tmp_path / "out" / "a.png").read_bytes() == made
 
 
 @pytest.fixture(scope="module")

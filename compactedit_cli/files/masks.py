@@ -83,7 +83,7 @@ def open_mask(
     """Read a mask file (or its bytes) and, given the photo's upright ``size``, check it matches."""
     editable, label = decode_input(source, lambda image, _name: editable_pixels(image), max_pixels, max_bytes)
     # Hashed once decoded: the kind and size checks have run, so a FIFO or a huge file is never read here.
-    digest = _file_sha256(Path(source)) if isinstance(source, (str, Path)) else hashlib.sha256(source).hexdigest()
+    digest = file_sha256(Path(source)) if isinstance(source, (str, Path)) else hashlib.sha256(source).hexdigest()
     if invert:
         editable = ~editable
     name = Path(source).name if isinstance(source, (str, Path)) else None
@@ -93,7 +93,8 @@ def open_mask(
     return mask
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a mask file's bytes, as records name the mask by."""
     digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:

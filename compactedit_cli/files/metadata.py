@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from .. import options
 from ..errors import UsageError
 from ..loading.refs import recorded_adapter
-from ..record import METADATA_FIELDS
+from ..record import METADATA_FIELDS, RETOUCH_FIELDS
 from . import exif
 from .exif import CameraMetadata
 
@@ -281,6 +281,22 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _mask_changes(job: EditJob, recorded: dict[str, Any]) -> list[str]:
+    """How the mask a job asks for differs from the one its existing output was made with (by the file's hash)."""
+    from .masks import file_sha256
+
+    was = recorded.get("mask_sha256")
+    mask = getattr(job, "mask", None)
+    if mask is None:
+        return [] if was is None else ["mask (one was used), now none"]
+    now = file_sha256(Path(mask)) if Path(mask).is_file() else None
+    if now != was:
+        return ["mask none, now one" if was is None else f"mask {_short(was)}, now {_short(now)}"]
+    wanted = {"mask_mode": job.options.mask_mode, "feather": job.options.feather}
+    return [f"{key} {_short(recorded.get(key))}, now {_short(value)}" for key, value in wanted.items()
+            if recorded.get(key) is not None and recorded.get(key) != value]  # fmt: skip
+
+
 def compare_existing(
     job: EditJob,
     previous: dict[str, Any] | None,
@@ -299,7 +315,7 @@ def compare_existing(
         recorded = read(job.output)
     except UsageError:
         recorded = previous or {}
-    recorded = {key: recorded[key] for key in METADATA_FIELDS if key in recorded}
+    recorded = {key: recorded[key] for key in (*METADATA_FIELDS, *RETOUCH_FIELDS) if key in recorded}
     if not recorded:
         return {}, ["no recorded parameters"]
     wanted: dict[str, Any] = {
@@ -313,7 +329,7 @@ def compare_existing(
         "revision": model[1],
         "loras": [[recorded_adapter(spec), scale] for spec, scale in loras],
     }
-    changed = []
+    changed = _mask_changes(job, recorded)
     for key, value in wanted.items():
         was = recorded.get(key)
         if value is None or (key in ("revision", "loras") and was is None):
