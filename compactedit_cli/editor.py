@@ -347,6 +347,8 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         offload=model.offload,
         compile=model.compile,
         cuda_graphs=model.cuda_graphs,
+        kernels=model.kernels,
+        quantize=model.quantize,
     )
     notes = list(pipe.speed.notes)
     if model.loras:

@@ -54,6 +54,8 @@ def batch(
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
+    kernels: opt.Kernels = None,
+    quantize: opt.Quantize = None,
     lora: opt.Lora = None,
     no_binning: opt.Binning = False,
     fmt: opt.BatchFormat = None,
@@ -85,7 +87,9 @@ def batch(
     if input_dir is not None and instruction is None:
         raise UsageError("INPUT_DIR needs -i/--instruction")
     defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora)
+    model_options = opt.model_options(
+        model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora, kernels, quantize
+    )
     server_choice = opt.server(server)
     size = options.batch_size(batch_size)
     written = options.OutputOptions(
