@@ -2,7 +2,8 @@
 
 Per batch and head, with ReLU'd queries q_n and keys k_n: out_n = (q_n · Σ_m k_m v_mᵀ) / (q_n · Σ_m k_m + ε). The
 first kernel reduces the keys and values of a slice of tokens to a float32 D×D state and key sum (bf16 products on
-tensor cores, float32 sums; the slices' partial states are added atomically); the second applies the state to each
+tensor cores, float32 sums; float32 inputs multiply in full float32, not TF32; the slices' partial states are added
+atomically); the second applies the state to each
 query tile and writes the output in the input's dtype and (B, N, heads·D) layout. The plain path makes float32
 copies of the three projections, transposes them per head and runs the products on non-tensor-core kernels.
 """
@@ -22,7 +23,7 @@ MIN_DIM = 16  # tl.dot's smallest operand side; smaller head sizes are padded (m
 @triton.jit
 def _state_kernel(
     k_ptr, v_ptr, kv_ptr, ksum_ptr, length, heads, dim, stride_b, stride_n, tokens_per_program,
-    block_n: tl.constexpr, block_d: tl.constexpr,
+    block_n: tl.constexpr, block_d: tl.constexpr, precision: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     part = tl.program_id(1)
@@ -36,10 +37,11 @@ def _state_kernel(
         n = start + offset + tl.arange(0, block_n)
         mask = (n[:, None] < length) & (d[None, :] < dim)
         index = base + n[:, None] * stride_n + d[None, :]
-        k = tl.maximum(tl.load(k_ptr + index, mask=mask, other=0.0), 0.0)
+        k = tl.load(k_ptr + index, mask=mask, other=0.0)
         v = tl.load(v_ptr + index, mask=mask, other=0.0)
-        kv += tl.dot(tl.trans(k), v)
-        ksum += tl.sum(k.to(tl.float32), axis=0)
+        k_relu = tl.maximum(k.to(tl.float32), 0.0)
+        kv += tl.dot(tl.trans(k_relu.to(k.dtype)), v, input_precision=precision)  # exact: ReLU keeps bf16 values
+        ksum += tl.sum(k_relu, axis=0)
     state = bh * block_d * block_d + d[:, None] * block_d + d[None, :]
     tl.atomic_add(kv_ptr + state, kv)
     tl.atomic_add(ksum_ptr + bh * block_d + d, ksum)
@@ -56,7 +58,7 @@ def _apply_kernel(
     d = tl.arange(0, block_d)
     mask = (n[:, None] < length) & (d[None, :] < dim)
     index = batch * stride_b + head * dim + n[:, None] * stride_n + d[None, :]
-    q = tl.maximum(tl.load(q_ptr + index, mask=mask, other=0.0), 0.0).to(tl.float32)
+    q = tl.maximum(tl.load(q_ptr + index, mask=mask, other=0.0).to(tl.float32), 0.0)
     kv = tl.load(kv_ptr + bh * block_d * block_d + d[:, None] * block_d + d[None, :])
     ksum = tl.load(ksum_ptr + bh * block_d + d)
     numerator = tl.dot(q, kv, input_precision="ieee")  # float32 throughout, like the reference
@@ -80,7 +82,7 @@ def linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     stride_b, stride_n = query.stride(0), query.stride(1)
     _state_kernel[(batch * heads, parts)](
         key, value, kv, ksum, length, heads, dim, stride_b, stride_n, tokens_per_program,
-        block_n=BLOCK_N, block_d=block_d,
+        block_n=BLOCK_N, block_d=block_d, precision="ieee" if query.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     out = torch.empty_like(query)
     _apply_kernel[(batch * heads, tiles)](
