@@ -162,8 +162,8 @@ Quantize = Annotated[
         metavar="FORMAT",
         autocompletion=_choices(*options.QUANTIZE_MODES),
         help="none, or fp8: the transformer blocks' linear layers in FP8 with row-wise scales (Ada, Hopper or "
-        "newer GPUs; refused elsewhere). Changes pixels slightly; its speed and quality cost are not yet measured "
-        "on a GPU. [default: none]",
+        "newer GPUs; refused elsewhere). Outputs differ from bf16 (3 mantissa bits); the speed and quality cost are "
+        "not yet measured on a GPU. [default: none]",
         rich_help_panel=PERF,
         show_default=False,
     ),
