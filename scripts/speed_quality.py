@@ -62,24 +62,24 @@ def main() -> None:
     plain = _edit(pipe, photo, args.steps)
     paths: dict[str, Any] = {}
 
-    def measure(name: str) -> None:
-        if pipe.speed.kernels == "triton" and not pipe.speed.kernels_active:
+    def measure(name: str, kernels: bool) -> None:
+        if kernels and not pipe.speed.kernels_active:
             paths[name] = {"skipped": pipe.speed.notes[-1]}
             return
         paths[name] = _compare(_edit(pipe, photo, args.steps), plain)
         print(name, paths[name], flush=True)
 
     pipe.speed.set_kernels("triton", warn=False)
-    measure("kernels")
+    measure("kernels", True)
     pipe.speed.set_kernels("off")
     try:
         pipe.speed.quantize("fp8")  # for good: the runs after this one are FP8 too
     except UsageError as exc:
         paths["fp8"] = paths["fp8+kernels"] = {"skipped": str(exc)}
     else:
-        measure("fp8")
+        measure("fp8", False)
         pipe.speed.set_kernels("triton", warn=False)
-        measure("fp8+kernels")
+        measure("fp8+kernels", True)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "dtype": str(dtype).removeprefix("torch."),
