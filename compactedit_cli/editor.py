@@ -348,7 +348,7 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         compile=model.compile,
         cuda_graphs=model.cuda_graphs,
         kernels=model.kernels,
-        quantize=model.quantize,
+        quantize="none" if model.loras else model.quantize,  # with adapters: after fusing them, below
     )
     notes = list(pipe.speed.notes)
     if model.loras:
@@ -357,4 +357,5 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         status(f"fusing {len(model.loras)} LoRA adapter(s)")
         base = ref.repo_id or Path(resolved.path).name
         notes += apply_loras(pipe.transformer, model.loras, offline=is_offline(model.offline), base_model=base)
+        pipe.speed.quantize(model.quantize)  # the adapters add to the full-precision weights, then FP8 rounds once
     return pipe, resolved, notes

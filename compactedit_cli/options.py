@@ -72,6 +72,7 @@ def exif_policy(value: Any, name: str = "--exif") -> str:
 
 
 GRAPHS_AND_OFFLOAD = "--cuda-graphs and --offload do not mix: a graph replays the weights where it captured them"
+FP8_AND_OFFLOAD = "--quantize fp8 and --offload do not mix yet: the offloader moves the weights it found at load"
 
 
 KERNEL_MODES = ("off", "triton")
@@ -96,10 +97,13 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return text
 
 
-def speed_options(offload_mode: str, cuda_graphs: bool) -> None:
-    """The rule between the speed options: CUDA graphs need the weights to stay where they were captured."""
+def speed_options(offload_mode: str, cuda_graphs: bool, quantize_mode: str = "none") -> None:
+    """The rules between the speed options: CUDA graphs need the weights to stay where they were captured; FP8
+    replaces weights after the offloader has taken hold of them."""
     if cuda_graphs and offload_mode != "none":
         raise UsageError(GRAPHS_AND_OFFLOAD)
+    if quantize_mode != "none" and offload_mode != "none":
+        raise UsageError(FP8_AND_OFFLOAD)
 
 
 # ---- single values ----------------------------------------------------------------------------------------------
@@ -414,7 +418,7 @@ class ModelOptions:
             quantize=quantize(self.quantize),
             loras=tuple(lora(entry) for entry in (self.loras or ())),
         )
-        speed_options(self.offload, self.cuda_graphs)
+        speed_options(self.offload, self.cuda_graphs, self.quantize)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 For each path that can run here (``--kernels triton``; ``--quantize fp8``; both), on random full-size weights (or
 ``mid`` for a CPU dry run), it runs the same edit (same photo, seed and steps) and writes ``speed_quality.json`` to
 OUT_DIR: per path the relative error of the final latents (‖a − b‖ / ‖b‖) and the PSNR of the decoded image against
-the plain run's, in dB over [-1, 1] pixels; a path that cannot run here records why. Random weights make the absolute
-errors a stress test, not a quality verdict: with trained weights they need measuring again.
+the plain run's, in dB over [-1, 1] pixels. A path that cannot run here records why; where FP8 cannot run,
+``fp8-emulated`` is the same rounding in float32 (:func:`~compactedit_cli.speed.quantize.fake_quantized_linear`).
+Random weights make the absolute errors a stress test, not a quality verdict: with trained weights they need
+measuring again.
 
 GPU: ``python scripts/speed_quality.py --out $OUT`` (gpu_bench.sh runs it).
 CPU dry run: ``TRITON_INTERPRET=1 python scripts/speed_quality.py --device cpu --weights mid --resolution 64
@@ -25,6 +27,7 @@ from PIL import Image
 
 from compactedit_cli.errors import UsageError
 from compactedit_cli.random_weights.full import random_pipeline, real_configs, scaled_configs
+from compactedit_cli.speed.quantize import quantize_linears
 
 PROMPT = "make the sky blue"
 
@@ -76,6 +79,8 @@ def main() -> None:
         pipe.speed.quantize("fp8")  # for good: the runs after this one are FP8 too
     except UsageError as exc:
         paths["fp8"] = paths["fp8+kernels"] = {"skipped": str(exc)}
+        quantize_linears(pipe.transformer.transformer_blocks)  # off CUDA each layer runs the float32 emulation
+        measure("fp8-emulated", False)
     else:
         measure("fp8", False)
         pipe.speed.set_kernels("triton", warn=False)

@@ -66,6 +66,27 @@ def test_quantize_linears_replaces_every_linear_in_place():
     assert {name: b.dtype for name, b in model.named_buffers()}["0.weight"] == FP8
 
 
+def test_an_edit_through_emulated_fp8_stays_near_the_float32_one(tiny_checkpoint):
+    """The whole tiny DiT in FP8 (off CUDA each Fp8Linear runs the float32 emulation): a few per cent, like one layer;
+    a transposed weight or a lost scale would move the latents by about their own size."""
+    import numpy as np
+    from PIL import Image
+
+    from compactedit_cli.engine.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+
+    def latents() -> torch.Tensor:
+        return pipe(photo, "add a hat", num_inference_steps=3, seed=3, output_type="latent").latents
+
+    plain = latents()
+    blocks = pipe.transformer.transformer_blocks
+    assert quantize_linears(blocks) == 10 * len(blocks)  # q, k, v, out of both attentions; both 1×1 convolutions
+    relative = ((latents() - plain).norm() / plain.norm()).item()
+    assert 4 * 2.0**-9 < relative < 2 * HALF_ULP, relative
+
+
 def test_fp8_is_refused_on_the_cpu_before_loading():
     reason = fp8_unsupported(torch.device("cpu"))
     assert reason == "--quantize fp8 needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or newer), not cpu"
@@ -79,6 +100,7 @@ def test_fp8_is_refused_on_the_cpu_before_loading():
     [
         (["--quantize", "fp8"], "error: --quantize fp8 needs an NVIDIA GPU with FP8 tensor cores"),
         (["--quantize", "int4"], "error: --quantize must be one of none, fp8 (got 'int4')"),
+        (["--quantize", "fp8", "--offload", "model"], "error: --quantize fp8 and --offload do not mix yet"),
         (["--kernels", "cuda"], "error: --kernels must be one of off, triton (got 'cuda')"),
     ],
 )

@@ -28,6 +28,14 @@ def depthwise_glu(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return (hidden * F.silu(gate)).permute(0, 2, 3, 1)
 
 
+def pointwise(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution of channels-last ``tokens`` (…, C_in) as a matrix product; a module standing in for one
+    (:class:`~compactedit_cli.speed.quantize.Fp8Linear`) is called on the tokens."""
+    if isinstance(conv, nn.Conv2d):
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+    return conv(tokens)
+
+
 class TokenGLUMBConv(GLUMBConv):
     """``GLUMBConv`` for Sana's blocks (no norm, no residual): same weights, same maths, fewer layout changes.
 
@@ -41,9 +49,9 @@ class TokenGLUMBConv(GLUMBConv):
         if self.norm_type is not None or self.residual_connection:
             return super().forward(hidden_states)
         tokens = hidden_states.permute(0, 2, 3, 1)  # (B, H, W, C): contiguous when the block hands its usual view
-        hidden = self.nonlinearity(F.linear(tokens, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias))
+        hidden = self.nonlinearity(pointwise(self.conv_inverted, tokens))
         hidden = self.gated_depthwise(hidden, self.conv_depth.weight, self.conv_depth.bias)
-        out = F.linear(hidden, self.conv_point.weight.flatten(1))
+        out = pointwise(self.conv_point, hidden)
         return out.permute(0, 3, 1, 2)  # (B, C, H, W) over channels-last memory: the block flattens it for free
 
 

@@ -71,7 +71,7 @@ class SpeedRequest:
         object.__setattr__(self, "offload", options.offload(self.offload, "offload"))
         object.__setattr__(self, "kernels", options.kernels(self.kernels, "kernels"))
         object.__setattr__(self, "quantize", options.quantize(self.quantize, "quantize"))
-        options.speed_options(self.offload, self.cuda_graphs)
+        options.speed_options(self.offload, self.cuda_graphs, self.quantize)
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where the weights load: CPU memory when they are offloaded, so a model larger than the device loads.
@@ -169,6 +169,8 @@ class SpeedPlan:
         ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
         tested against.
         """
+        if not enabled and self._quantized != "none":
+            raise UsageError("the plain path cannot run FP8 feed-forwards: they take tokens, as the fast path's do")
         transformer, vae = self._components.transformer, self._components.vae
         self._fast_path = bool(enabled)
         transformer.use_lean_attention(self._fast_path)
@@ -185,12 +187,12 @@ class SpeedPlan:
         one-line account.
         """
         self._kernels = options.kernels(mode, "kernels")
-        if self._kernels == "triton":
-            reason = kernels_unavailable(self._device)
-            if reason is not None:
-                self._kernels = "off"
-                return self._skipped(f"Triton kernels skipped: {reason}", warn)
+        reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
+        if reason is not None:
+            self._kernels = "off"
         self._install_kernels()
+        if reason is not None:
+            return self._skipped(f"Triton kernels skipped: {reason}", warn)
         if self._kernels == "off":
             return "Triton kernels off"
         return "linear attention and gated depthwise convolution run as fused Triton kernels"
@@ -198,7 +200,7 @@ class SpeedPlan:
     def _install_kernels(self) -> None:
         transformer = self._components.transformer
         self._kernels_active = self._kernels == "triton" and self._fast_path
-        if self._kernels_active:  # imported only now: Triton reads TRITON_INTERPRET when a kernel module loads
+        if self._kernels_active:  # imported only now: Triton is optional, and a heavy import
             from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
             from .kernels.linear_attention import linear_attention as fused_linear_attention
 
@@ -215,12 +217,15 @@ class SpeedPlan:
         mode = options.quantize(mode, "quantize")
         if mode == "none" or mode == self._quantized:
             return f"linear layers: {self._quantized}"
+        options.speed_options(self._offload, self._graphs is not None, mode)
         reason = fp8_unsupported(self._device)
         if reason is not None:
             raise UsageError(reason)
+        if not self._fast_path:
+            raise UsageError("--quantize fp8 needs the fast path: its FP8 feed-forwards take tokens")
         count = quantize_linears(self._components.transformer.transformer_blocks)
         self._quantized = mode
-        return f"{count} linear layers of the transformer blocks run in FP8 (e4m3, row-wise scales)"
+        return f"{count} matrix products of the transformer blocks run in FP8 (e4m3, row-wise scales)"
 
     def set_offload(self, mode: str) -> None:
         """Keep weights in CPU memory, moving them to the device per stage: ``"model"``, ``"sequential"``, ``"none"``.
@@ -232,7 +237,7 @@ class SpeedPlan:
         on the device.
         """
         mode = options.offload(mode, "offload")
-        options.speed_options(mode, self._graphs is not None)
+        options.speed_options(mode, self._graphs is not None, self._quantized)
         if self._offloader is not None:
             self._offloader.restore()
             self._offloader = None

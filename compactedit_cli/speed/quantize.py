@@ -1,4 +1,7 @@
-"""``--quantize fp8``: the DiT blocks' linear layers in float8 (e4m3) with row-wise scales, via ``torch._scaled_mm``.
+"""``--quantize fp8``: the DiT blocks' matrix products in float8 (e4m3) with row-wise scales, via ``torch._scaled_mm``.
+
+The products are the attentions' linear layers and the feed-forwards' two 1×1 convolutions (which the fast path runs
+as matrix products over tokens, :func:`~compactedit_cli.models.feedforward.pointwise`).
 
 Each weight row (output channel) is scaled so its largest magnitude is float8's largest (448) and stored as
 ``float8_e4m3fn``; each activation row is scaled the same way at every call. ``torch._scaled_mm`` multiplies the
@@ -9,7 +12,8 @@ projection and the final layer stay in their dtype.
 
 FP8 matrix products need compute capability 8.9 (Ada, Hopper and newer); :func:`fp8_unsupported` says why not
 elsewhere and the option is refused, never silently dropped. :func:`fake_quantized_linear` is the same arithmetic
-in float32 (quantise, dequantise, multiply), which is how the numerics are tested without such a device.
+in float32 (quantise, dequantise, multiply): an :class:`Fp8Linear` runs it off CUDA, which is how the numerics are
+tested, and measured through whole edits, without such a device.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..models.feedforward import TokenGLUMBConv
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -50,18 +56,22 @@ def fake_quantized_linear(
 
 
 class Fp8Linear(nn.Module):
-    """A ``nn.Linear`` with float8 weights and row-wise scales; activations quantised per row at each call."""
+    """A ``nn.Linear`` (or a 1×1 ``nn.Conv2d`` applied to tokens) with float8 weights and row-wise scales;
+    activations quantised per row at each call. Off CUDA it runs :func:`fake_quantized_linear`."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear | nn.Conv2d) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = quantize_rows(linear.weight.detach())
+        weight = layer.weight.detach().flatten(1)  # a 1×1 convolution's (out, in, 1, 1) is a linear's (out, in)
+        self.out_features, self.in_features = weight.shape
+        weight, scale = quantize_rows(weight)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # (1, N), as torch._scaled_mm takes it
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.out_dtype = linear.weight.dtype
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
+        self.out_dtype = layer.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return fake_quantized_linear(x, self.weight, self.weight_scale.reshape(-1, 1), self.bias)
         rows = x.reshape(-1, self.in_features)
         q, scale = quantize_rows(rows)
         out = torch._scaled_mm(
@@ -74,11 +84,15 @@ class Fp8Linear(nn.Module):
 
 
 def quantize_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``module`` with an :class:`Fp8Linear`, in place; returns how many."""
+    """Replace every ``nn.Linear`` under ``module``, and the 1×1 convolutions of its token-layout feed-forwards
+    (:class:`~compactedit_cli.models.feedforward.TokenGLUMBConv`), with :class:`Fp8Linear` layers, in place; returns
+    how many. The feed-forwards then run only on the fast path, which feeds them tokens."""
     count = 0
     for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Fp8Linear(child))
-                count += 1
+        names = [name for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+        if isinstance(parent, TokenGLUMBConv):
+            names += ["conv_inverted", "conv_point"]
+        for name in names:
+            setattr(parent, name, Fp8Linear(getattr(parent, name)))
+            count += 1
     return count

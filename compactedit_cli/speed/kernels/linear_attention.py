@@ -4,7 +4,8 @@ Per batch and head, with ReLU'd queries q_n and keys k_n: out_n = (q_n · Σ_m k
 first kernel reduces the keys and values of a slice of tokens to a float32 D×D state and key sum (bf16 products on
 tensor cores, float32 sums; float32 inputs multiply in full float32, not TF32; the slices' partial states are added
 atomically); the second applies the state to each
-query tile and writes the output in the input's dtype and (B, N, heads·D) layout. The plain path makes float32
+query tile and writes the output in the input's dtype and (B, N, heads·D) layout. Atomic float32 adds land in any
+order, so on a GPU the last bits of an output can differ between two runs of the same edit. The plain path makes float32
 copies of the three projections, transposes them per head and runs the products on non-tensor-core kernels.
 """
 
