@@ -161,9 +161,9 @@ Quantize = Annotated[
         "--quantize",
         metavar="FORMAT",
         autocompletion=_choices(*options.QUANTIZE_MODES),
-        help="none, or fp8: the transformer blocks' linear layers in FP8 with row-wise scales (Ada, Hopper or "
-        "newer GPUs; refused elsewhere). Outputs differ from bf16 (3 mantissa bits); the speed and quality cost are "
-        "not yet measured on a GPU. [default: none]",
+        help="none, or fp8: the transformer blocks' matrix products in FP8 with row-wise scales (Ada, Hopper or "
+        "newer GPUs; refused elsewhere, and with --offload). Outputs differ from bf16 (3 mantissa bits); the speed "
+        "and quality cost are not yet measured on a GPU. [default: none]",
         rich_help_panel=PERF,
         show_default=False,
     ),
