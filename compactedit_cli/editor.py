@@ -444,6 +444,8 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         offload=model.offload,
         compile=model.compile,
         cuda_graphs=model.cuda_graphs,
+        kernels=model.kernels,
+        quantize="none" if model.loras else model.quantize,  # with adapters: after fusing them, below
     )
     notes = list(pipe.speed.notes)
     if model.loras:
@@ -452,4 +454,5 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         status(f"fusing {len(model.loras)} LoRA adapter(s)")
         base = ref.repo_id or Path(resolved.path).name
         notes += apply_loras(pipe.transformer, model.loras, offline=is_offline(model.offline), base_model=base)
+        pipe.speed.quantize(model.quantize)  # the adapters add to the full-precision weights, then FP8 rounds once
     return pipe, resolved, notes

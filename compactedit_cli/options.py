@@ -98,12 +98,38 @@ def exif_policy(value: Any, name: str = "--exif") -> str:
 
 
 GRAPHS_AND_OFFLOAD = "--cuda-graphs and --offload do not mix: a graph replays the weights where it captured them"
+FP8_AND_OFFLOAD = "--quantize fp8 and --offload do not mix yet: the offloader moves the weights it found at load"
 
 
-def speed_options(offload_mode: str, cuda_graphs: bool) -> None:
-    """The rule between the speed options: CUDA graphs need the weights to stay where they were captured."""
+KERNEL_MODES = ("off", "triton")
+DEFAULT_KERNELS = "off"  # on by default only once the kernels have been checked on a GPU (BENCHMARKS.md)
+QUANTIZE_MODES = ("none", "fp8")
+
+
+def kernels(value: Any, name: str = "--kernels") -> str:
+    """Which implementation the DiT's attention and gated convolution use: the plain torch ops or Triton's."""
+    return _choice(value, name, KERNEL_MODES)
+
+
+def quantize(value: Any, name: str = "--quantize") -> str:
+    """The DiT's linear layers' number format: ``none`` (the model's dtype) or ``fp8``."""
+    return _choice(value, name, QUANTIZE_MODES)
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+    return text
+
+
+def speed_options(offload_mode: str, cuda_graphs: bool, quantize_mode: str = "none") -> None:
+    """The rules between the speed options: CUDA graphs need the weights to stay where they were captured; FP8
+    replaces weights after the offloader has taken hold of them."""
     if cuda_graphs and offload_mode != "none":
         raise UsageError(GRAPHS_AND_OFFLOAD)
+    if quantize_mode != "none" and offload_mode != "none":
+        raise UsageError(FP8_AND_OFFLOAD)
 
 
 # ---- single values ----------------------------------------------------------------------------------------------
@@ -213,10 +239,7 @@ def _finite(value: Any, name: str) -> float:
 
 
 def offload(value: Any, name: str = "--offload") -> str:
-    text = str(value).strip().lower()
-    if text not in OFFLOAD_MODES:
-        raise UsageError(f"{name} must be one of {', '.join(OFFLOAD_MODES)} (got {value!r})")
-    return text
+    return _choice(value, name, OFFLOAD_MODES)
 
 
 def device(value: Any, name: str = "--device") -> str:
@@ -408,6 +431,8 @@ class ModelOptions:
     offload: str = "none"
     compile: bool = False
     cuda_graphs: bool = False
+    kernels: str = DEFAULT_KERNELS
+    quantize: str = "none"
     loras: tuple[tuple[str, float], ...] = ()  # (spec, scale) adapters fused into the DiT at load, in order
 
     def __post_init__(self) -> None:
@@ -423,9 +448,11 @@ class ModelOptions:
             offline=bool(self.offline),
             compile=bool(self.compile),
             cuda_graphs=bool(self.cuda_graphs),
+            kernels=kernels(self.kernels),
+            quantize=quantize(self.quantize),
             loras=tuple(lora(entry) for entry in (self.loras or ())),
         )
-        speed_options(self.offload, self.cuda_graphs)
+        speed_options(self.offload, self.cuda_graphs, self.quantize)
 
 
 @dataclass(frozen=True)

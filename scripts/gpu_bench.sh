@@ -3,7 +3,10 @@
 #
 # It builds the real VIBE architecture (Qwen3-VL-2B + 1.6B VIBE DiT + DC-AE f32c32) with random weights (no
 # download) and times edits at 1024² and 2048²: 3-way CFG and distilled (1 branch), eager and torch.compile, each
-# also with CUDA graphs, and the offload modes. Each configuration runs in its own process (clean memory peaks) through
+# also with CUDA graphs, and the offload modes; and round 2's paths (issue 17): the fused Triton kernels
+# (--kernels triton), FP8 linears (--quantize fp8), both, each also compiled, a second compiled process on the warm
+# compile cache (what a `--compile auto` rule would be decided from), and scripts/speed_quality.py's latent error
+# and PSNR of each new path against plain bf16. Each configuration runs in its own process (clean memory peaks) through
 # `python3 -m compactedit_cli bench`, with no user config (COMPACTEDIT_HOME is an empty folder). Results: one JSON
 # report per configuration plus gpu_bench.log, in OUT_DIR (default: $OUT if set, else ./bench-results).
 #
@@ -15,9 +18,13 @@
 # Knobs for a CPU dry run of the whole script (e.g. BENCH_DEVICE=cpu BENCH_WEIGHTS=tiny BENCH_RESOLUTIONS=64
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
-# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-graphs
-# cfg-compile cfg-compile-graphs distilled profile offload-model offload-sequential distilled-compile cfg-batch4
-# distilled-batch4; and vae-compile, which runs only when named: it answered its question, BENCHMARKS.md G.3).
+# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-kernels
+# cfg-fp8 cfg-fp8-kernels quality cfg-compile cfg-compile-warm cfg-compile-kernels cfg-compile-fp8-kernels distilled
+# distilled-kernels distilled-graphs cfg-graphs cfg-compile-graphs profile offload-model offload-sequential
+# distilled-compile cfg-batch4 distilled-batch4; and vae-compile, which runs only when named: it answered its
+# question, BENCHMARKS.md G.3). BENCH_ONLY=round2 runs only the steps issue 17 needs, in about 8 minutes.
+# Triton comes with Linux's CUDA torch wheels (its 286 MB wheel is too big to carry); without it the kernel steps
+# run the plain ops and their reports say so.
 # Steps that would run past the budget are skipped, so the least important come last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +65,11 @@ else
     export PYTHONPATH="$PWD"
 fi
 COMPACTEDIT_HOME="$(mktemp -d)"  # the defaults and the flags below, never a config file's settings
-trap 'rmdir "$COMPACTEDIT_HOME"' EXIT
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false COMPACTEDIT_HOME
+COMPACTEDIT_CACHE_DIR="$(mktemp -d)"  # a cold compile cache: cfg-compile pays for compiling, cfg-compile-warm not
+trap 'rmdir "$COMPACTEDIT_HOME"; rm -rf "$COMPACTEDIT_CACHE_DIR"' EXIT
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false COMPACTEDIT_HOME COMPACTEDIT_CACHE_DIR
+[ "${BENCH_ONLY:-}" = round2 ] && BENCH_ONLY="tests cfg cfg-kernels cfg-fp8 cfg-fp8-kernels quality cfg-compile \
+cfg-compile-warm cfg-compile-kernels distilled distilled-kernels distilled-graphs"
 
 # The CLI starts, and the machine as every report describes it (compactedit_cli.environment).
 python3 -m compactedit_cli --version 2>&1 | tee -a "$LOG" || { say "the compactedit CLI does not start"; exit 1; }
@@ -69,6 +79,7 @@ from compactedit_cli.environment import environment_report
 print(json.dumps(environment_report(sys.argv[1]), indent=1))
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
 
 # Whether step $1 is wanted (BENCH_ONLY unset or naming it), and whether BENCH_ONLY names it.
 named() { [[ " ${BENCH_ONLY:-} " == *" $1 "* ]]; }
@@ -87,7 +98,12 @@ if want tests; then
     say "tests: optimisations on $DEVICE"
     bounded 180 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
         -k "cuda or graph or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
+    say "tests: the Triton kernels (compiled, not interpreted) and FP8 on $DEVICE"
+    bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_quantize.py 2>&1 \
+        | tee -a "$LOG"
 fi
+
+[ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
 
 bench() {  # bench NAME CAP_SECONDS [compactedit bench options...]
     local name=$1 cap=$2; shift 2
@@ -102,11 +118,26 @@ bench() {  # bench NAME CAP_SECONDS [compactedit bench options...]
 # Most important first: the 3-way CFG numbers the targets are about, eager and compiled, with and without CUDA graphs.
 bench sync-check 60 --resolution "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --repeats 1 --sync-check
 bench cfg 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
-bench cfg-graphs 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs
+# Round 2: each new path against cfg; then compiled, twice (cold, then warm cache: first_run_overhead_s of each).
+bench cfg-kernels 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --kernels triton
+bench cfg-fp8 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --quantize fp8
+bench cfg-fp8-kernels 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --quantize fp8 --kernels triton
+if want quality; then
+    say "quality: latent error and PSNR of each new path against plain bf16 at ${RESOLUTIONS[0]}"
+    bounded 120 python3 scripts/speed_quality.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
+        --resolution "${RESOLUTIONS[0]}" --steps "$STEPS" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
+fi
 bench cfg-compile 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
-bench cfg-compile-graphs 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
+bench cfg-compile-warm 120 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile
+bench cfg-compile-kernels 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --kernels triton
+bench cfg-compile-fp8-kernels 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile \
+    --quantize fp8 --kernels triton
 bench distilled 80 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
-[ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
+bench distilled-kernels 80 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled --kernels triton
+# The host-bound one-branch step at 1024²: CUDA graphs (issue 17, item 4).
+bench distilled-graphs 60 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --cuda-graphs
+bench cfg-graphs 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs
+bench cfg-compile-graphs 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
 if want profile; then
     say "profile at ${RESOLUTIONS[-1]}: FLOPs, rates and top kernels per stage; before/afters at ${RESOLUTIONS[0]}"
     bounded 120 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \

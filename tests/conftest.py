@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch the network: every model comes from a local folder or a fake HF cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +17,10 @@ os.environ["COMPACTEDIT_SERVER"] = "never"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Without CUDA, Triton's kernels (tests/test_kernels.py) run in its interpreter, which Triton chooses when
+# triton.language is first imported (diffusers' imports do that): so here, before any test module's imports.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMPACTEDIT_SHARED", PROJECT.parent / "shared"))

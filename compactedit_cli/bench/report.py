@@ -25,6 +25,8 @@ def unapplied_options(report: dict[str, Any]) -> list[str]:
         messages.append(used["compile_message"])
     if used["cuda_graphs"] and not used["cuda_graphs_active"]:
         messages.append(used["cuda_graphs_message"])
+    if used.get("kernels") == "triton" and not used.get("kernels_active"):
+        messages.append(used["kernels_message"])
     return messages
 
 
@@ -48,7 +50,8 @@ def report_table(report: dict[str, Any]) -> Table:
     title = (
         f"{report['model']['source']}\n{report['device']['name']} ({s['device']}, {s['dtype']}), {s['steps']} steps, "
         f"{s['guidance_branches']} branch(es), batch {s['batch']}, offload {s['offload']}, "
-        f"compile {'on' if s['compiled'] else 'off'}, CUDA graphs {'on' if s['cuda_graphs_active'] else 'off'}"
+        f"compile {'on' if s['compiled'] else 'off'}, CUDA graphs {'on' if s['cuda_graphs_active'] else 'off'}, "
+        f"kernels {'triton' if s.get('kernels_active') else 'off'}, quantize {s.get('quantize', 'none')}"
     )
     memory_kind = _memory_cell(report["results"][0]["memory"])[1] if report["results"] else "memory"
     caption = (

@@ -267,6 +267,8 @@ def run_bench(
     device: str | torch.device | None = None,
     compile: bool = False,
     cuda_graphs: bool = False,
+    kernels: str = options.DEFAULT_KERNELS,
+    quantize: str = "none",
     offload: str = "none",
     random_weights: str | None = None,
     model: str | Path | EditPipeline | None = None,
@@ -284,23 +286,25 @@ def run_bench(
     The model is ``model`` (a checkpoint folder, or an already loaded :class:`EditPipeline`, whose device and dtype
     are then used) or random weights: ``"full"`` (the real architecture, built in seconds on a GPU), ``"mid"``
     (1/8 width, 4 layers: CPU-sized) or ``"tiny"`` (the test checkpoint, loaded with ``from_pretrained``).
-    Guidance scales default to the model's (4.5 / 1.2); ``distilled`` runs one unguided branch. ``offload`` and
-    ``compile`` and ``cuda_graphs`` are the pipeline's options (their capture or compile cost shows in each size's
-    ``first_run_overhead_s``); ``sync_check`` makes a host-device sync in the CUDA denoise loop raise.
+    Guidance scales default to the model's (4.5 / 1.2); ``distilled`` runs one unguided branch. ``offload``,
+    ``compile``, ``cuda_graphs``, ``kernels`` and ``quantize`` are the pipeline's options (their capture or compile
+    cost shows in each size's ``first_run_overhead_s``; ``quantize="fp8"`` is refused where FP8 cannot run);
+    ``sync_check`` makes a host-device sync in the CUDA denoise loop raise.
     Every value in the returned dict is JSON-serialisable.
     """
     import torch
 
     from ..engine.pipeline import default_device
     from ..speed.graphs import CAPTURE_FAILED
+    from ..speed.plan import SpeedRequest
 
     check_options(resolutions, steps, batch, warmup, repeats)
     _check_source(random_weights, model)
-    try:
-        options.speed_options(offload, cuda_graphs)
-    except UsageError as exc:
-        raise BenchError(str(exc)) from None
     device = torch.device(device) if device is not None else default_device()
+    try:
+        SpeedRequest(offload=offload, cuda_graphs=cuda_graphs, kernels=kernels, quantize=quantize).load_device(device)
+    except UsageError as exc:  # a rule between the options, or refused here: before the model is built
+        raise BenchError(str(exc)) from None
     dtype = _parse_dtype(dtype, device)
     total = 1 + len(resolutions) * (warmup + repeats)
     done = 0
@@ -318,6 +322,8 @@ def run_bench(
         pipe, loaded = _load(model, random_weights, device, dtype, offload, stack, clock)
         tick("loaded")
         guidance = _guidance(pipe, distilled, guidance_scale, image_guidance_scale)
+        quantize_message = pipe.speed.quantize(quantize)
+        kernels_message = pipe.speed.set_kernels(kernels, warn=False)
         compile_message = pipe.speed.compile(warn=False) if compile and not pipe.speed.compiled else None
         graphs_message = pipe.speed.use_graphs(warn=False) if cuda_graphs else None
         pipe.speed.check_syncs(sync_check)
@@ -357,6 +363,11 @@ def run_bench(
                 "compile_message": compile_message,
                 "cuda_graphs": cuda_graphs,
                 **_graphs_outcome(pipe, graphs_message),
+                "kernels": kernels,
+                "kernels_active": pipe.speed.kernels_active,
+                "kernels_message": kernels_message,
+                "quantize": pipe.speed.quantized,
+                "quantize_message": quantize_message,
                 "offload": pipe.speed.offload,
                 "fast_path": pipe.speed.fast_path,
                 "sync_check": sync_check,

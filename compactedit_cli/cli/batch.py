@@ -109,6 +109,8 @@ def batch(
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
+    kernels: opt.Kernels = None,
+    quantize: opt.Quantize = None,
     lora: opt.Lora = None,
     no_binning: opt.Binning = False,
     fmt: opt.BatchFormat = None,
@@ -150,7 +152,9 @@ def batch(
     if ray_address is not None and chosen_engine != "ray":
         ray_address = None  # RAY_ADDRESS in the environment matters only to --engine ray
     defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora)
+    model_options = opt.model_options(
+        model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora, kernels, quantize
+    )
     server_choice = opt.server(server)
     if server_choice not in options.SERVER_CHOICES and (chosen_engine == "ray" or spread or count):
         raise UsageError("--server edits through one server; --devices, --workers and --engine ray load their own")

@@ -81,6 +81,8 @@ def bench(
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
+    kernels: opt.Kernels = None,
+    quantize: opt.Quantize = None,
     sync_check: Annotated[
         bool,
         typer.Option(
@@ -135,7 +137,9 @@ def bench(
         check_options(resolutions, steps, batch, warmup, repeats)
     except BenchError as exc:
         raise UsageError(str(exc)) from None
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs)
+    model_options = opt.model_options(
+        model, revision, device, dtype, offline, offload, compile_, cuda_graphs, kernels=kernels, quantize=quantize
+    )
     source = None
     if random_weights is None:
         ref = parse_model(model_options.model or "vibe", model_options.revision)
@@ -161,6 +165,8 @@ def bench(
                 device=resolve_device(model_options.device),
                 compile=model_options.compile,
                 cuda_graphs=model_options.cuda_graphs,
+                kernels=model_options.kernels,
+                quantize=model_options.quantize,
                 offload=model_options.offload,
                 random_weights=random_weights,
                 model=source,

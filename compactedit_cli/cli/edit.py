@@ -60,6 +60,8 @@ def edit(
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
     cuda_graphs: opt.CudaGraphs = False,
+    kernels: opt.Kernels = None,
+    quantize: opt.Quantize = None,
     lora: opt.Lora = None,
     no_binning: opt.Binning = False,
     mask: opt.MaskFile = None,
@@ -130,7 +132,9 @@ def edit(
         # out-2 of "-n 2": the second output of that seed's draw, not the first
         chosen = chosen.replace(draw=(recorded.get("index", 0), recorded["num_images"]))
     loras = lora or recorded.get("loras")
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, cuda_graphs, loras)
+    model_options = opt.model_options(
+        model, revision, device, dtype, offline, offload, compile_, cuda_graphs, loras, kernels, quantize
+    )
     server_choice = opt.server(server)
     if image == "-" and output is None:
         raise UsageError("reading from stdin needs -o (a file, or - for stdout)")

@@ -197,6 +197,32 @@ CudaGraphs = Annotated[
         rich_help_panel=PERF,
     ),
 ]
+Kernels = Annotated[
+    str | None,
+    typer.Option(
+        "--kernels",
+        metavar="MODE",
+        autocompletion=_choices(*options.KERNEL_MODES),
+        help="off, or triton: fused Triton kernels for the transformer's linear attention and gated depthwise "
+        "convolution (CUDA with Triton; elsewhere the plain ops run, with a note). Not yet measured on a GPU. "
+        f"[default: {options.DEFAULT_KERNELS}]",
+        rich_help_panel=PERF,
+        show_default=False,
+    ),
+]
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        metavar="FORMAT",
+        autocompletion=_choices(*options.QUANTIZE_MODES),
+        help="none, or fp8: the transformer blocks' matrix products in FP8 with row-wise scales (Ada, Hopper or "
+        "newer GPUs; refused elsewhere, and with --offload). Outputs differ from bf16 (3 mantissa bits); the speed "
+        "and quality cost are not yet measured on a GPU. [default: none]",
+        rich_help_panel=PERF,
+        show_default=False,
+    ),
+]
 EditFormat = Annotated[
     str | None,
     typer.Option(
@@ -343,6 +369,8 @@ def model_options(
     compile_: bool,
     cuda_graphs: bool = False,
     loras: list[Any] | None = None,
+    kernels: str | None = None,
+    quantize: str | None = None,
 ) -> options.ModelOptions:
     """Flags first, then the config file, then built-in defaults; an error a saved value causes names its key and
     the file."""
@@ -367,6 +395,8 @@ def model_options(
             offload=options.offload(offload) if offload else saved.get("offload", "none"),
             compile=compile_,
             cuda_graphs=cuda_graphs,
+            kernels=options.kernels(kernels) if kernels else options.DEFAULT_KERNELS,
+            quantize=options.quantize(quantize) if quantize else "none",
             loras=tuple(loras or ()),
         )
     except CompactEditError as exc:

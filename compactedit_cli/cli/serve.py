@@ -76,6 +76,8 @@ def serve(
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
     compile_: opt.Compile = False,
+    kernels: opt.Kernels = None,
+    quantize: opt.Quantize = None,
     lora: opt.Lora = None,
     socket: ServeSocket = None,
     host: ServeHost = None,
@@ -132,7 +134,9 @@ def serve(
     where.check_free(address)
     queue, batch = options.max_queue(max_queue), options.max_batch(max_batch)
     idle = options.idle_timeout(idle_timeout)
-    model_options = opt.model_options(model, revision, device, dtype, offline, offload, compile_, loras=lora)
+    model_options = opt.model_options(
+        model, revision, device, dtype, offline, offload, compile_, loras=lora, kernels=kernels, quantize=quantize
+    )
     if detach:
         from ..server.detach import start_detached
 

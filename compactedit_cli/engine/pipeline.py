@@ -128,15 +128,25 @@ class EditPipeline:
         compile: bool = False,
         cuda_graphs: bool = False,
         sync_check: bool = False,
+        kernels: str = options.DEFAULT_KERNELS,
+        quantize: str = "none",
     ) -> EditPipeline:
         """Load a checkpoint folder in the published layout (see :mod:`compactedit_cli.loading.checkpoint`).
 
         ``name`` is what results record as the model (default: ``path``). The speed options are
         :class:`~compactedit_cli.speed.plan.SpeedPlan`'s, checked before loading: with ``offload`` the weights load
-        into CPU memory. One that cannot apply here (``compile`` without a compiler, ``cuda_graphs`` off CUDA) is
-        not warned about but noted in ``pipe.speed.notes``, and the pipeline runs without it.
+        into CPU memory; ``quantize="fp8"`` where FP8 cannot run is refused before loading. One that cannot apply
+        here (``compile`` without a compiler, ``cuda_graphs`` off CUDA, ``kernels="triton"`` without Triton) is not
+        warned about but noted in ``pipe.speed.notes``, and the pipeline runs without it.
         """
-        request = SpeedRequest(offload=offload, compile=compile, cuda_graphs=cuda_graphs, sync_check=sync_check)
+        request = SpeedRequest(
+            offload=offload,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            sync_check=sync_check,
+            kernels=kernels,
+            quantize=quantize,
+        )
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         components = load_components(Path(path), request.load_device(device), dtype)

@@ -11,14 +11,41 @@ step; :func:`context_keys_values` computes them once per edit and the processor 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 EPS = 1e-15  # the reference's guard against an all-zero denominator
 
+# (query, key, value, heads) -> output: (B, N, heads·D) projections before the ReLU, the output in their dtype
+LinearAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """ReLU linear attention of (B, N, heads·D) projections, in float32 like the reference; the plain path."""
+    dtype = query.dtype
+    batch, length, _ = query.shape
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, H·D) -> (B, H, N, D), in fp32 like the reference
+        return x.float().view(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+    query, key, value = split(F.relu(query)), split(F.relu(key)), split(value)
+    numerator = query @ (key.transpose(-1, -2) @ value)  # (B, H, N, D)
+    denominator = query @ key.sum(dim=2).unsqueeze(-1)  # (B, H, N, 1)
+    return (numerator / (denominator + EPS)).transpose(1, 2).reshape(batch, length, -1).to(dtype)
+
 
 class LinearAttnProcessor:
-    """Drop-in for ``SanaLinearAttnProcessor2_0`` (self-attention, no mask): same maths, fewer copies."""
+    """Drop-in for ``SanaLinearAttnProcessor2_0`` (self-attention, no mask): same maths, fewer copies.
+
+    ``core`` computes the attention from the projections: :func:`linear_attention`, or a fused kernel that
+    :meth:`~compactedit_cli.speed.plan.SpeedPlan.set_kernels` installs with :func:`use_linear_attention`.
+    """
+
+    def __init__(self, core: LinearAttention = linear_attention) -> None:
+        self.core = core
 
     def __call__(
         self,
@@ -34,16 +61,7 @@ class LinearAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        batch, length, _ = query.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, N, H·D) -> (B, H, N, D), in fp32 like the reference
-            return x.float().view(batch, x.shape[1], attn.heads, -1).transpose(1, 2)
-
-        query, key, value = heads(F.relu(query)), heads(F.relu(key)), heads(value)
-        numerator = query @ (key.transpose(-1, -2) @ value)  # (B, H, N, D)
-        denominator = query @ key.sum(dim=2).unsqueeze(-1)  # (B, H, N, 1)
-        out = (numerator / (denominator + EPS)).transpose(1, 2).reshape(batch, length, -1).to(dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.to_out[1](attn.to_out[0](self.core(query, key, value, attn.heads)))
         if dtype == torch.float16:
             out = out.clip(-65504, 65504)
         return out
@@ -85,3 +103,11 @@ class ContextAttnProcessor:
         out = out.transpose(1, 2).reshape(batch, length, -1).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
+
+
+def use_linear_attention(module: nn.Module, core: LinearAttention = linear_attention) -> None:
+    """Every :class:`LinearAttnProcessor` in ``module`` computes its attention with ``core`` from now on."""
+    for child in module.modules():
+        processor = getattr(child, "processor", None)
+        if isinstance(processor, LinearAttnProcessor):
+            processor.core = core

@@ -64,6 +64,7 @@ def identity(editor: Editor) -> dict[str, Any]:
         "device": str(editor.pipe.device),
         "dtype": str(editor.pipe.dtype).removeprefix("torch."),
         "loras": [[adapter_key(spec), scale] for spec, scale in editor.options.loras],
+        "quantize": editor.options.quantize,
     }
 
 
@@ -92,6 +93,8 @@ def mismatch(served: dict[str, Any], wanted: ModelOptions, *, check_model: bool 
         return f"the server runs in {serves.get('dtype')}, not {dtype}"
     if [[adapter_key(spec), scale] for spec, scale in wanted.loras] != serves.get("loras", []):
         return "the server's LoRA adapters are not the ones asked for"
+    if wanted.quantize != serves.get("quantize", "none"):
+        return f"the server runs with --quantize {serves.get('quantize', 'none')}, not {wanted.quantize}"
     return None
 
 

@@ -17,7 +17,11 @@ Each option is checked against the plain path (``tests/test_optimisations.py``):
   path only; not with offload);
 * weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
 * VAE tiling (:meth:`SpeedPlan.set_vae_tiling`): automatic when the device is short of memory. Tiling changes pixels
-  (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits.
+  (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
+* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the fast path's linear attention and gated depthwise
+  convolution, see :mod:`.kernels` (``tests/test_kernels.py``);
+* FP8 linear layers in the DiT's blocks (:meth:`SpeedPlan.quantize`), see :mod:`.quantize`
+  (``tests/test_quantize.py``). It changes the numbers, so it is refused, not skipped, where it cannot run.
 
 A requested option that cannot apply here (no compiler, no CUDA) leaves a line in :attr:`SpeedPlan.notes` and the
 pipeline runs without it.
@@ -36,11 +40,14 @@ import torch
 
 from .. import options
 from ..errors import UsageError
-from ..models.feedforward import use_token_feed_forward
+from ..models.attention import linear_attention, use_linear_attention
+from ..models.feedforward import depthwise_glu, use_depthwise_glu, use_token_feed_forward
 from ..models.norm import use_lean_norms
 from .compiling import compile_unavailable, use_compile_cache
 from .graphs import GraphedStep
+from .kernels import kernels_unavailable
 from .offload import WeightOffloader, stage_offloader
+from .quantize import fp8_unsupported, quantize_linears
 from .tiling import free_device_bytes, vae_activation_bytes
 
 if TYPE_CHECKING:
@@ -57,13 +64,23 @@ class SpeedRequest:
     compile: bool = False
     cuda_graphs: bool = False
     sync_check: bool = False
+    kernels: str = options.DEFAULT_KERNELS
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offload", options.offload(self.offload, "offload"))
-        options.speed_options(self.offload, self.cuda_graphs)
+        object.__setattr__(self, "kernels", options.kernels(self.kernels, "kernels"))
+        object.__setattr__(self, "quantize", options.quantize(self.quantize, "quantize"))
+        options.speed_options(self.offload, self.cuda_graphs, self.quantize)
 
     def load_device(self, device: torch.device) -> torch.device:
-        """Where the weights load: CPU memory when they are offloaded, so a model larger than the device loads."""
+        """Where the weights load: CPU memory when they are offloaded, so a model larger than the device loads.
+
+        Refuses (:class:`~compactedit_cli.errors.UsageError`) what ``device`` cannot run, before a weight is read.
+        """
+        reason = fp8_unsupported(device) if self.quantize == "fp8" else None
+        if reason is not None:
+            raise UsageError(reason)
         return device if self.offload == "none" else torch.device("cpu")
 
 
@@ -80,6 +97,9 @@ class SpeedPlan:
         self._compiled = False
         self._graphs: GraphedStep | None = None
         self._sync_check = False
+        self._kernels = options.DEFAULT_KERNELS
+        self._kernels_active = False
+        self._quantized = "none"
         self.notes: list[str] = []
         self.set_fast_path(True)
 
@@ -111,12 +131,29 @@ class SpeedPlan:
     def sync_check(self) -> bool:
         return self._sync_check
 
+    @property
+    def kernels(self) -> str:
+        """The kernels asked for (:data:`~compactedit_cli.options.KERNEL_MODES`); :attr:`kernels_active`: in use."""
+        return self._kernels
+
+    @property
+    def kernels_active(self) -> bool:
+        return self._kernels_active
+
+    @property
+    def quantized(self) -> str:
+        """``"fp8"`` once :meth:`quantize` has run, else ``"none"``."""
+        return self._quantized
+
     # ---- switches -----------------------------------------------------------------------------------------------
 
     def apply(self, request: SpeedRequest) -> None:
         """Switch to ``request``'s options; one that cannot apply here is noted in :attr:`notes`, not warned."""
         self.set_offload(request.offload)
         self.check_syncs(request.sync_check)
+        if request.quantize != "none":
+            self.quantize(request.quantize)
+        self.set_kernels(request.kernels, warn=False)
         if request.compile:
             self.compile(warn=False)
         if request.cuda_graphs:
@@ -132,6 +169,8 @@ class SpeedPlan:
         ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
         tested against.
         """
+        if not enabled and self._quantized != "none":
+            raise UsageError("the plain path cannot run FP8 feed-forwards: they take tokens, as the fast path's do")
         transformer, vae = self._components.transformer, self._components.vae
         self._fast_path = bool(enabled)
         transformer.use_lean_attention(self._fast_path)
@@ -139,6 +178,54 @@ class SpeedPlan:
         for module in (transformer, vae):
             use_lean_norms(module, self._fast_path)
         vae.to(memory_format=torch.channels_last if self._fast_path else torch.contiguous_format)
+        self._install_kernels()
+
+    def set_kernels(self, mode: str, *, warn: bool = True) -> str:
+        """The fast path's linear attention and gated depthwise convolution as fused Triton kernels (``"triton"``)
+        or plain torch ops (``"off"``). The plain path (fast path off) never uses them. Where Triton cannot run
+        here (not installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a
+        one-line account.
+        """
+        self._kernels = options.kernels(mode, "kernels")
+        reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
+        if reason is not None:
+            self._kernels = "off"
+        self._install_kernels()
+        if reason is not None:
+            return self._skipped(f"Triton kernels skipped: {reason}", warn)
+        if self._kernels == "off":
+            return "Triton kernels off"
+        return "linear attention and gated depthwise convolution run as fused Triton kernels"
+
+    def _install_kernels(self) -> None:
+        transformer = self._components.transformer
+        self._kernels_active = self._kernels == "triton" and self._fast_path
+        if self._kernels_active:  # imported only now: Triton is optional, and a heavy import
+            from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
+            from .kernels.linear_attention import linear_attention as fused_linear_attention
+
+            use_linear_attention(transformer, fused_linear_attention)
+            use_depthwise_glu(transformer, fused_depthwise_glu)
+        else:
+            use_linear_attention(transformer, linear_attention)
+            use_depthwise_glu(transformer, depthwise_glu)
+
+    def quantize(self, mode: str) -> str:
+        """Run the DiT blocks' linear layers in FP8 (``"fp8"``), in place and for good: the bf16 weights are
+        replaced. Refused with a :class:`~compactedit_cli.errors.UsageError` where FP8 cannot run (it changes the
+        numbers, so it is never silently dropped). Returns a one-line account."""
+        mode = options.quantize(mode, "quantize")
+        if mode == "none" or mode == self._quantized:
+            return f"linear layers: {self._quantized}"
+        options.speed_options(self._offload, self._graphs is not None, mode)
+        reason = fp8_unsupported(self._device)
+        if reason is not None:
+            raise UsageError(reason)
+        if not self._fast_path:
+            raise UsageError("--quantize fp8 needs the fast path: its FP8 feed-forwards take tokens")
+        count = quantize_linears(self._components.transformer.transformer_blocks)
+        self._quantized = mode
+        return f"{count} matrix products of the transformer blocks run in FP8 (e4m3, row-wise scales)"
 
     def set_offload(self, mode: str) -> None:
         """Keep weights in CPU memory, moving them to the device per stage: ``"model"``, ``"sequential"``, ``"none"``.
@@ -150,7 +237,7 @@ class SpeedPlan:
         on the device.
         """
         mode = options.offload(mode, "offload")
-        options.speed_options(mode, self._graphs is not None)
+        options.speed_options(mode, self._graphs is not None, self._quantized)
         if self._offloader is not None:
             self._offloader.restore()
             self._offloader = None

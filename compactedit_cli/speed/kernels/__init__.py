@@ -1,0 +1,33 @@
+"""Fused Triton kernels for the DiT's memory-bound glue, switched by :meth:`~..plan.SpeedPlan.set_kernels`.
+
+* :func:`~.linear_attention.linear_attention`: Sana's ReLU linear attention in two kernels, reading the bf16
+  projections in their (B, N, heads·D) layout and accumulating in float32 inside the kernel (no float32 copies of
+  the activations, no head transposes).
+* :func:`~.depthwise_glu.depthwise_glu`: the feed-forward's 3×3 depthwise convolution with its SiLU gate, one pass
+  over the channels-last activations.
+
+This module imports no Triton: :func:`kernels_unavailable` says why the kernels cannot run here, and the kernel
+modules are imported only once they can. Triton decides at import whether its interpreter runs the kernels
+(``TRITON_INTERPRET=1``, how the tests run them on the CPU), so that variable must be set before the first import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (on CPU tensors), as ``TRITON_INTERPRET=1`` asks."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def kernels_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` here, or ``None`` when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'compactedit[kernels]')"
+    if device.type == "cuda" or (device.type == "cpu" and interpreted()):
+        return None
+    return f"the Triton kernels need a CUDA device, and this pipeline runs on {device.type}"
