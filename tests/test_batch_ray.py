@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,3 +54,55 @@ def test_ray_engine_matches_the_local_engine_and_resumes(cli, tiny_checkpoint, t
         assert np.abs(a - b).max() <= 1, name
         assert Image.open(out / name).text == Image.open(local / name).text  # the same metadata
     assert ours[str(out / "broken.png")]["status"] == "failed"
+
+
+def test_a_ray_actor_killed_mid_item_is_retried_or_recorded(tiny_checkpoint, tmp_path):
+    """kill -9 of the editing actor's process: Ray restarts it and retries its batch, or the item is failed; the
+    run finishes with one results line per item and no partial file."""
+    import time
+
+    import psutil
+
+    src = tmp_path / "src"
+    for index in range(2):
+        make_photo(src / f"p{index}.png", (48, 48), seed=index)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", _MAIN, "batch", str(src), "-i", "x", "-o", str(out), "-m", str(tiny_checkpoint)]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.Popen(
+        [*command, "--steps", "300", "--device", "cpu", "--engine", "ray", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and run.poll() is None:
+        for process in psutil.Process(run.pid).children(recursive=True):
+            try:
+                title = " ".join(process.cmdline())
+            except psutil.Error:
+                continue
+            if "MapWorker" in title or "_EditActor" in title:
+                if time.time() - process.create_time() > 8:  # loaded and editing
+                    process.kill()
+                    killed = title
+                break
+        time.sleep(0.2)
+    stdout, stderr = run.communicate(timeout=300)
+    assert killed is not None, f"no editing actor was found to kill:\n{stderr}"
+    assert run.returncode in (0, 1), stderr
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(line["output"] for line in lines) == [str(out / "p0.png"), str(out / "p1.png")]
+    for line in lines:
+        assert line["status"] in ("ok", "failed"), line
+        if line["status"] == "ok":
+            assert Image.open(line["output"]).size == (48, 48)
+        else:
+            assert not Path(line["output"]).exists()
+    from compactedit_cli.files.imaging import TEMP_SUFFIX
+
+    assert [p.name for p in out.iterdir() if p.name.endswith(TEMP_SUFFIX)] == []  # no partial file left
+    assert json.loads(stdout)["engine"] == "ray", stdout

@@ -10,8 +10,10 @@ task still fails is recorded as failed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,43 +101,45 @@ def run_ray(
         return summary
     status(f"connecting to Ray at {address}" if address else "starting a local Ray cluster")
     joined = ray.is_initialized()  # a host program's own Ray session is used as it is, and left running
-    if not joined:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray's own chatter is not our interface
-        context.max_errored_blocks = -1  # an item whose task fails for good is recorded failed, the rest go on
-        count, resources = _actors(ray, model, workers)
-        # CPU actors may hold every core; the light decode and write tasks then must not wait for one (a deadlock).
-        light = 0 if "num_cpus" in resources else 0.25
-        summary.workers = count
-        rows = [{"payload": pickle.dumps(item)} for item in todo]
-        dataset = (
-            ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * count))
-            .map(_decode, num_cpus=light)
-            .map_batches(
-                _EditActor,
-                fn_constructor_kwargs={"model": model, "batch_size": batch_size},
-                batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=count),
-                max_restarts=ACTOR_RESTARTS,
-                max_task_retries=TASK_RETRIES,
-                **resources,
-            )
-            .map(_write, fn_kwargs={"output_options": out}, num_cpus=light)
-        )
-        status(f"editing on {count} Ray actor(s)")
-        started = time.perf_counter()
-        for row in dataset.iter_rows():
-            finish(pickle.loads(row["line"]))
-            if row["fatal"]:
-                summary.stopped = DiskFullError(row["fatal"])  # the one fatal fault
-                break
-        summary.seconds = time.perf_counter() - started
-    finally:
+    # Ray prints its cluster's messages ("(raylet) A worker died …") to stdout; stdout is ours (--json, paths).
+    with contextlib.redirect_stdout(sys.stderr):
         if not joined:
-            ray.shutdown()
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        try:
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray's own chatter is not our interface
+            context.max_errored_blocks = -1  # an item whose task fails for good is recorded failed, the rest go on
+            count, resources = _actors(ray, model, workers)
+            # CPU actors may hold every core; the light decode and write tasks then must not wait for one (a deadlock).
+            light = 0 if "num_cpus" in resources else 0.25
+            summary.workers = count
+            rows = [{"payload": pickle.dumps(item)} for item in todo]
+            dataset = (
+                ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * count))
+                .map(_decode, num_cpus=light)
+                .map_batches(
+                    _EditActor,
+                    fn_constructor_kwargs={"model": model, "batch_size": batch_size},
+                    batch_size=batch_size,
+                    compute=ray.data.ActorPoolStrategy(size=count),
+                    max_restarts=ACTOR_RESTARTS,
+                    max_task_retries=TASK_RETRIES,
+                    **resources,
+                )
+                .map(_write, fn_kwargs={"output_options": out}, num_cpus=light)
+            )
+            status(f"editing on {count} Ray actor(s)")
+            started = time.perf_counter()
+            for row in dataset.iter_rows():
+                finish(pickle.loads(row["line"]))
+                if row["fatal"]:
+                    summary.stopped = DiskFullError(row["fatal"])  # the one fatal fault
+                    break
+            summary.seconds = time.perf_counter() - started
+        finally:
+            if not joined:
+                ray.shutdown()
     if summary.stopped is None:
         seen = {line["output"] for line in summary.records}
         for item in todo:
