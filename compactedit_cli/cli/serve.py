@@ -109,8 +109,8 @@ def serve(
         typer.Option(
             "--log-file",
             metavar="PATH",
-            help="With --detach, where the server's log goes. [default: serve.log beside the socket, or in the "
-            "runtime folder]",
+            help="With --detach, where the server's log goes. [default: SOCKET.log beside the socket; for TCP, "
+            "serve.log in the runtime folder]",
             show_default=False,
         ),
     ] = None,
