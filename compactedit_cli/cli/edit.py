@@ -103,7 +103,6 @@ def edit(
     from .. import options
     from ..errors import UsageError
     from ..files.imaging import open_image
-    from ..files.masks import open_mask
     from ..files.outputs import check_outputs, default_output, numbered
 
     # An explicit --model replaces the recorded model and its revision, which are then not read at all.
@@ -166,6 +165,8 @@ def edit(
     source = open_image(sys.stdin.buffer if image == "-" else Path(image))
     opened = None
     if mask is not None:
+        from ..files.masks import open_mask  # numpy: only an edit with a mask pays for it this early
+
         opened = open_mask(Path(mask), source.size, invert=invert_mask or recorded.get("invert_mask", False))
         _check_replayed_mask(recorded, opened.sha256, mask)
     elif recorded.get("mask") is not None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from ..errors import DiskFullError, InputImageError, OutputError, UsageError
@@ -95,6 +94,8 @@ class SourceImage:
 
 def to_8bit(image: Image.Image) -> Image.Image:
     """High-bit-depth greyscale ("I;16", "I", "F") scaled to 8 bits; Pillow's own convert would clip at 255."""
+    import numpy as np  # here, not at the top: a call that fails on its arguments never pays numpy's import
+
     values = np.asarray(image, dtype=np.float64)
     peak = 65535.0 if values.max(initial=0) > 255 else 255.0
     return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8), mode="L")
