@@ -224,7 +224,9 @@ def stop(
     from ..server.client import ServerError, call, wait_stopped
 
     address = where.resolve(socket, host, port)
+    # A server on this machine's socket is waited for by its process: it stops answering before its drain is done.
+    pid = call(address, "GET", "/status", api_key).get("pid") if address.is_unix else None
     call(address, "POST", "/shutdown", api_key)
-    if not wait_stopped(address, timeout):
+    if not wait_stopped(address, timeout, pid):
         raise ServerError(f"the server on {address.label()} is still finishing edits after {timeout:g}s")
     info(f"stopped the server on {address.label()}")

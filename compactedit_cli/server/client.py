@@ -106,11 +106,15 @@ def call(address: Address, method: str, path: str, api_key: str | None = None) -
     return body
 
 
-def wait_stopped(address: Address, timeout: float) -> bool:
-    """Whether the server at ``address`` stopped answering within ``timeout`` seconds."""
+def wait_stopped(address: Address, timeout: float, pid: int | None = None) -> bool:
+    """Whether the server at ``address`` stopped within ``timeout`` seconds: its process ``pid`` ended (its drain
+    done, its socket file removed), or without a pid, nothing answers at the address any more."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if address.socket_path is not None:
+        if pid is not None:
+            if not _alive(pid):
+                return True
+        elif address.socket_path is not None:
             if not answers(address.socket_path, timeout=0.5):
                 return True
         else:
@@ -120,3 +124,13 @@ def wait_stopped(address: Address, timeout: float) -> bool:
                 return True
         time.sleep(0.1)
     return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (one that exited but is not yet reaped by its parent does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
