@@ -178,7 +178,7 @@ async def status(_request: Request, state: ServerState) -> JSONResponse:
         {
             "model": state.model_id,
             "revision": editor.resolved.commit,
-            "device": str(editor.pipe.device),
+            "device": str(editor.device),
             "dtype": str(editor.pipe.dtype).removeprefix("torch."),
             "pid": os.getpid(),
             "version": __version__,
@@ -194,7 +194,7 @@ async def status(_request: Request, state: ServerState) -> JSONResponse:
             "edits_done": state.queue.done,
             "edits_cancelled": state.queue.cancelled,
             "idle_timeout": state.idle_timeout,
-            "memory": _memory(editor.pipe.device),
+            "memory": _memory(editor.device),
             "limits": {"max_bytes": state.max_bytes, "max_pixels": state.max_pixels},
         }
     )

@@ -61,7 +61,7 @@ def identity(editor: Editor) -> dict[str, Any]:
         "model": model_key(ref),
         "revision": editor.options.revision,
         "commit": editor.resolved.commit,
-        "device": str(editor.pipe.device),
+        "device": str(editor.device),
         "dtype": str(editor.pipe.dtype).removeprefix("torch."),
         "loras": [[adapter_key(spec), scale] for spec, scale in editor.options.loras],
         "quantize": editor.options.quantize,
