@@ -14,7 +14,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.normalization import RMSNorm
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from torch import nn
 
 from .swap import swap_classes
@@ -23,10 +23,20 @@ SLICE_ELEMENTS = 2**25  # elements per slice: float32 temporaries of at most 128
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class LeanRMSNorm(RMSNorm):
-    """``RMSNorm`` with the reference's dtypes, rounding points and output strides, in fewer passes."""
+class RMSNorm(nn.Module):
+    """RMS norm with diffusers' ``RMSNorm`` parameters, dtypes, rounding points and output strides, in fewer passes.
+
+    Plain torch, so model code that needs the norm does not import diffusers.
+    """
 
     slice_elements = SLICE_ELEMENTS
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.dim = (dim,)
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine and bias else None
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
@@ -55,6 +65,14 @@ class LeanRMSNorm(RMSNorm):
         return out
 
 
+class LeanRMSNorm(DiffusersRMSNorm):
+    """diffusers' ``RMSNorm`` computed as :class:`RMSNorm` computes it (for modules still built by diffusers)."""
+
+    slice_elements = SLICE_ELEMENTS
+    _normalise = RMSNorm._normalise
+    forward = RMSNorm.forward
+
+
 def use_lean_norms(module: nn.Module, enabled: bool = True) -> None:
     """Switch every diffusers ``RMSNorm`` in ``module`` to :class:`LeanRMSNorm` (or back); weights are untouched."""
-    swap_classes(module, RMSNorm, LeanRMSNorm, enabled)
+    swap_classes(module, DiffusersRMSNorm, LeanRMSNorm, enabled)
