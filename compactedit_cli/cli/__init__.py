@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from importlib import import_module
+from typing import Annotated, Any, ClassVar
 
 import typer
 
 from .. import __version__
-from . import config, models, serve
-from .batch import EXAMPLES as BATCH_EXAMPLES
-from .batch import BatchCommand, batch
-from .bench import EXAMPLES as BENCH_EXAMPLES
-from .bench import bench
-from .common import Group
-from .edit import EXAMPLES as EDIT_EXAMPLES
-from .edit import edit
-from .selftest import selftest
-from .train import EXAMPLES as TRAIN_EXAMPLES
-from .train import train
+from .common import Command, Group
 
 EPILOG = """Run 'compactedit COMMAND --help' for a command's options and examples. Weights live in the Hugging Face
 cache (HF_HOME, HF_HUB_CACHE); 'compactedit config path' shows where defaults are kept.
@@ -34,9 +26,60 @@ Exit codes:
   143  terminated (SIGTERM)
 """
 
+
+def _command(name: str, cls: str | None = None) -> Callable[[], Any]:
+    """The builder of command ``name``: the function of that name in the module of that name, with the module's
+    EXAMPLES as its epilog, built as ``app.command(cls=Command)`` would have built it."""
+
+    def build() -> Any:
+        module = import_module(f"{__name__}.{name}")
+        holder = typer.Typer()
+        settings = {"epilog": getattr(module, "EXAMPLES", None), "cls": getattr(module, cls) if cls else Command}
+        holder.command(**settings)(getattr(module, name))
+        return typer.main.get_command_from_info(
+            holder.registered_commands[0],
+            pretty_exceptions_short=app.pretty_exceptions_short,
+            rich_markup_mode=app.rich_markup_mode,
+        )
+
+    return build
+
+
+def _group(name: str) -> Callable[[], Any]:
+    """The builder of the command group ``name`` (the Typer ``app`` of the module of that name), built as
+    ``app.add_typer(..., name=name)`` would have built it."""
+
+    def build() -> Any:
+        holder = typer.Typer()
+        holder.add_typer(import_module(f"{__name__}.{name}").app, name=name)
+        return typer.main.get_group_from_info(
+            holder.registered_groups[0],
+            pretty_exceptions_short=app.pretty_exceptions_short,
+            rich_markup_mode=app.rich_markup_mode,
+            suggest_commands=app.suggest_commands,
+        )
+
+    return build
+
+
+class Root(Group):
+    """``compactedit``: every command is built when it is looked up (see :class:`~.common.Group`)."""
+
+    lazy: ClassVar[dict[str, Callable[[], Any]]] = {
+        "edit": _command("edit"),
+        "batch": _command("batch", cls="BatchCommand"),
+        "selftest": _command("selftest"),
+        "bench": _command("bench"),
+        "train": _command("train"),
+        "models": _group("models"),
+        "config": _group("config"),
+        "serve": _group("serve"),
+    }
+
+
 app = typer.Typer(
     name="compactedit",
-    cls=Group,
+    cls=Root,
     help="Instruction-based image editing on the VIBE weights (Qwen3-VL-2B + Sana1.5-1.6B).",
     epilog=EPILOG,
     no_args_is_help=True,
@@ -59,16 +102,6 @@ def root(
     ] = False,
 ) -> None:
     """Instruction-based image editing on the VIBE weights."""
-
-
-app.command(epilog=EDIT_EXAMPLES)(edit)
-app.command(cls=BatchCommand, epilog=BATCH_EXAMPLES)(batch)
-app.add_typer(models.app, name="models")
-app.command()(selftest)
-app.command(epilog=BENCH_EXAMPLES)(bench)
-app.add_typer(config.app, name="config")
-app.add_typer(serve.app, name="serve")
-app.command(epilog=TRAIN_EXAMPLES)(train)
 
 
 def main() -> None:

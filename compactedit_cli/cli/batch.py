@@ -8,10 +8,9 @@ from typing import Annotated, Any
 
 import click
 import typer
-from typer.core import TyperCommand
 
 from . import flags as opt
-from .common import console, emit_json, handle_errors, info, make_progress, warn
+from .common import Command, console, emit_json, handle_errors, info, make_progress, warn
 
 EXAMPLES = """
 Examples:
@@ -300,7 +299,7 @@ def _report_command() -> click.Command:
     return typer.main.get_command(app)
 
 
-class BatchCommand(TyperCommand):
+class BatchCommand(Command):
     """``batch``, whose first argument is a folder, with one sub-command: ``batch report OUT_DIR`` (a folder named
     ``report`` is still reachable as ``./report``)."""
 

@@ -10,8 +10,9 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from difflib import get_close_matches
-from typing import IO, Any, TypeVar
+from typing import IO, Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
@@ -33,7 +34,8 @@ from typer._click.exceptions import (
     NoSuchOption,
 )
 from typer._click.exceptions import UsageError as ClickUsageError
-from typer.core import TyperGroup
+from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
+from typer.core import TyperCommand, TyperGroup, _TyperParameter
 
 from ..errors import CompactEditError, ExitCode, OutOfMemoryError, internal_error, is_out_of_memory
 
@@ -260,12 +262,38 @@ def usage_message(exc: ClickUsageError) -> str:
     return _sentence(exc.format_message()) + see
 
 
-class Group(TyperGroup):
+class _DeferredCoercion:
+    """Every parameter a command parses with (its own, and the ``--help`` and completion options Typer and Click
+    add later) has its coercion :class:`_Deferred`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return [_defer(param) for param in super().get_params(ctx)]  # type: ignore[misc]
+
+
+class Command(_DeferredCoercion, TyperCommand):
+    """compactedit's commands (see :class:`_DeferredCoercion`)."""
+
+
+class Group(_DeferredCoercion, TyperGroup):
     """compactedit's command groups: an unknown command gets close matches; at the root, every usage error Click
     raises, at any depth, becomes one line (:func:`usage_message`) with exit 2, for the installed entry point and
-    for ``CliRunner().invoke(app, …)`` alike (both go through :meth:`main`)."""
+    for ``CliRunner().invoke(app, …)`` alike (both go through :meth:`main`).
 
+    A subclass may name commands in :attr:`lazy`, each with the function that builds it: a command is imported
+    and built only when it is looked up, so ``compactedit edit`` pays for ``edit`` alone, not for every command's
+    modules and parameters. ``--help`` and completion look every command up, so they show all of them, in the
+    order of :attr:`lazy`."""
+
+    lazy: ClassVar[dict[str, Callable[[], Any]]] = {}
     json_errors = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*self.commands, *(name for name in self.lazy if name not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            self.commands[cmd_name] = self.lazy[cmd_name]()
+        return self.commands.get(cmd_name)
 
     def main(self, args: Any = None, *rest: Any, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
@@ -283,8 +311,9 @@ class Group(TyperGroup):
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name = args[0] if args else ""
         if name and not name.startswith("-") and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
-            close = get_close_matches(name, list(self.commands), n=2)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"one of: {', '.join(self.commands)}"
+            names = self.list_commands(ctx)
+            close = get_close_matches(name, names, n=2)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"one of: {', '.join(names)}"
             raise _UnknownCommandError(f"unknown command {name!r} ({hint})", ctx)
         return super().resolve_command(ctx, args)
 
@@ -298,6 +327,44 @@ class Group(TyperGroup):
             if not root:
                 raise
             raise OneLineUsageError(usage_message(exc), self.json_errors) from exc
+
+
+@dataclass(frozen=True)
+class _Deferred(RuntimeParam):
+    """Typer's coercion of one parameter, built when a value first needs it. Typer builds a pydantic TypeAdapter
+    for every parameter of the command that runs, even for one left at None (most of ``edit``'s), and imports
+    pydantic to do it. A value that is None (never coerced), a plain string for a ``str`` parameter, or a
+    decimal integer within a plain ``int`` parameter's bounds, comes out of that adapter unchanged or as
+    ``int(value)``: those skip it, so a call that gives only such values never imports pydantic. Anything else
+    goes to Typer's own coercion, with its error messages."""
+
+    descriptor: TypeDescriptor
+
+    def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+        info = self.parameter_info
+        if info.parser is None and self.annotation is str and type(value) is str:
+            return value
+        if info.parser is None and self.annotation is int and not info.clamp:
+            number = value if type(value) is int else _decimal(value)
+            low, high = info.min, info.max
+            if number is not None and (low is None or number >= low) and (high is None or number <= high):
+                return number
+        param._runtime_param = built = build_runtime_param(self.descriptor)
+        return built._coerce_value(value, param=param, ctx=ctx)
+
+
+def _decimal(value: Any) -> int | None:
+    """``value`` as an int when it is a short string of ASCII digits (which every int parser reads alike)."""
+    if type(value) is str and 0 < len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def _defer(param: Any) -> Any:
+    if isinstance(param, _TyperParameter) and param._runtime_param is None:
+        descriptor = param.type_descriptor
+        param._runtime_param = _Deferred(descriptor.parameter_info, descriptor.annotation, descriptor)
+    return param
 
 
 def command_group(help: str, **settings: Any) -> typer.Typer:
