@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
@@ -37,12 +37,14 @@ from .errors import (
     is_out_of_memory,
 )
 from .files import outputs
-from .files.compositing import Retouch
 from .files.imaging import SourceImage, open_image
 from .files.masks import Mask, open_mask
 from .loading.refs import recorded_adapter
 from .options import EditOptions, ModelOptions, OutputOptions
 from .record import EditRecord
+
+if TYPE_CHECKING:
+    from .files.compositing import Retouch  # numpy: imported by an in-process edit only, not by a server's client
 
 
 class Progress(Protocol):
@@ -409,6 +411,8 @@ class Editor:
 
 def retouch_plan(image: SourceImage, chosen: EditOptions, mask: Mask | None) -> Retouch | None:
     """What ``chosen`` and ``mask`` ask around the model (crop, blend, paste back, colour match), or None."""
+    from .files.compositing import Retouch
+
     return Retouch.plan(
         image,
         mask,

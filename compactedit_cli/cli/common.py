@@ -12,19 +12,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from difflib import get_close_matches
-from typing import IO, Any, ClassVar, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 # Typer 0.29 vendors Click: these are the classes its parser raises (pinned in pyproject.toml).
 from typer._click.exceptions import (
@@ -38,6 +29,9 @@ from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
 from typer.core import TyperCommand, TyperGroup, _TyperParameter
 
 from ..errors import CompactEditError, ExitCode, OutOfMemoryError, internal_error, is_out_of_memory
+
+if TYPE_CHECKING:
+    from rich.progress import Progress  # imported by make_progress, by the commands that show one
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -141,6 +135,20 @@ def progress_enabled() -> bool:
 
 
 def make_progress() -> Progress:
+    """The progress display of a command; one nobody watches is a disabled one with Rich's default columns, not
+    ours (whose spinner loads Rich's emoji table)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not progress_enabled():
+        return Progress(console=console, transient=True, disable=True)
     return Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
@@ -150,7 +158,6 @@ def make_progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=True,
-        disable=not progress_enabled(),
     )
 
 

@@ -346,13 +346,24 @@ def _unrecognised(handle: BinaryIO, name: str) -> InputImageError:
     return InputImageError(f"{name} is not a recognised image file")
 
 
+def _identify(handle: BinaryIO) -> Image.Image:
+    """Pillow's (lazy) image of ``handle``. A file that none of Pillow's own plugins identifies (a HEIC/HEIF) is
+    tried again with pillow-heif registered, so only such a file pays for importing pillow-heif."""
+    try:
+        return Image.open(handle)
+    except Image.UnidentifiedImageError:
+        handle.seek(0)
+        if not heif_support():
+            raise
+        return Image.open(handle)
+
+
 def _decode(handle: BinaryIO, name: str, limit: int, finish: Callable[[Image.Image, str], T]) -> T:
     """Header, pixel limit, then pixels: anything but an interrupt becomes an InputImageError."""
-    heif_support()
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked before decoding
     try:
         try:
-            image = Image.open(handle)
+            image = _identify(handle)
         except Image.UnidentifiedImageError:
             raise _unrecognised(handle, name) from None
         except Exception as exc:

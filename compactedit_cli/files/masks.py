@@ -12,14 +12,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import InputImageError
 from ..options import MASK_THRESHOLD
 from .imaging import decode_input, to_8bit
 
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where a mask is read or made, not here: an edit without a mask (the client of a server
+# included) never pays for it.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -49,11 +54,15 @@ class Mask:
 
     def plane(self) -> Image.Image:
         """The mask as an 8-bit greyscale picture, white editable (what the server wire carries)."""
+        import numpy as np
+
         return Image.fromarray(np.where(self.editable, 255, 0).astype(np.uint8), mode="L")
 
 
 def editable_pixels(image: Image.Image) -> np.ndarray:
     """Which pixels of a decoded mask picture are editable, by the convention its mode says (module docstring)."""
+    import numpy as np
+
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "L")
@@ -69,6 +78,8 @@ def editable_pixels(image: Image.Image) -> np.ndarray:
 
 def from_plane(plane: Image.Image, *, name: str | None = None, sha256: str | None = None) -> Mask:
     """A mask from a plane already in compactedit's form (greyscale, white editable): the server wire's."""
+    import numpy as np
+
     return Mask(np.asarray(plane.convert("L")) >= MASK_THRESHOLD, name, sha256)
 
 
