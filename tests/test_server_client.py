@@ -23,7 +23,7 @@ from test_server_lifecycle import LONG_STEPS, wait_for
 
 PROBE = (
     "import sys, atexit\n"
-    "heavy = ('torch', 'diffusers', 'transformers', 'starlette', 'uvicorn')\n"
+    "heavy = ('torch', 'diffusers', 'transformers', 'starlette', 'uvicorn', 'numpy', 'pydantic')\n"
     "atexit.register(lambda: print('loaded:', sorted(m for m in heavy if m in sys.modules), file=sys.stderr))\n"
     "sys.argv = ['compactedit', *sys.argv[1:]]\n"
     "from compactedit_cli.cli import main\n"
