@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from importlib import import_module
 from typing import Annotated, Any, ClassVar
@@ -105,4 +106,12 @@ def root(
 
 
 def main() -> None:
-    app(prog_name="compactedit")  # also under ``python -m compactedit_cli`` (usage text, completion variable)
+    """The ``compactedit`` process: one command, then its exit (SystemExit, as Typer's standalone mode ends)."""
+    try:
+        app(prog_name="compactedit")  # also under ``python -m compactedit_cli`` (usage text, completion variable)
+    except SystemExit:
+        # The process is ending, the command's files written and closed and its errors reported: the interpreter's
+        # collections at exit need not walk every object the command made (for a short command, a large part of
+        # its time). Frozen objects are still freed by reference counting as the modules are torn down.
+        gc.freeze()
+        raise
