@@ -162,9 +162,10 @@ def make_progress() -> Progress:
 
 
 class EditProgress:
-    """Drives one Rich display through load, encode, denoise (per step) and decode."""
+    """Drives one Rich display through load, encode, denoise (per step) and decode; without one (nobody watches),
+    it does nothing."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.task: Any = None
 
@@ -175,11 +176,15 @@ class EditProgress:
         self._switch({"encode": "encoding", "denoise": "denoising", "decode": "decoding"}.get(name, name))
 
     def step(self, state: Any) -> None:
+        if self.progress is None:
+            return
         if self.task is None or self.progress.tasks[-1].description != "denoising":
             self._switch("denoising", total=state.total)
         self.progress.update(self.task, total=state.total, completed=state.index + 1)
 
     def _switch(self, description: str, total: float | None = None) -> None:
+        if self.progress is None:
+            return
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(description, total=total)
@@ -187,6 +192,9 @@ class EditProgress:
 
 @contextmanager
 def edit_progress() -> Iterator[EditProgress]:
+    if not progress_enabled():  # nothing to draw, so not even Rich's progress module to import
+        yield EditProgress(None)
+        return
     with make_progress() as progress:
         yield EditProgress(progress)
 
