@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from importlib import import_module
 from typing import Annotated, Any, ClassVar
@@ -112,6 +113,9 @@ def main() -> None:
     except SystemExit:
         # The process is ending, the command's files written and closed and its errors reported: the interpreter's
         # collections at exit need not walk every object the command made (for a short command, a large part of
-        # its time). Frozen objects are still freed by reference counting as the modules are torn down.
-        gc.freeze()
+        # its time). Frozen objects are still freed by reference counting as the modules are torn down. Not after
+        # the engine ran: native extensions it loads (Triton's, through nanobind) check at exit that every object
+        # of theirs was collected, and print a warning on stderr when one was not.
+        if "torch" not in sys.modules:
+            gc.freeze()
         raise
