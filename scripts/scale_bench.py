@@ -99,21 +99,25 @@ def least(values: Any) -> float | None:
     return min(measured) if measured else None
 
 
-def configurations(engines: list[str], workers: list[int]) -> list[tuple[str, str, int, int | None]]:
+def configurations(
+    engines: list[str], workers: list[int], one_thread: bool = True
+) -> list[tuple[str, str, int, int | None]]:
     """(name, engine, workers, OMP_NUM_THREADS cap): each engine at each count, and for the local engine one worker
     held to one thread too (one core: the CPU's stand-in for one device, as each of two workers gets one)."""
     chosen = []
     for engine in engines:
         for count in workers:
             chosen.append((f"{engine}-{count}", engine, count, None))
-            if engine == "local" and count == 1:
+            if engine == "local" and count == 1 and one_thread:
                 chosen.append(("local-1-one-thread", engine, 1, 1))
     return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    parser.add_argument(
+        "--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"], help="engines to run"
+    )
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="worker (or actor) counts to run")
     parser.add_argument("--images", type=int, default=32, help="photos per run")
     parser.add_argument("--size", type=int, default=256, help="photo side in pixels")
@@ -121,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=2, help="model size: 1 is the tests' tiny checkpoint")
     parser.add_argument("--model", type=Path, help="a checkpoint folder to use instead of building one")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the minimum is reported)")
+    parser.add_argument(
+        "--one-thread",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one local worker held to one thread (the one-core baseline)",
+    )
     parser.add_argument("--json", type=Path, help="write the report here too")
     args = parser.parse_args(argv)
     if "ray" in args.engines:
@@ -134,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         photos = make_photos(root / "photos", args.images, args.size)
         runs: dict[str, list[dict[str, Any]]] = {}
         for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every configuration alike
-            for name, engine, workers, threads in configurations(args.engines, args.workers):
+            for name, engine, workers, threads in configurations(args.engines, args.workers, args.one_thread):
                 result = run_once(checkpoint, photos, root / name, engine, workers, args.steps, threads)
                 runs.setdefault(name, []).append(result)
                 print(f"{name}: {json.dumps(result)}", file=sys.stderr)
     best = {name: least(r["steady_seconds_per_item"] for r in results) for name, results in runs.items()}
     ratios: dict[str, float] = {}
-    for name, engine, workers, _ in configurations(args.engines, args.workers):
+    for name, engine, workers, _ in configurations(args.engines, args.workers, args.one_thread):
         if engine == "local" and workers > 1:
             for one in ("local-1", "local-1-one-thread"):
                 if best.get(one) and best[name]:

@@ -26,7 +26,7 @@ from ..options import ModelOptions, OutputOptions
 from .plan import BatchItem
 from .results import ResultsLog
 from .run import BatchSummary, Finishes, begin, in_order, result_line
-from .workers import cpu_threads
+from .workers import cpu_threads, cpu_worker_env
 
 ACTOR_RESTARTS = 2  # a dead actor (kill -9, out of memory) comes back this often
 TASK_RETRIES = 1  # and the batch it held is tried again once
@@ -76,7 +76,8 @@ def _write(row: dict[str, Any], output_options: OutputOptions) -> dict[str, Any]
 
 def _actors(ray: Any, model: ModelOptions, workers: int | None) -> tuple[int, dict[str, Any], int | None]:
     """How many edit actors, what each asks of the cluster (a GPU each where there are GPUs, else an even share of
-    the CPUs), and a CPU actor's torch threads (as many as the CPUs it holds, as for a local CPU worker)."""
+    the CPUs, and a local CPU worker's environment), and a CPU actor's torch threads (as many as the CPUs it
+    holds, as for a local CPU worker)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if model.device != "cpu" and gpus:
         return workers or gpus, {"num_gpus": 1}, None
@@ -84,7 +85,7 @@ def _actors(ray: Any, model: ModelOptions, workers: int | None) -> tuple[int, di
         raise UsageError(f"--device {model.device}: the Ray cluster has no GPU")
     count = workers or 1
     threads = cpu_threads(count, int(ray.cluster_resources().get("CPU", 1)))
-    return count, {"num_cpus": threads}, threads
+    return count, {"num_cpus": threads, "runtime_env": {"env_vars": cpu_worker_env()}}, threads
 
 
 def run_ray(

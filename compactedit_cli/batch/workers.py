@@ -55,6 +55,13 @@ def cpu_threads(workers: int, cores: int | None = None) -> int:
     return min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share
 
 
+def cpu_worker_env() -> dict[str, str]:
+    """The environment a CPU worker's OpenMP starts with: idle threads sleep rather than spin (``OMP_WAIT_POLICY``,
+    unless the user set it), since on cores that other processes also want, a thread spinning while it waits for
+    its peers takes the core one of them needs, and an edit can run many times slower (BENCHMARKS.md, S.2)."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def _threads(devices: list[str]) -> int | None:
     cpu = sum(1 for name in devices if name == "cpu")
     return cpu_threads(cpu) if cpu else None
@@ -64,6 +71,7 @@ def _worker(conn: Connection, model: ModelOptions, batch_size: int, out: OutputO
     """A worker process: load once, then edit what the parent sends until it sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads is not None and model.device == "cpu":
+        os.environ.update(cpu_worker_env())  # before torch loads its OpenMP, which reads it once
         import torch
 
         torch.set_num_threads(threads)
