@@ -18,7 +18,8 @@
 # Knobs for a CPU dry run of the whole script (e.g. BENCH_DEVICE=cpu BENCH_WEIGHTS=tiny BENCH_RESOLUTIONS=64
 # BENCH_STEPS=2 BENCH_NO_WHEELS=1): BENCH_DEVICE (cuda), BENCH_WEIGHTS (full), BENCH_RESOLUTIONS ("1024 2048"),
 # BENCH_STEPS (20), BENCH_BUDGET_S (seconds for the whole script, 470), BENCH_NO_WHEELS (1: ignore .whl/),
-# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg cfg-kernels
+# BENCH_BATCH_IMAGES (24: the batch step's photos),
+# BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg batch cfg-kernels
 # cfg-fp8 cfg-fp8-kernels quality cfg-compile cfg-compile-warm cfg-compile-kernels cfg-compile-fp8-kernels distilled
 # distilled-kernels distilled-graphs cfg-graphs cfg-compile-graphs profile offload-model offload-sequential
 # distilled-compile cfg-batch4 distilled-batch4; and vae-compile, which runs only when named: it answered its
@@ -118,6 +119,16 @@ bench() {  # bench NAME CAP_SECONDS [compactedit bench options...]
 # Most important first: the 3-way CFG numbers the targets are about, eager and compiled, with and without CUDA graphs.
 bench sync-check 60 --resolution "${RESOLUTIONS[0]}" --steps 3 --warmup 0 --repeats 1 --sync-check
 bench cfg 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3
+# Issue 14: a guided batch through the batch engine (decode ahead, write behind): images an hour in the steady
+# state, the busy fraction by CUDA events, start-up (model build and first image). OUT_DIR/batch.json.
+if want batch; then
+    say "batch: guided ${RESOLUTIONS[0]}² batch through the batch engine, images an hour"
+    bounded 150 python3 scripts/batch_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
+        --resolution "${RESOLUTIONS[0]}" --steps "$STEPS" --images "${BENCH_BATCH_IMAGES:-24}" --out "$OUT_DIR" 2>&1 \
+        | tee -a "$LOG"
+    status=${PIPESTATUS[0]}
+    [ "$status" -eq 0 ] || say "batch ended with status $status"
+fi
 # Round 2: each new path against cfg; then compiled, twice (cold, then warm cache: first_run_overhead_s of each).
 bench cfg-kernels 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --kernels triton
 bench cfg-fp8 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --quantize fp8
@@ -174,4 +185,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"{st['vlm_encode']['median']:6.3f} {st['vae_encode']['median']:7.3f} {st['denoise']['median']:7.3f} "
               f"{st['denoise_step']['median'] * 1e3:7.1f} {st['vae_decode']['median']:7.3f} {peak:9.2f} "
               f"{reserved:8.2f} {r['first_run_overhead_s']:7.1f}")
+batch = pathlib.Path(sys.argv[1]) / "batch.json"
+if batch.exists():
+    b = json.loads(batch.read_text())
+    print(f"batch (issue 14): {b['images_per_hour']} images/h steady, busy {b['busy_fraction']} ({b['busy_clock']}), "
+          f"start-up {b['startup_seconds']} s, {b['ok']}/{b['images']} ok")
 EOF

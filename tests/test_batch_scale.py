@@ -72,6 +72,7 @@ def reference(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     summary = json.loads(result.stdout)
     assert summary["ok"] == COUNT and summary["workers"] == 1
     assert 0 < summary["busy_fraction"] <= 1 and summary["items_per_second"] > 0
+    assert summary["steady_items_per_second"] > 0 and summary["startup_seconds"] > 0  # the model load counts
     return src, out
 
 
@@ -94,7 +95,8 @@ def test_a_worker_killed_mid_item_has_its_items_retried_and_the_run_goes_on(tiny
     records = lines(out / "results.jsonl")
     assert sorted(r["output"] for r in records) == sorted(str(out / p.name) for p in ref.glob("*.png"))
     assert {r["status"] for r in records} <= {"ok", "skipped"}
-    assert json.loads(stdout)["workers"] == 2
+    summary = json.loads(stdout)
+    assert summary["workers"] == 2 and summary["startup_seconds"] > 0
     same_pixels(out, ref)
 
 
@@ -197,3 +199,59 @@ def test_conflicting_scale_flags_are_one_line_errors(cli, tmp_path):
         result = cli("batch", src, "-i", "x", "-o", tmp_path / "out", *flags)
         assert result.exit_code == 2, (flags, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_steady_rate_leaves_out_start_up_a_late_worker_and_the_tail():
+    from compactedit_cli.batch.run import BatchSummary, Finishes
+
+    finishes = Finishes(begun=100.0)
+    for when in (101, 102, 103, 104, 105, 106):  # up first: one item a second, done last
+        finishes.add("early", when)
+    for when in (103.5, 104.5, 105.5):  # loaded late; it runs out of work first
+        finishes.add("late", when)
+    summary = BatchSummary()
+    finishes.measure(summary)
+    # From 103.5 (the late worker's first item) to 105.5 (its last): 104, 105, 104.5 and 105.5, in 2 s.
+    assert summary.steady_items_per_second == 2.0 and summary.startup_seconds == 3.5
+    alone = Finishes(begun=0.0)
+    alone.add("only", 2.0)
+    summary = BatchSummary()
+    alone.measure(summary)
+    assert summary.steady_items_per_second is None and summary.startup_seconds == 2.0
+
+
+def test_cpu_workers_share_the_cores_within_omp_num_threads(monkeypatch):
+    from compactedit_cli.batch.workers import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert (cpu_threads(1, cores=8), cpu_threads(3, cores=8), cpu_threads(4, cores=2)) == (8, 2, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert (cpu_threads(1, cores=8), cpu_threads(8, cores=8)) == (2, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored, as torch ignores it
+    assert cpu_threads(1, cores=8) == 8
+
+
+def test_cpu_workers_threads_sleep_while_waiting_unless_the_user_says_otherwise(monkeypatch):
+    from compactedit_cli.batch.workers import cpu_worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert cpu_worker_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert cpu_worker_env() == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_scale_bench_reports_steady_rates_as_json(tiny_checkpoint, tmp_path):
+    """One run of one worker, so it stays cheap; the rates are the run's own summary."""
+    report = tmp_path / "scale.json"
+    command = [sys.executable, "scripts/scale_bench.py", "--engines", "local", "--workers", "1", "--no-one-thread"]
+    command += ["--images", "3", "--size", "32", "--steps", "1", "--model", str(tiny_checkpoint), "--repeats", "1"]
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([*command, "--json", str(report)], capture_output=True, text=True, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr
+    written = json.loads(report.read_text())
+    assert json.loads(done.stdout) == written
+    (run,) = written["runs"]["local-1"]
+    assert run["ok"] == 3 and run["steady_items_per_second"] > 0 and run["startup_seconds"] > 0
+    assert written["min_steady_seconds_per_item"] == {"local-1": 1 / run["steady_items_per_second"]}
+    assert written["ratios"] == {}  # nothing to compare it with

@@ -9,6 +9,7 @@ form a group of their own, edited by a model with those adapters fused (one load
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,12 +61,17 @@ def run_engine(
     common = {"overwrite": overwrite, "batch_size": batch_size, "output_options": output_options, "on_item": on_item}
     total = BatchSummary()
     fractions = []
-    for loras, group in by_adapters(items, model.loras):
+    largest = 0
+    for index, (loras, group) in enumerate(by_adapters(items, model.loras)):
         grouped = dataclasses.replace(model, loras=loras)
         summary = _run_group(grouped, choice, group, log, common, status, warn)
         total.records += summary.records
         total.seconds += summary.seconds
         total.workers = summary.workers
+        if index == 0:
+            total.startup_seconds = summary.startup_seconds
+        if len(group) > largest:  # the steady rate of the longest group says the most
+            largest, total.steady_items_per_second = len(group), summary.steady_items_per_second
         if summary.busy_fraction is not None:
             fractions.append((summary.busy_fraction, len(group)))
         if summary.stopped is not None:
@@ -97,8 +103,9 @@ def _run_group(
         return run_workers(model, names, items, log, status=status, warn=warn, **common)
     from ..server.remote import open_editor
 
+    begun = time.perf_counter()
     editor = open_editor(model, choice.server, status=status, model_given=choice.model_given)
     for note in editor.notes:
         warn(note)
     status("editing")
-    return run_batch(editor, items, log, **common)
+    return run_batch(editor, items, log, begun=begun, **common)

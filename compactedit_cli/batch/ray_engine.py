@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +25,8 @@ from ..errors import CompactEditError, DiskFullError, UsageError
 from ..options import ModelOptions, OutputOptions
 from .plan import BatchItem
 from .results import ResultsLog
-from .run import BatchSummary, begin, in_order, result_line
+from .run import BatchSummary, Finishes, begin, in_order, result_line
+from .workers import cpu_threads, cpu_worker_env
 
 ACTOR_RESTARTS = 2  # a dead actor (kill -9, out of memory) comes back this often
 TASK_RETRIES = 1  # and the batch it held is tried again once
@@ -44,9 +47,14 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
 class _EditActor:
     """One model per actor, loaded once; edits a batch of decoded items."""
 
-    def __init__(self, model: ModelOptions, batch_size: int) -> None:
+    def __init__(self, model: ModelOptions, batch_size: int, threads: int | None) -> None:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)  # a CPU actor's share of the node, as a local CPU worker's
         self.editor = Editor(model)
         self.batch_size = batch_size
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # which actor edited a row, for the steady rate
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         prepared = []
@@ -54,7 +62,7 @@ class _EditActor:
             item, opened = pickle.loads(payload)
             prepared.append(opened if isinstance(opened, JobOutcome) else self.editor.prepare(item, opened))
         done = list(self.editor.compute_many(prepared, batch_size=self.batch_size))
-        return {"payload": [pickle.dumps(one) for one in done]}
+        return {"payload": [pickle.dumps(one) for one in done], "worker": [self.name] * len(done)}
 
 
 def _write(row: dict[str, Any], output_options: OutputOptions) -> dict[str, Any]:
@@ -62,17 +70,22 @@ def _write(row: dict[str, Any], output_options: OutputOptions) -> dict[str, Any]
     done: ComputedJob | JobOutcome = pickle.loads(row["payload"])
     outcome = done if isinstance(done, JobOutcome) else Editor.save(done, output_options)
     fatal = str(outcome.fatal) if outcome.fatal is not None else ""
-    return {"line": pickle.dumps(result_line(outcome.job, outcome.status, outcome)), "fatal": fatal}
+    line = pickle.dumps(result_line(outcome.job, outcome.status, outcome))
+    return {"line": line, "fatal": fatal, "worker": row["worker"]}
 
 
-def _actors(ray: Any, model: ModelOptions, workers: int | None) -> tuple[int, dict[str, Any]]:
-    """How many edit actors, and what each asks of the cluster: a GPU each where there are GPUs, else a CPU."""
+def _actors(ray: Any, model: ModelOptions, workers: int | None) -> tuple[int, dict[str, Any], int | None]:
+    """How many edit actors, what each asks of the cluster (a GPU each where there are GPUs, else an even share of
+    the CPUs, and a local CPU worker's environment), and a CPU actor's torch threads (as many as the CPUs it
+    holds, as for a local CPU worker)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if model.device != "cpu" and gpus:
-        return workers or gpus, {"num_gpus": 1}
+        return workers or gpus, {"num_gpus": 1}, None
     if model.device not in ("cpu", "auto"):
         raise UsageError(f"--device {model.device}: the Ray cluster has no GPU")
-    return workers or 1, {"num_cpus": 1}
+    count = workers or 1
+    threads = cpu_threads(count, int(ray.cluster_resources().get("CPU", 1)))
+    return count, {"num_cpus": threads, "runtime_env": {"env_vars": cpu_worker_env()}}, threads
 
 
 def run_ray(
@@ -95,6 +108,7 @@ def run_ray(
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'compactedit[ray]'") from None
     out = output_options or OutputOptions()
+    finishes = Finishes()  # start-up counts Ray's own: a local cluster's start, the actors' imports and loads
     summary, finish, todo = begin(items, log, model, overwrite=overwrite, on_item=on_item)
     if not todo:
         summary.records = in_order(summary.records, items)
@@ -110,33 +124,36 @@ def run_ray(
             context.enable_progress_bars = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray's own chatter is not our interface
             context.max_errored_blocks = -1  # an item whose task fails for good is recorded failed, the rest go on
-            count, resources = _actors(ray, model, workers)
-            # CPU actors may hold every core; the light decode and write tasks then must not wait for one (a deadlock).
-            light = 0 if "num_cpus" in resources else 0.25
+            count, resources, threads = _actors(ray, model, workers)
+            # CPU actors may hold every core; the light decode and write tasks then must not wait for one (a
+            # deadlock), and without a CPU to wait for, only a cap keeps many of them from crowding the actors.
+            light = {"num_cpus": 0, "concurrency": count} if threads is not None else {"num_cpus": 0.25}
             summary.workers = count
             rows = [{"payload": pickle.dumps(item)} for item in todo]
             dataset = (
                 ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * count))
-                .map(_decode, num_cpus=light)
+                .map(_decode, **light)
                 .map_batches(
                     _EditActor,
-                    fn_constructor_kwargs={"model": model, "batch_size": batch_size},
+                    fn_constructor_kwargs={"model": model, "batch_size": batch_size, "threads": threads},
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=count),
                     max_restarts=ACTOR_RESTARTS,
                     max_task_retries=TASK_RETRIES,
                     **resources,
                 )
-                .map(_write, fn_kwargs={"output_options": out}, num_cpus=light)
+                .map(_write, fn_kwargs={"output_options": out}, **light)
             )
             status(f"editing on {count} Ray actor(s)")
             started = time.perf_counter()
             for row in dataset.iter_rows():
                 finish(pickle.loads(row["line"]))
+                finishes.add(row["worker"])
                 if row["fatal"]:
                     summary.stopped = DiskFullError(row["fatal"])  # the one fatal fault
                     break
             summary.seconds = time.perf_counter() - started
+            finishes.measure(summary)
         finally:
             if not joined:
                 ray.shutdown()

@@ -10,7 +10,7 @@ record alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,36 @@ class BatchSummary:
     busy_fraction: float | None = None  # the devices' steady-state busy share (see batch.pipelined)
     seconds: float = 0.0  # wall time of the editing, model load excluded
     workers: int = 1
+    steady_items_per_second: float | None = None  # while every worker was warm and busy (see Finishes)
+    startup_seconds: float | None = None  # from the engine's start, model loads included, until then
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r["status"] == status)
+
+
+@dataclass
+class Finishes:
+    """When each worker finished each item, for the rate of the steady state: from the moment the last worker to
+    get going finished its first item (every model loaded, every first-item warm-up done) to the moment the first
+    worker to run out of work finished its last (before the tail, where some workers already idle). Start-up and
+    staggered starts therefore do not count, and workers are compared on equal terms."""
+
+    begun: float = field(default_factory=time.perf_counter)
+    times: dict[Hashable, list[float]] = field(default_factory=dict)
+
+    def add(self, worker: Hashable, when: float | None = None) -> None:
+        self.times.setdefault(worker, []).append(time.perf_counter() if when is None else when)
+
+    def measure(self, summary: BatchSummary) -> None:
+        """Fill in ``summary``'s steady rate and start-up time (None where too few items finished to tell)."""
+        if not self.times:
+            return
+        start = max(times[0] for times in self.times.values())
+        end = min(times[-1] for times in self.times.values())
+        summary.startup_seconds = start - self.begun
+        done = sum(1 for times in self.times.values() for t in times if start < t <= end)
+        if end > start and done:
+            summary.steady_items_per_second = done / (end - start)
 
 
 def result_line(item: BatchItem, status: str, outcome: JobOutcome | None = None, **known: Any) -> dict[str, Any]:
@@ -120,20 +147,25 @@ def run_batch(
     batch_size: int = 1,
     output_options: OutputOptions | None = None,
     on_item: Callable[[dict[str, Any]], None] = lambda _line: None,
+    begun: float | None = None,
 ) -> BatchSummary:
     """Edit ``items`` (skipping finished ones unless ``overwrite``) on one device, decoding ahead and writing
-    behind the compute; lines come back in the items' order."""
+    behind the compute; lines come back in the items' order. ``begun`` (a ``perf_counter`` time) is when the run
+    started, before the model loaded, for the start-up time; by default, now."""
     summary, finish, todo = begin(items, log, editor.options, overwrite=overwrite, on_item=on_item)
     clock = BusyClock()
+    finishes = Finishes() if begun is None else Finishes(begun)
     started = time.perf_counter()
 
     def finished(outcome: JobOutcome) -> None:  # on the writer thread
         finish(result_line(outcome.job, outcome.status, outcome))
+        finishes.add("device")
         if outcome.fatal is not None:
             summary.stopped = outcome.fatal
 
     edit_pipelined(editor, todo, finished, batch_size=batch_size, output_options=output_options, clock=clock)
     summary.seconds = time.perf_counter() - started
     summary.busy_fraction = clock.fraction()
+    finishes.measure(summary)
     summary.records = in_order(summary.records, items)
     return summary

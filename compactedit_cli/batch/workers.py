@@ -26,7 +26,7 @@ from ..options import ALL_DEVICES, ModelOptions, OutputOptions
 from .pipelined import BusyClock, edit_pipelined, mean_busy
 from .plan import BatchItem
 from .results import ResultsLog
-from .run import BatchSummary, begin, in_order, is_done, result_line, skipped_line
+from .run import BatchSummary, Finishes, begin, in_order, is_done, result_line, skipped_line
 
 RETRIES = 1  # a dead worker's items are tried once more elsewhere
 
@@ -46,19 +46,36 @@ def resolve_devices(devices: list[str] | str | None, workers: int | None, device
     return [device] * (workers or 1)
 
 
+def cpu_threads(workers: int, cores: int | None = None) -> int:
+    """Torch threads for each of ``workers`` CPU workers on ``cores`` (default: this machine's): an even share,
+    since each would otherwise start one thread per core and threads that outnumber the cores spin against each
+    other; within ``OMP_NUM_THREADS`` where the user set it."""
+    share = max(1, (cores or os.cpu_count() or 1) // max(1, workers))
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share
+
+
+def cpu_worker_env() -> dict[str, str]:
+    """The environment a CPU worker's OpenMP starts with: idle threads sleep rather than spin (``OMP_WAIT_POLICY``,
+    unless the user set it), since on cores that other processes also want, a thread spinning while it waits for
+    its peers takes the core one of them needs, and an edit can run many times slower (BENCHMARKS.md, S.2)."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def _threads(devices: list[str]) -> int | None:
-    """CPU workers share the cores evenly (each would otherwise start one thread per core)."""
     cpu = sum(1 for name in devices if name == "cpu")
-    return max(1, (os.cpu_count() or 1) // cpu) if cpu else None
+    return cpu_threads(cpu) if cpu else None
 
 
 def _worker(conn: Connection, model: ModelOptions, batch_size: int, out: OutputOptions, threads: int | None) -> None:
     """A worker process: load once, then edit what the parent sends until it sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads is not None and model.device == "cpu":
+        os.environ.update(cpu_worker_env())  # before torch loads its OpenMP, which reads it once
         import torch
 
         torch.set_num_threads(threads)
+        torch.set_num_interop_threads(1)  # the edit never forks inter-op work; its pool would only take cores
     from ..editor import Editor
 
     try:
@@ -119,6 +136,7 @@ def run_workers(
     from ..loading.hub import is_offline, parse_model, resolve
 
     out = output_options or OutputOptions()
+    finishes = Finishes()
     summary, finish, todo = begin(items, log, model, overwrite=overwrite, on_item=on_item, workers=len(devices))
     if not todo:
         summary.records = in_order(summary.records, items)
@@ -173,7 +191,7 @@ def run_workers(
             message = worker.conn.recv()
         except (EOFError, OSError):
             return False
-        started = _handle(message, worker, summary, finish, started)
+        started = _handle(message, worker, summary, finish, started, finishes)
         return True
 
     try:
@@ -215,6 +233,7 @@ def run_workers(
                 worker.process.kill()
     summary.seconds = time.perf_counter() - started if started is not None else 0.0
     summary.busy_fraction = mean_busy(w.clock for w in workers if w.clock)
+    finishes.measure(summary)
     summary.records = in_order(summary.records, items)
     return summary
 
@@ -225,6 +244,7 @@ def _handle(
     summary: BatchSummary,
     finish: Callable[[dict[str, Any]], None],
     started: float | None,
+    finishes: Finishes,
 ) -> float | None:
     """One message from a worker; returns when editing started (the first worker ready)."""
     kind = message[0]
@@ -238,6 +258,7 @@ def _handle(
         line, fatal = message[1], message[2]
         worker.held = [item for item in worker.held if item.key != line["output"]]
         finish(line)
+        finishes.add(id(worker))
         if fatal is not None:
             summary.stopped = summary.stopped or fatal
     elif kind == "clock":

@@ -243,8 +243,14 @@ def _summary_object(summary, results_path: Path, engine: str, part: tuple[int, i
         "seconds": round(summary.seconds, 3),
         "items_per_second": round(edited / summary.seconds, 3) if summary.seconds and edited else None,
         "busy_fraction": None if summary.busy_fraction is None else round(summary.busy_fraction, 4),
+        "steady_items_per_second": _rounded(summary.steady_items_per_second),
+        "startup_seconds": _rounded(summary.startup_seconds),
         "stopped": str(summary.stopped) if summary.stopped is not None else None,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _print_summary(summary, results_path: Path) -> None:
