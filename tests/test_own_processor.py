@@ -227,6 +227,14 @@ def test_broken_tokenizer_folders_are_checkpoint_errors(folders, tmp_path):
     (shifted / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="should have id 301"):
         load_processor(shifted)
+    config["added_tokens_decoder"] = {"300": {"special": True}}
+    (shifted / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="added_tokens_decoder is malformed"):
+        load_processor(shifted)
+    config = json.loads((folders["merges"] / "tokenizer_config.json").read_text())
+    (shifted / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    with pytest.raises(CheckpointError, match="split_special_tokens=true is not supported"):
+        load_processor(shifted)
     empty = tmp_path / "empty"
     shutil.copytree(folders["merges"], empty)
     (empty / "merges.txt").unlink()

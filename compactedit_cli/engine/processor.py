@@ -44,7 +44,6 @@ QWEN2_SPLIT = (
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
-VISION_END_TOKEN = "<|vision_end|>"
 
 # mm_token_type_ids: 0 for text, 1 for image tokens (transformers' numbering; there is no video here).
 IMAGE_TYPE = 1
@@ -112,7 +111,7 @@ class TextTokenizer:
         return ids, mask
 
 
-def _qwen2_backend(vocab: Path, merges: Path, add_prefix_space: bool) -> Tokenizer:
+def _qwen2_backend(vocab: Path, merges: Path) -> Tokenizer:
     """The byte-level BPE that ``Qwen2Tokenizer`` builds from vocab.json + merges.txt."""
     try:
         backend = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
@@ -122,7 +121,7 @@ def _qwen2_backend(vocab: Path, merges: Path, add_prefix_space: bool) -> Tokeniz
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     backend.decoder = decoders.ByteLevel()
@@ -131,25 +130,27 @@ def _qwen2_backend(vocab: Path, merges: Path, add_prefix_space: bool) -> Tokeniz
 
 def _add_tokens(backend: Tokenizer, config: Mapping[str, Any], config_path: Path) -> None:
     """The added tokens of tokenizer_config.json at their saved ids, then any named special token still missing."""
-    decoder = config.get("added_tokens_decoder") or {}
     try:
-        entries = sorted((int(index), entry) for index, entry in decoder.items())
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: added_tokens_decoder is malformed ({exc})") from exc
-    for index, entry in entries:
-        token = AddedToken(
-            entry["content"],
-            single_word=bool(entry.get("single_word", False)),
-            lstrip=bool(entry.get("lstrip", False)),
-            rstrip=bool(entry.get("rstrip", False)),
-            normalized=bool(entry.get("normalized", not entry.get("special", False))),
-            special=bool(entry.get("special", False)),
-        )
+        entries = sorted((int(index), entry) for index, entry in (config.get("added_tokens_decoder") or {}).items())
+        tokens = [
+            AddedToken(
+                entry["content"],
+                single_word=bool(entry.get("single_word", False)),
+                lstrip=bool(entry.get("lstrip", False)),
+                rstrip=bool(entry.get("rstrip", False)),
+                normalized=bool(entry.get("normalized", not entry.get("special", False))),
+                special=bool(entry.get("special", False)),
+            )
+            for _, entry in entries
+        ]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: added_tokens_decoder is malformed ({exc!r})") from exc
+    for (index, _), token in zip(entries, tokens, strict=True):
         backend.add_tokens([token])
-        if backend.token_to_id(entry["content"]) != index:
+        if backend.token_to_id(token.content) != index:
             raise CheckpointError(
-                f"{config_path}: added token {entry['content']!r} should have id {index} but the vocabulary gives it"
-                f" {backend.token_to_id(entry['content'])}"
+                f"{config_path}: added token {token.content!r} should have id {index} but the vocabulary gives it"
+                f" {backend.token_to_id(token.content)}"
             )
     named = [_token_text(config.get(name)) for name in _NAMED_SPECIAL]
     extra = [_token_text(token) for token in config.get("additional_special_tokens") or []]
@@ -160,13 +161,16 @@ def _add_tokens(backend: Tokenizer, config: Mapping[str, Any], config_path: Path
 def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> TextTokenizer:
     """The tokenizer of a ``tokenizer/`` folder (tokenizer.json, or vocab.json + merges.txt) and its config."""
     config_path = folder / "tokenizer_config.json"
+    for flag in ("add_prefix_space", "split_special_tokens"):  # Qwen's tokenizer sets neither
+        if config.get(flag):
+            raise CheckpointError(f"{config_path}: {flag}=true is not supported")
     if (folder / "tokenizer.json").is_file():
         try:
             backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the Rust side raises plain Exceptions
             raise CheckpointError(f"cannot load the tokenizer {folder / 'tokenizer.json'}: {exc}") from exc
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        backend = _qwen2_backend(folder / "vocab.json", folder / "merges.txt", bool(config.get("add_prefix_space")))
+        backend = _qwen2_backend(folder / "vocab.json", folder / "merges.txt")
     else:
         raise CheckpointError(f"{folder} has no tokenizer.json (or vocab.json with merges.txt)")
     _add_tokens(backend, config, config_path)
@@ -398,7 +402,6 @@ class ImageTextProcessor:
         self.template_origin = template_origin
         self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
         self.vision_start_token_id = tokenizer.token_id(VISION_START_TOKEN)
-        self.vision_end_token_id = tokenizer.token_id(VISION_END_TOKEN)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """One conversation rendered with the checkpoint's chat template (special tokens as template variables)."""
