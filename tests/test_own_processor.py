@@ -163,30 +163,43 @@ def test_image_config_fields_equal_transformers(folders, tmp_path):
             assert torch.equal(got[key], want[key]), (size, key)
 
 
+# A Qwen3-VL-style template: whitespace control, attribute access on dicts, namespaces, tojson, loop controls,
+# the {% generation %} tag, raise_exception and the special tokens as variables.
+_RICH_TEMPLATE = """
+{%- set ns = namespace(images=0) -%}
+{%- if messages[0].role == 'system' %}{{ raise_exception('no system turn') }}{% endif %}
+{%- for message in messages %}
+    {{- '<|im_start|>' + message.role + '\n' }}
+    {%- for content in message.content %}
+        {%- if content.type == 'image' or 'image' in content %}
+            {%- set ns.images = ns.images + 1 %}
+            {%- if add_vision_id %}Picture {{ ns.images }}: {% endif -%}
+            <|vision_start|><|image_pad|><|vision_end|>
+        {%- elif 'text' in content %}
+            {{- content.text | tojson }}
+            {%- if loop.last %}{% break %}{% endif %}
+        {%- endif %}
+    {%- endfor %}
+    {%- generation %}{{ eos_token }}{% endgeneration %}
+{% endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}
+"""
+
+
 def test_template_features_render_as_transformers(folders, tmp_path):
     folder = tmp_path / "template"
     shutil.copytree(folders["current"], folder)
-    template = (
-        "{%- set ns = namespace(images=0) -%}\n"
-        "{% for message in messages %}\n"
-        "  {% if message['role'] == 'system' %}{{ raise_exception('no system turn') }}{% endif %}\n"
-        "<|im_start|>{{ message['role'] }}\n"
-        "  {% for content in message['content'] %}\n"
-        "    {% if content['type'] == 'image' %}{% set ns.images = ns.images + 1 %}"
-        "Picture {{ ns.images }}: <|vision_start|><|image_pad|><|vision_end|>\n"
-        "    {% elif 'text' in content %}{{ content['text'] | tojson }}{% if loop.last %}{% break %}{% endif %}\n"
-        "    {% endif %}\n"
-        "  {% endfor %}{% generation %}{{ eos_token }}{% endgeneration %}\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
-    )
-    (folder / "chat_template.jinja").write_text(template)
+    (folder / "chat_template.jinja").write_text(_RICH_TEMPLATE)
     ours, reference = load_processor(folder), reference_processor(folder)
     for instruction in ('a "quoted" <b>bold</b> & café 🎩', "把天空变成蓝色"):
         message = _turn(f"what will this image be like if {instruction}")
         rendered = ours.render_chat(message)
         assert rendered == reference.apply_chat_template(message, tokenize=False)
-        assert "Picture 1: <|vision_start|>" in rendered and json.dumps(instruction, ensure_ascii=False)[1:] in rendered
+        assert rendered.startswith("<|im_start|>user\n<|vision_start|>") and rendered.endswith("<|im_end|>")
+        assert json.dumps(instruction, ensure_ascii=False)[1:] in rendered  # tojson keeps non-ASCII and HTML
         assert render_prompts(ours, [instruction]) == [rendered]
+        generation = ours.render_chat(message, add_generation_prompt=True)
+        assert generation == reference.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
     with pytest.raises(CheckpointError, match="no system turn"):
         ours.render_chat([{"role": "system", "content": []}])
 
