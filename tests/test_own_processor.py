@@ -204,6 +204,28 @@ def test_template_features_render_as_transformers(folders, tmp_path):
         ours.render_chat([{"role": "system", "content": []}])
 
 
+def test_every_template_file_layout_loads(folders, tmp_path):
+    """chat_template.jinja (5.x), chat_template.json (4.57) and tokenizer_config's (older) render alike."""
+    source = (folders["legacy"] / "chat_template.jinja").read_text()
+    expected = render_prompts(load_processor(folders["legacy"]), ["make it blue"])
+    for layout in ("json", "config", "named"):
+        folder = tmp_path / layout
+        shutil.copytree(folders["legacy"], folder)
+        (folder / "chat_template.jinja").unlink()
+        if layout == "json":
+            (folder / "chat_template.json").write_text(json.dumps({"chat_template": source}))
+        else:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            named = [{"name": "tool_use", "template": "{{ raise_exception('wrong one') }}"},
+                     {"name": "default", "template": source}]  # fmt: skip
+            config["chat_template"] = source if layout == "config" else named
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        assert render_prompts(load_processor(folder), ["make it blue"]) == expected
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": None}))
+    with pytest.raises(CheckpointError, match="has no chat template"):
+        load_processor(folder)
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [
