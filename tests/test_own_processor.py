@@ -224,6 +224,9 @@ def test_every_template_file_layout_loads(folders, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": None}))
     with pytest.raises(CheckpointError, match="has no chat template"):
         load_processor(folder)
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ bad }}")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_processor(folder)
 
 
 @pytest.mark.parametrize(

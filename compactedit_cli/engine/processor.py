@@ -230,7 +230,10 @@ def _template_source(folder: Path, tokenizer_config: Mapping[str, Any]) -> tuple
     """The chat template text and the file it came from (the 5.x file, the 4.57 file, then tokenizer_config)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8"), jinja
+        try:
+            return jinja.read_text(encoding="utf-8"), jinja
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"cannot read {jinja}: {exc}") from exc
     legacy = folder / "chat_template.json"
     if legacy.is_file():
         template = _read_json(legacy).get("chat_template")
