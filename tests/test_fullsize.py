@@ -67,15 +67,14 @@ def test_special_tokens_are_remapped_but_the_vocabulary_stays_real():
     assert remapped["text_config"]["vocab_size"] == 151936
     assert remapped["image_token_id"] == processor.image_token_id
     assert remapped["vision_start_token_id"] == processor.vision_start_token_id
-    assert remapped["text_config"]["eos_token_id"] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert remapped["text_config"]["eos_token_id"] == processor.tokenizer.token_id("<|im_end|>")
     assert configs.text_encoder["image_token_id"] == 151655  # the source config is untouched
 
 
 def test_processor_uses_the_real_patch_geometry():
     processor = build_processor(real_configs())
     image = Image.new("RGB", (1024, 1024))
-    out = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[image], return_tensors="pt",
-                    size={"shortest_edge": 352 * 352, "longest_edge": 672 * 672})  # fmt: skip
+    out = processor(["<|vision_start|><|image_pad|><|vision_end|>hi"], [image], 352 * 352, 672 * 672)
     # 1024² -> 672² (reference §3.2): 42x42 patches of 16 px, 441 tokens after the 2x2 merge.
     assert out["image_grid_thw"].tolist() == [[1, 42, 42]]
     assert (out["input_ids"] == processor.image_token_id).sum() == 441

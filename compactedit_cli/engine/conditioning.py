@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from .. import options
+from ..errors import UsageError
+from .processor import IMAGE_TOKEN, VIDEO_TOKEN, ImageTextProcessor, TextTokenizer
 
 EDIT_TEMPLATE = "what will this image be like if {instruction}"
 
@@ -67,30 +69,38 @@ class Conditioning:
     meta_inputs: MetaInputs
 
 
-def fit_instruction(tokenizer, instruction: str, limit: int = MAX_INSTRUCTION_TOKENS) -> tuple[str, str | None]:
+def fit_instruction(
+    tokenizer: TextTokenizer, instruction: str, limit: int = MAX_INSTRUCTION_TOKENS
+) -> tuple[str, str | None]:
     """The instruction cut to ``limit`` tokens before the first token that does not fit, and a warning if cut.
 
     Cutting at the start of the first dropped token never splits a character, even one spread over several
     byte-level tokens (emoji, CJK), and the cut text never tokenizes longer than ``limit``.
     """
     text = options.instruction(instruction)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = tokenizer.offsets(text)
     if len(offsets) <= limit:
         return text, None
     cut = text[: offsets[limit][0]].rstrip()
     return cut, f"the instruction is {len(offsets)} tokens long; only the first {limit} are used"
 
 
-def render_prompts(processor, instructions: Sequence[str]) -> list[str]:
-    """The chat texts the VLM reads, one per instruction."""
+def render_prompts(processor: ImageTextProcessor, instructions: Sequence[str]) -> list[str]:
+    """The chat texts the VLM reads, one per instruction.
+
+    The image placeholders are the processor's to expand, so an instruction that writes one is refused.
+    """
     texts = []
     for instruction in instructions:
+        for token in (IMAGE_TOKEN, VIDEO_TOKEN):
+            if token in instruction:
+                raise UsageError(f"the instruction contains {token}, a token reserved for the image")
         content = [
             {"type": "image", "image": None},
             {"type": "text", "text": EDIT_TEMPLATE.format(instruction=instruction.strip())},
         ]
         message = [{"role": "user", "content": content}]
-        texts.append(processor.apply_chat_template(message, tokenize=False, add_generation_prompt=False))
+        texts.append(processor.render_chat(message))
     return texts
 
 
@@ -117,15 +127,7 @@ class VLMConditioner:
     def prepare(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> VLMBatch:
         """Tokenise the prompts and patchify each row's image (one copy per row, as the reference does)."""
         texts = render_prompts(self.processor, instructions)
-        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-        out = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt", size=size)
-        return VLMBatch(
-            input_ids=out["input_ids"],
-            attention_mask=out["attention_mask"],
-            mm_token_type_ids=out["mm_token_type_ids"],
-            pixel_values=out["pixel_values"],
-            image_grid_thw=out["image_grid_thw"],
-        )
+        return VLMBatch(**self.processor(texts, images, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
 
     def meta_inputs(self, batch: VLMBatch) -> MetaInputs:
         """Embed the prompt, scatter in the vision features and insert the meta queries after the valid tokens."""

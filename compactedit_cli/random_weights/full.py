@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.pipeline import EditPipeline, default_device, default_dtype
+from ..engine.processor import ImageTextProcessor, TextTokenizer, image_config
 from ..loading.checkpoint import Components
 from .configs import load_config
 from .tiny import CHAT_TEMPLATE, TinySpec, build_text_encoder, build_transformer, build_vae, train_tokenizer
@@ -117,28 +118,20 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_processor(configs: ModelConfigs):
+def build_processor(configs: ModelConfigs) -> ImageTextProcessor:
     """The tiny tokenizer (in memory) with the configured image processor: no tokenizer files needed."""
-    from transformers import PreTrainedTokenizerFast
-
-    from ..engine.processor import ImageTextProcessor, TorchResizeImageProcessor
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(TinySpec().vocab_size),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="right",  # the meta queries go right after each row's valid tokens
-    )
-    image_processor = TorchResizeImageProcessor(**configs.image_processor)
-    return ImageTextProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    tokenizer = TextTokenizer(train_tokenizer(TinySpec().vocab_size), special["pad_token"], special)
+    image = image_config(configs.image_processor, "the qwen3_vl_2b config's image_processor")
+    return ImageTextProcessor(tokenizer, image, CHAT_TEMPLATE)
 
 
-def remap_special_tokens(text_encoder_config: dict[str, Any], tokenizer) -> dict[str, Any]:
+def remap_special_tokens(text_encoder_config: dict[str, Any], tokenizer: TextTokenizer) -> dict[str, Any]:
     """A copy of a Qwen3-VL config whose special-token ids point at ``tokenizer``'s; the vocabulary size is kept."""
     config = copy.deepcopy(text_encoder_config)
     for fields, target in ((_TOP_LEVEL_TOKENS, config), (_TEXT_TOKENS, config["text_config"])):
         for field, token in fields.items():
-            target[field] = tokenizer.convert_tokens_to_ids(token)
+            target[field] = tokenizer.token_id(token)
     return config
 
 
