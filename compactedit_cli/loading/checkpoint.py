@@ -23,7 +23,7 @@ from torch import nn
 from ..engine.binning import BIN_MULTIPLE
 from ..engine.processor import load_processor
 from ..errors import CheckpointError
-from ..models.dcae import DCAE, DCAEConfig, UnsupportedConfig
+from ..models.dcae import DCAE, DCAEConfig, DCAEConfigError
 from ..models.transformer import EditHeadSpec, VibeEditingTransformer
 
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
@@ -334,7 +334,7 @@ def build_vae(folder: Path) -> tuple[DCAE, list[Path]]:
     files = weight_files(folder)
     try:
         config = DCAEConfig.from_dict(raw)
-    except UnsupportedConfig as exc:
+    except DCAEConfigError as exc:
         raise CheckpointError(f"{config_path}: cannot build the VAE: {exc}") from exc
     with torch.device("meta"):
         vae = DCAE(config)

@@ -40,7 +40,7 @@ ATTENTION_EPS = 1e-15  # the linear attention's guard against an all-zero denomi
 GLU_EXPAND = 4  # the EfficientViT block's GLUMBConv widening
 
 
-class UnsupportedConfig(ValueError):
+class DCAEConfigError(ValueError):
     """A config field this DC-AE does not implement (or cannot be right); the loader names the file."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -82,15 +82,15 @@ class DCAEConfig(Mapping[str, Any]):
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> DCAEConfig:
         """The config of a ``config.json`` mapping, checked; fields diffusers does not know (``_class_name``) are
-        ignored as diffusers ignores them. Raises :class:`UnsupportedConfig`."""
+        ignored as diffusers ignores them. Raises :class:`DCAEConfigError`."""
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             built = cls(**{k: v for k, v in config.items() if k in names})
             return built._normalised()
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, UnsupportedConfig):
+            if isinstance(exc, DCAEConfigError):
                 raise
-            raise UnsupportedConfig("config", str(exc)) from exc
+            raise DCAEConfigError("config", str(exc)) from exc
 
     def _normalised(self) -> DCAEConfig:
         enc_stages = len(_ints(self.encoder_block_out_channels, "encoder_block_out_channels"))
@@ -128,24 +128,24 @@ class DCAEConfig(Mapping[str, Any]):
         """The shortcuts average or repeat channel groups, so the widths they join must divide each other."""
         enc, dec = self.encoder_block_out_channels, self.decoder_block_out_channels
         if self.encoder_out_shortcut and enc[-1] % self.latent_channels:
-            raise UnsupportedConfig("encoder_out_shortcut", f"{enc[-1]} channels do not average to the latent's")
+            raise DCAEConfigError("encoder_out_shortcut", f"{enc[-1]} channels do not average to the latent's")
         if self.decoder_in_shortcut and dec[-1] % self.latent_channels:
-            raise UnsupportedConfig("decoder_in_shortcut", f"the latent does not repeat to {dec[-1]} channels")
+            raise DCAEConfigError("decoder_in_shortcut", f"the latent does not repeat to {dec[-1]} channels")
         for i in range(len(enc) - 1):
             if self.encoder_layers_per_block[i] and (4 * enc[i]) % enc[i + 1]:
-                raise UnsupportedConfig("encoder_block_out_channels", f"{enc[i]} -> {enc[i + 1]} has no shortcut")
+                raise DCAEConfigError("encoder_block_out_channels", f"{enc[i]} -> {enc[i + 1]} has no shortcut")
             if self.downsample_block_type == "pixel_unshuffle" and enc[i + 1] % 4:
-                raise UnsupportedConfig("encoder_block_out_channels", f"{enc[i + 1]} is not a multiple of 4")
+                raise DCAEConfigError("encoder_block_out_channels", f"{enc[i + 1]} is not a multiple of 4")
         for i in range(len(dec) - 1):
             if self.decoder_layers_per_block[i] and (4 * dec[i]) % dec[i + 1]:
-                raise UnsupportedConfig("decoder_block_out_channels", f"{dec[i + 1]} -> {dec[i]} has no shortcut")
+                raise DCAEConfigError("decoder_block_out_channels", f"{dec[i + 1]} -> {dec[i]} has no shortcut")
         for side, widths, types in (
             ("encoder", enc, self.encoder_block_types),
             ("decoder", dec, self.decoder_block_types),
         ):
             for width, kind in zip(widths, types, strict=True):
                 if kind == "EfficientViTBlock" and width < self.attention_head_dim:
-                    raise UnsupportedConfig(
+                    raise DCAEConfigError(
                         "attention_head_dim", f"{side} stage of {width} channels has no {self.attention_head_dim}"
                     )
 
@@ -171,33 +171,33 @@ _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DCAEConfig))
 
 def _choice(value: Any, field: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise UnsupportedConfig(field, f"{value!r} is not implemented (one of {', '.join(choices)})")
+        raise DCAEConfigError(field, f"{value!r} is not implemented (one of {', '.join(choices)})")
     return value
 
 
 def _activation_name(value: Any, field: str) -> str:
     if not isinstance(value, str) or value.lower() not in ACTIVATIONS:
-        raise UnsupportedConfig(field, f"{value!r} is not implemented (one of {', '.join(ACTIVATIONS)})")
+        raise DCAEConfigError(field, f"{value!r} is not implemented (one of {', '.join(ACTIVATIONS)})")
     return value.lower()
 
 
 def _flag(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
-        raise UnsupportedConfig(field, f"must be true or false, got {value!r}")
+        raise DCAEConfigError(field, f"must be true or false, got {value!r}")
     return value
 
 
 def _positive(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UnsupportedConfig(field, f"must be a positive integer, got {value!r}")
+        raise DCAEConfigError(field, f"must be a positive integer, got {value!r}")
     return value
 
 
 def _ints(values: Any, field: str, minimum: int = 1) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise UnsupportedConfig(field, f"must be a list of integers, got {values!r}")
+        raise DCAEConfigError(field, f"must be a list of integers, got {values!r}")
     if any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
-        raise UnsupportedConfig(field, f"must be integers of at least {minimum}, got {list(values)!r}")
+        raise DCAEConfigError(field, f"must be integers of at least {minimum}, got {list(values)!r}")
     return tuple(values)
 
 
@@ -206,7 +206,7 @@ def _stages(value: Any, stages: int, field: str) -> tuple[Any, ...]:
     if value is None or isinstance(value, str):
         return (value,) * stages
     if not isinstance(value, Sequence) or len(value) != stages:
-        raise UnsupportedConfig(field, f"needs one entry per stage ({stages}), got {value!r}")
+        raise DCAEConfigError(field, f"needs one entry per stage ({stages}), got {value!r}")
     return tuple(value)
 
 
