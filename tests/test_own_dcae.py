@@ -204,6 +204,7 @@ def test_channels_last_and_sliced_norms_change_nothing(pair, monkeypatch):
         ("upsample_block_type", "bilinear", "'bilinear' is not implemented"),
         ("decoder_layers_per_block", [1, 1], "needs one entry per stage (6)"),
         ("latent_channels", 3, "do not average to the latent's"),
+        ("scaling_factor", "0.4", "must be a positive number"),
     ],
 )
 def test_unimplemented_config_is_refused_naming_file_and_field(tmp_path, field, value, words):

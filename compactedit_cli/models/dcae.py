@@ -113,7 +113,7 @@ class DCAEConfig(Mapping[str, Any]):
             "decoder_conv_act_fn": _activation_name(self.decoder_conv_act_fn, "decoder_conv_act_fn"),
             "encoder_out_shortcut": _flag(self.encoder_out_shortcut, "encoder_out_shortcut"),
             "decoder_in_shortcut": _flag(self.decoder_in_shortcut, "decoder_in_shortcut"),
-            "scaling_factor": float(self.scaling_factor),
+            "scaling_factor": _number(self.scaling_factor, "scaling_factor"),
         }
         for side, stages in (("encoder", enc_stages), ("decoder", dec_stages)):
             layers = _ints(getattr(self, f"{side}_layers_per_block"), f"{side}_layers_per_block", minimum=0)
@@ -191,6 +191,12 @@ def _positive(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DCAEConfigError(field, f"must be a positive integer, got {value!r}")
     return value
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise DCAEConfigError(field, f"must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _ints(values: Any, field: str, minimum: int = 1) -> tuple[int, ...]:
