@@ -123,6 +123,19 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return text
 
 
+# VAE tiles, in pixels: diffusers' AutoencoderDC sizes, so tiled output matches its tiled output.
+DEFAULT_VAE_TILE = 512
+DEFAULT_VAE_TILE_STRIDE = 448
+
+
+def vae_tile(size: Any, stride: Any, factor: int, name: str = "vae_tile") -> tuple[int, int]:
+    """A VAE tile's side and the stride between tiles, in pixels: tiles must overlap or touch (or pixels would go
+    missing), and step at least one latent (``factor`` pixels) at a time."""
+    size = bounded_int(size, f"{name} size", factor, 2**16)
+    stride = bounded_int(stride, f"{name} stride", factor, size)
+    return size, stride
+
+
 def speed_options(offload_mode: str, cuda_graphs: bool, quantize_mode: str = "none") -> None:
     """The rules between the speed options: CUDA graphs need the weights to stay where they were captured; FP8
     replaces weights after the offloader has taken hold of them."""

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from compactedit_cli import options
 from compactedit_cli.bench.report import report_table, startup_table, unapplied_options
 from compactedit_cli.bench.run import STAGES, BenchError, _graphs_outcome, run_bench
 
@@ -115,11 +116,11 @@ def test_loaded_pipeline_distilled_and_offload(tiny_pipe):
         offloaded = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
         assert offloaded["settings"]["offload"] == "model"
         assert offloaded["results"][0]["vae_tiling"] is False  # the report says whether it tiled; memory was not short
-        tiny_pipe.speed.set_vae_tiling(True)
+        tiny_pipe.speed.set_vae_tiling(True, tile=64, stride=32)  # tiles smaller than the image: it runs in tiles
         forced = run_bench(model=tiny_pipe, resolutions=[96], steps=1, warmup=0, repeats=1, offload="model")
         assert forced["results"][0]["vae_tiling"] is True
     finally:
-        tiny_pipe.speed.set_vae_tiling(None)
+        tiny_pipe.speed.set_vae_tiling(None, tile=options.DEFAULT_VAE_TILE, stride=options.DEFAULT_VAE_TILE_STRIDE)
         tiny_pipe.speed.set_offload("none")
 
 

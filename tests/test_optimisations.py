@@ -1,7 +1,7 @@
 """Every speed and memory option against the plain path, on the CPU in float32.
 
 Tolerance: final latents (which reach about ±13 here) within ``atol=5e-5, rtol=1e-6`` of the plain path: float32
-rounding, since the lean attention, the token feed-forward and the channels-last DC-AE sum in other orders. A wrong
+rounding, since the lean attention and the token feed-forward sum in other orders. A wrong
 weight, layout or branch moves latents by whole units. Offload only moves weights, so on one device it must be
 bit-identical.
 """
@@ -19,9 +19,11 @@ from PIL import Image
 from compactedit_cli import options
 from compactedit_cli.engine.pipeline import EditPipeline
 from compactedit_cli.errors import UsageError
-from compactedit_cli.random_weights.tiny import TinySpec, build_vae, vae_config
+from compactedit_cli.models.dcae import DCAE, DCAEConfig
+from compactedit_cli.random_weights.full import build_vae
+from compactedit_cli.random_weights.tiny import TinySpec, vae_config
 from compactedit_cli.speed.compiling import compile_unavailable
-from compactedit_cli.speed.tiling import vae_activation_bytes
+from compactedit_cli.speed.tiling import tiled_decode, vae_activation_bytes
 
 ATOL, RTOL = 5e-5, 1e-6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by scripts/gpu_bench.sh)")
@@ -135,7 +137,7 @@ def test_sliced_norms_change_no_edit(pipe, monkeypatch):
     assert difference.max() <= 1
 
 
-def test_fast_path_switches_norms_feed_forwards_and_vae_layout(pipe):
+def test_fast_path_switches_norms_and_feed_forwards_and_the_vae_stays_channels_last(pipe):
     from compactedit_cli.models.feedforward import TokenGLUMBConv
     from compactedit_cli.models.norm import LeanRMSNorm
 
@@ -146,13 +148,13 @@ def test_fast_path_switches_norms_feed_forwards_and_vae_layout(pipe):
         kernels = [p for p in pipe.vae.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
         return [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in kernels]
 
-    assert count(pipe.transformer, LeanRMSNorm) > 0 and count(pipe.vae, LeanRMSNorm) > 0
+    assert count(pipe.transformer, LeanRMSNorm) > 0
     assert count(pipe.transformer, TokenGLUMBConv) == len(pipe.transformer.transformer_blocks)
     assert vae_channels_last() and all(vae_channels_last())
     pipe.speed.set_fast_path(False)
-    assert count(pipe.transformer, LeanRMSNorm) == count(pipe.vae, LeanRMSNorm) == 0
+    assert count(pipe.transformer, LeanRMSNorm) == 0
     assert count(pipe.transformer, TokenGLUMBConv) == 0
-    assert not any(vae_channels_last())
+    assert all(vae_channels_last())  # the DC-AE has no plain path: diffusers' is its reference (test_own_dcae.py)
 
 
 @pytest.mark.parametrize("layout", ["block view", "contiguous"])
@@ -440,13 +442,13 @@ def test_tiled_decode_is_exact_away_from_tile_seams():
     config = vae_config(TinySpec())
     config["decoder_block_types"] = config["encoder_block_types"] = ["ResBlock"] * 6
     config["decoder_qkv_multiscales"] = config["encoder_qkv_multiscales"] = [[]] * 6
-    vae = build_vae(config, torch.Generator().manual_seed(2))
+    vae: DCAE = build_vae(config, torch.Generator().manual_seed(2), torch.device("cpu"), torch.float32)
+    assert isinstance(vae.config, DCAEConfig)
     z = torch.randn(1, config["latent_channels"], 16, 16, generator=torch.Generator().manual_seed(1))
     calls = _count_decoder_calls(vae)
     with torch.no_grad():
-        whole = vae.decode(z).sample
-        vae.enable_tiling(384, 384, 256, 256)  # 512² output: 2x2 tiles of 384² overlapping by 128
-        tiled = vae.decode(z).sample
+        whole = vae.decode(z)
+        tiled = tiled_decode(vae.decoder, z, 32, 384, 256)  # 512² output: 2x2 tiles of 384² overlapping by 128
     assert len(calls) == 1 + 4
     torch.testing.assert_close(tiled[..., :200, :200], whole[..., :200, :200], atol=1e-5, rtol=1e-6)
     assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.98
@@ -458,9 +460,10 @@ def test_pipeline_decode_tiles_when_asked_and_stays_close(pipe):
     calls = _count_decoder_calls(pipe.vae)
     pipe.speed.set_vae_tiling(False)
     whole = pipe.decode(z)
-    pipe.vae.enable_tiling(384, 384, 256, 256)
-    pipe.speed.set_vae_tiling(True)
+    assert not pipe.speed.vae_tiled
+    pipe.speed.set_vae_tiling(True, tile=384, stride=256)
     tiled = pipe.decode(z)
+    assert pipe.speed.vae_tiled and pipe.speed.vae_tile == (384, 256)
     assert len(calls) == 1 + 4
     assert tiled.shape == whole.shape
     assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.9
@@ -472,10 +475,16 @@ def test_automatic_vae_tiling_rule(pipe, monkeypatch):
     monkeypatch.setattr("compactedit_cli.speed.plan.free_device_bytes", lambda _device: 2**29)
     assert speed.uses_vae_tiling(1, 2048, 2048)  # the tiny VAE at fp32 2048² needs more than that by the estimate
     assert not speed.uses_vae_tiling(1, 1024, 1024)
-    with speed.vae_stage("decode", 1, 2048, 2048):  # the VAE stages apply the decision
-        assert pipe.vae.use_tiling
-    with speed.vae_stage("decode", 1, 1024, 1024):
-        assert not pipe.vae.use_tiling
+    calls = _count_decoder_calls(pipe.vae)
+    with monkeypatch.context() as short:  # the VAE stages apply the decision: 512² needs more than this, 256² less
+        short.setattr("compactedit_cli.speed.plan.free_device_bytes", lambda _device: 2**25)
+        speed.set_vae_tiling(None, tile=384, stride=256)
+        speed.vae_decode(torch.zeros(1, pipe.latent_channels, 16, 16))
+        assert speed.vae_tiled and len(calls) == 4
+        speed.vae_decode(torch.zeros(1, pipe.latent_channels, 8, 8))
+        assert not speed.vae_tiled and len(calls) == 5
+    with pytest.raises(UsageError, match="vae_tile stride must be between 32 and 256"):
+        speed.set_vae_tiling(True, tile=256, stride=300)  # tiles that leave gaps
     speed.set_vae_tiling(False)
     assert not speed.uses_vae_tiling(1, 2048, 2048)
     speed.set_vae_tiling(None)

@@ -228,8 +228,7 @@ class EditPipeline:
     def encode_image(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """Scaled source latents (K, C, height/f, width/f) of the images resized to the model size."""
         pixels = torch.cat([to_model_pixels(rgb, height, width) for rgb in images])
-        with self.speed.vae_stage("image", len(images), height, width):
-            return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent * self.scaling_factor
+        return self.speed.vae_encode(pixels.to(self.device, self.vae.dtype)) * self.scaling_factor
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
         """float32 noise from a CPU generator, so one seed gives the same start on every device."""
@@ -281,9 +280,7 @@ class EditPipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode of final latents: (B, 3, H, W) in [-1, 1]."""
-        f = self.vae_scale_factor
-        with self.speed.vae_stage("decode", latents.shape[0], latents.shape[2] * f, latents.shape[3] * f):
-            return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).sample
+        return self.speed.vae_decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor)
 
     # ---- the whole edit -----------------------------------------------------------------------------------------
 

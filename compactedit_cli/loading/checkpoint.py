@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderDC, SanaTransformer2DModel
+from diffusers import SanaTransformer2DModel
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..engine.binning import BIN_MULTIPLE
 from ..engine.processor import load_processor
 from ..errors import CheckpointError
+from ..models.dcae import DCAE, DCAEConfig, DCAEConfigError
 from ..models.transformer import EditHeadSpec, VibeEditingTransformer
 
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
@@ -319,21 +320,24 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtyp
 def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
     """Pixels per latent along each side: every DC-AE stage after the first halves the resolution.
 
-    Derived as diffusers' Sana pipelines derive it, from ``encoder_block_out_channels`` (a config mapping or
-    diffusers' FrozenDict).
+    Derived as diffusers' Sana pipelines derive it, from ``encoder_block_out_channels`` (a ``config.json``
+    mapping or a :class:`~compactedit_cli.models.dcae.DCAEConfig`).
     """
     return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
 
 
-def build_vae(folder: Path) -> tuple[AutoencoderDC, list[Path]]:
-    """The DC-AE on the meta device, from its config; weights checked strictly like the transformer's."""
-    config = read_json(folder / "config.json")
+def build_vae(folder: Path) -> tuple[DCAE, list[Path]]:
+    """The DC-AE on the meta device, from its config (a field it does not implement is refused, naming the file
+    and field); weights checked strictly like the transformer's."""
+    config_path = folder / "config.json"
+    raw = read_json(config_path)
     files = weight_files(folder)
     try:
-        with torch.device("meta"):
-            vae = AutoencoderDC.from_config(config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: cannot build the VAE ({exc})") from exc
+        config = DCAEConfig.from_dict(raw)
+    except DCAEConfigError as exc:
+        raise CheckpointError(f"{config_path}: cannot build the VAE: {exc}") from exc
+    with torch.device("meta"):
+        vae = DCAE(config)
     check_state_shapes(vae, state_shapes(files), folder)
     return vae, files
 
@@ -388,7 +392,7 @@ class Components:
     processor: Any
     text_encoder: nn.Module
     transformer: VibeEditingTransformer
-    vae: AutoencoderDC
+    vae: DCAE
     scheduler: Any
 
     @property
@@ -420,7 +424,7 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Com
     )
 
 
-def _check_compatible(transformer: VibeEditingTransformer, vae: AutoencoderDC, root: Path) -> None:
+def _check_compatible(transformer: VibeEditingTransformer, vae: DCAE, root: Path) -> None:
     """The transformer and VAE fit each other, and the resolution-binning tables fit both."""
     latent = vae.config.latent_channels
     if transformer.config.in_channels != 2 * latent or transformer.config.out_channels != latent:

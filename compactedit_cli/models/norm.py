@@ -10,11 +10,12 @@ dimension, so slicing changes no number, and temporaries stay the size of one sl
 
 from __future__ import annotations
 
+import functools
 import itertools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from torch import nn
 
 from .swap import swap_classes
@@ -65,14 +66,28 @@ class RMSNorm(nn.Module):
         return out
 
 
-class LeanRMSNorm(DiffusersRMSNorm):
-    """diffusers' ``RMSNorm`` computed as :class:`RMSNorm` computes it (for modules still built by diffusers)."""
+@functools.cache
+def _lean_class() -> type[nn.Module]:
+    """``LeanRMSNorm``, defined on first use: importing the plain :class:`RMSNorm` must not import diffusers."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 
-    slice_elements = SLICE_ELEMENTS
-    _normalise = RMSNorm._normalise
-    forward = RMSNorm.forward
+    class LeanRMSNorm(DiffusersRMSNorm):
+        """diffusers' ``RMSNorm`` computed as :class:`RMSNorm` computes it (for modules still built by diffusers)."""
+
+        slice_elements = SLICE_ELEMENTS
+        _normalise = RMSNorm._normalise
+        forward = RMSNorm.forward
+
+    return LeanRMSNorm
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LeanRMSNorm":
+        return _lean_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def use_lean_norms(module: nn.Module, enabled: bool = True) -> None:
-    """Switch every diffusers ``RMSNorm`` in ``module`` to :class:`LeanRMSNorm` (or back); weights are untouched."""
-    swap_classes(module, DiffusersRMSNorm, LeanRMSNorm, enabled)
+    """Switch every diffusers ``RMSNorm`` in ``module`` to ``LeanRMSNorm`` (or back); weights are untouched."""
+    lean = _lean_class()
+    swap_classes(module, lean.__bases__[0], lean, enabled)

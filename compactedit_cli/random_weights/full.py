@@ -23,8 +23,9 @@ from torch import nn
 from ..engine.pipeline import EditPipeline, default_device, default_dtype
 from ..engine.processor import ImageTextProcessor, TextTokenizer, image_config
 from ..loading.checkpoint import Components
+from ..models.dcae import DCAE, DCAEConfig
 from .configs import load_config
-from .tiny import CHAT_TEMPLATE, TinySpec, build_text_encoder, build_transformer, build_vae, train_tokenizer
+from .tiny import CHAT_TEMPLATE, TinySpec, _materialise, build_text_encoder, build_transformer, on_meta, train_tokenizer
 
 # Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
 _TOP_LEVEL_TOKENS = {
@@ -154,6 +155,13 @@ def _networks(configs: ModelConfigs, device: str | torch.device, dtype: torch.dt
         ),
         "vae": build_vae(configs.vae, generator(2), device, dtype),
     }
+
+
+def build_vae(config: dict[str, Any], generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> DCAE:
+    """A random DC-AE as the edit path runs it (this package's module, not diffusers')."""
+    with on_meta(dtype):
+        vae = DCAE(DCAEConfig.from_dict(config))
+    return _materialise(vae, generator, device)
 
 
 def random_components(

@@ -3,8 +3,8 @@
 :class:`SpeedPlan` sits beside an :class:`~compactedit_cli.engine.pipeline.EditPipeline` (``pipe.speed``) and is the
 one place that knows these options; the pipeline only asks it for three things:
 
-* a stage's context, :meth:`SpeedPlan.stage` (the stage's weights on the device), or for the VAE stages
-  :meth:`SpeedPlan.vae_stage`, which also decides tiling from the batch and size;
+* a stage's context, :meth:`SpeedPlan.stage` (the stage's weights on the device); the VAE stages are
+  :meth:`SpeedPlan.vae_encode` and :meth:`SpeedPlan.vae_decode`, which also decide tiling from the batch and size;
 * the denoiser for an edit's context, :meth:`SpeedPlan.denoiser`: the plain Sana forward, the fast path's forward
   on a context made ready once, or that forward replayed as a CUDA graph;
 * the denoise loop's guard, :meth:`SpeedPlan.loop_guard` (the sync check).
@@ -16,8 +16,8 @@ Each option is checked against the plain path (``tests/test_optimisations.py``):
 * CUDA graphs (:meth:`SpeedPlan.use_graphs`): each denoising step replayed as one captured graph (CUDA and the fast
   path only; not with offload);
 * weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
-* VAE tiling (:meth:`SpeedPlan.set_vae_tiling`): automatic when the device is short of memory. Tiling changes pixels
-  (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
+* VAE tiling (:meth:`SpeedPlan.set_vae_tiling`, :mod:`.tiling`): automatic when the device is short of memory.
+  Tiling changes pixels (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
 * fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the fast path's linear attention and gated depthwise
   convolution, see :mod:`.kernels` (``tests/test_kernels.py``);
 * FP8 linear layers in the DiT's blocks (:meth:`SpeedPlan.quantize`), see :mod:`.quantize`
@@ -48,7 +48,7 @@ from .graphs import GraphedStep
 from .kernels import kernels_unavailable
 from .offload import WeightOffloader, stage_offloader
 from .quantize import fp8_unsupported, quantize_linears
-from .tiling import free_device_bytes, vae_activation_bytes
+from .tiling import free_device_bytes, tiled_decode, tiled_encode, vae_activation_bytes
 
 if TYPE_CHECKING:
     from ..loading.checkpoint import Components
@@ -93,6 +93,8 @@ class SpeedPlan:
         self._offload = "none"
         self._offloader: WeightOffloader | None = None
         self._vae_tiling: bool | None = None
+        self._vae_tile = (options.DEFAULT_VAE_TILE, options.DEFAULT_VAE_TILE_STRIDE)
+        self._vae_tiled = False
         self._fast_path = False
         self._compiled = False
         self._graphs: GraphedStep | None = None
@@ -101,6 +103,8 @@ class SpeedPlan:
         self._kernels_active = False
         self._quantized = "none"
         self.notes: list[str] = []
+        # The DC-AE's convolutions run channels-last: the same sums, in faster kernels with smaller temporaries.
+        components.vae.to(memory_format=torch.channels_last)
         self.set_fast_path(True)
 
     # ---- facts --------------------------------------------------------------------------------------------------
@@ -126,6 +130,16 @@ class SpeedPlan:
     def vae_tiling(self) -> bool | None:
         """``True`` or ``False`` as set; ``None``: decided per call from free memory (:meth:`uses_vae_tiling`)."""
         return self._vae_tiling
+
+    @property
+    def vae_tile(self) -> tuple[int, int]:
+        """A VAE tile's side and the stride between tiles, in pixels (diffusers' 512 and 448 unless set)."""
+        return self._vae_tile
+
+    @property
+    def vae_tiled(self) -> bool:
+        """Whether the latest VAE encode or decode ran in tiles."""
+        return self._vae_tiled
 
     @property
     def sync_check(self) -> bool:
@@ -162,22 +176,20 @@ class SpeedPlan:
     def set_fast_path(self, enabled: bool = True) -> None:
         """Fast path (default): the context is projected once per edit, down to each block's cross-attention keys
         and values; both attentions use the lean processors; the feed-forwards' 1×1 convolutions run as matrix
-        products over tokens; the DiT's and DC-AE's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm`
-        (fewer passes, and no float32 copy of a whole VAE feature map); and the DC-AE's convolutions run
-        channels-last.
+        products over tokens; and the DiT's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm`
+        (fewer passes). The DC-AE is always lean (:mod:`compactedit_cli.models.dcae`; its reference is diffusers'
+        ``AutoencoderDC`` in ``tests/test_own_dcae.py``).
 
         ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
         tested against.
         """
         if not enabled and self._quantized != "none":
             raise UsageError("the plain path cannot run FP8 feed-forwards: they take tokens, as the fast path's do")
-        transformer, vae = self._components.transformer, self._components.vae
+        transformer = self._components.transformer
         self._fast_path = bool(enabled)
         transformer.use_lean_attention(self._fast_path)
         use_token_feed_forward(transformer, self._fast_path)
-        for module in (transformer, vae):
-            use_lean_norms(module, self._fast_path)
-        vae.to(memory_format=torch.channels_last if self._fast_path else torch.contiguous_format)
+        use_lean_norms(transformer, self._fast_path)
         self._install_kernels()
 
     def set_kernels(self, mode: str, *, warn: bool = True) -> str:
@@ -245,10 +257,15 @@ class SpeedPlan:
             self._offloader = stage_offloader(self._components, self._device, sequential=mode == "sequential")
         self._offload = mode
 
-    def set_vae_tiling(self, enabled: bool | None) -> None:
-        """Tile the VAE always (``True``), never (``False``), or only when the device is short of memory (``None``)."""
+    def set_vae_tiling(self, enabled: bool | None, *, tile: int | None = None, stride: int | None = None) -> None:
+        """Tile the VAE always (``True``), never (``False``), or only when the device is short of memory (``None``);
+        ``tile`` and ``stride`` (pixels) change the tiles' side and spacing, kept until changed again."""
         if enabled not in (True, False, None):
             raise UsageError(f"vae_tiling must be True, False or None (got {enabled!r})")
+        factor = self._components.vae.spatial_compression_ratio
+        self._vae_tile = options.vae_tile(
+            self._vae_tile[0] if tile is None else tile, self._vae_tile[1] if stride is None else stride, factor
+        )
         self._vae_tiling = enabled
 
     def check_syncs(self, enabled: bool = True) -> None:
@@ -321,16 +338,30 @@ class SpeedPlan:
         """Stage ``name``'s weights on the device for the duration of the block (a no-op without offload)."""
         return self._offloader.stage(name) if self._offloader is not None else nullcontext()
 
-    @contextmanager
-    def vae_stage(self, name: str, batch: int, height: int, width: int) -> Iterator[None]:
-        """:meth:`stage` for a VAE encode or decode of ``batch`` images of ``height`` x ``width``, tiled if need be."""
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ``"image"`` stage: unscaled latents of (B, 3, H, W) pixels, in tiles if need be (larger than one)."""
         vae = self._components.vae
-        if self.uses_vae_tiling(batch, height, width):
-            vae.enable_tiling()  # keeps any tile size set before
-        else:
-            vae.disable_tiling()
-        with self.stage(name):
-            yield
+        batch, _, height, width = pixels.shape
+        size, stride = self._vae_tile
+        self._vae_tiled = self.uses_vae_tiling(batch, height, width) and max(height, width) > size
+        with self.stage("image"):
+            if self._vae_tiled:
+                return tiled_encode(vae.encoder, pixels, vae.spatial_compression_ratio, size, stride)
+            return vae.encode(pixels)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The ``"decode"`` stage: pixels of unscaled latents, in tiles if need be (larger than one)."""
+        vae = self._components.vae
+        factor = vae.spatial_compression_ratio
+        batch, _, height, width = latents.shape
+        size, stride = self._vae_tile
+        self._vae_tiled = self.uses_vae_tiling(batch, height * factor, width * factor) and (
+            max(height, width) > size // factor
+        )
+        with self.stage("decode"):
+            if self._vae_tiled:
+                return tiled_decode(vae.decoder, latents, factor, size, stride)
+            return vae.decode(latents)
 
     def uses_vae_tiling(self, batch: int, height: int, width: int) -> bool:
         """:attr:`vae_tiling` if set; else tile only when the device has less free memory than the VAE needs."""
