@@ -10,11 +10,11 @@ dimension, so slicing changes no number, and temporaries stay the size of one sl
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from torch import nn
 
 from .swap import swap_classes
@@ -65,14 +65,27 @@ class RMSNorm(nn.Module):
         return out
 
 
-class LeanRMSNorm(DiffusersRMSNorm):
-    """diffusers' ``RMSNorm`` computed as :class:`RMSNorm` computes it (for modules still built by diffusers)."""
+@functools.cache
+def _lean_rms_norm() -> type[nn.Module]:
+    """``LeanRMSNorm``: diffusers' ``RMSNorm`` computed as :class:`RMSNorm` computes it (for modules still built by
+    diffusers). Made at first use, so that importing :class:`RMSNorm` imports no diffusers."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 
-    slice_elements = SLICE_ELEMENTS
-    _normalise = RMSNorm._normalise
-    forward = RMSNorm.forward
+    class LeanRMSNorm(DiffusersRMSNorm):
+        slice_elements = SLICE_ELEMENTS
+        _normalise = RMSNorm._normalise
+        forward = RMSNorm.forward
+
+    return LeanRMSNorm
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    if name == "LeanRMSNorm":
+        return _lean_rms_norm()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def use_lean_norms(module: nn.Module, enabled: bool = True) -> None:
-    """Switch every diffusers ``RMSNorm`` in ``module`` to :class:`LeanRMSNorm` (or back); weights are untouched."""
-    swap_classes(module, DiffusersRMSNorm, LeanRMSNorm, enabled)
+    """Switch every diffusers ``RMSNorm`` in ``module`` to ``LeanRMSNorm`` (or back); weights are untouched."""
+    lean = _lean_rms_norm()
+    swap_classes(module, lean.__mro__[1], lean, enabled)
