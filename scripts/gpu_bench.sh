@@ -98,7 +98,7 @@ bounded() {
 if want tests; then
     say "tests: optimisations on $DEVICE"
     bounded 180 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
-        -k "cuda or graph or fast_path or lean or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
+        -k "cuda or graph or own or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
     say "tests: the Triton kernels (compiled, not interpreted) and FP8 on $DEVICE"
     bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_quantize.py 2>&1 \
         | tee -a "$LOG"

@@ -209,13 +209,6 @@ def main() -> None:
         print(f"{name:13s} {seconds * 1e3:9.1f} ms  {counted}")
 
     (args.out / "kernels.txt").write_text("\n\n".join(tables))
-    pipe.speed.set_fast_path(False)
-    report["plain_path"] = {}
-    for name in ("denoise_step", "vae_encode", "vae_decode"):
-        seconds, peak, _ = timed(device, stages[name], args.repeats)
-        report["plain_path"][name] = {"seconds": seconds, "peak_allocated_gib": None if peak is None else peak / 2**30}
-        print(f"{name}, fast path off: {seconds * 1e3:.1f} ms, peak {report['plain_path'][name]['peak_allocated_gib']}")
-    pipe.speed.set_fast_path(True)
 
     report["built_in"] = built_in(pipe, device, args.built_in_resolution, args.repeats)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))

@@ -85,12 +85,6 @@ def test_an_edit_with_the_kernels_matches_the_plain_ops(tiny_checkpoint):
     assert not torch.equal(fused, plain)  # the kernels ran: sums in another order round differently
     torch.testing.assert_close(fused, plain, atol=5e-5, rtol=1e-6)
 
-    pipe.speed.set_kernels("triton")
-    pipe.speed.set_fast_path(False)  # diffusers' reference processors: never the kernels
-    assert not pipe.speed.kernels_active
-    pipe.speed.set_fast_path(True)
-    assert pipe.speed.kernels_active
-
 
 def test_without_cuda_or_the_interpreter_the_plain_ops_run_with_a_note(tiny_pipe, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

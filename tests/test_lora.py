@@ -100,7 +100,9 @@ def test_adapter_file_is_what_diffusers_and_peft_read(trained, tiny_checkpoint):
     state, metadata = SanaLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
     adapter = read_adapter(path)
     assert set(state) == {f"{PREFIX}{m}.lora_{x}.weight" for m in adapter.pairs for x in "AB"}
-    theirs, ours = _fresh_pipe(tiny_checkpoint).transformer, _fresh_pipe(tiny_checkpoint).transformer
+    from compactedit_cli.random_weights.reference import load_reference
+
+    theirs, ours = load_reference(tiny_checkpoint / "transformer"), _fresh_pipe(tiny_checkpoint).transformer
     theirs.load_lora_adapter(state, prefix="transformer", metadata=metadata)
     theirs.fuse_lora()
     apply_loras(ours, [(str(path), 1.0)])

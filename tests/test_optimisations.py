@@ -1,7 +1,7 @@
 """Every speed and memory option against the plain path, on the CPU in float32.
 
 Tolerance: final latents (which reach about ±13 here) within ``atol=5e-5, rtol=1e-6`` of the plain path: float32
-rounding, since the lean attention and the token feed-forward sum in other orders. A wrong
+rounding, since the channels-last DC-AE, compiled blocks and fused kernels sum in other orders. A wrong
 weight, layout or branch moves latents by whole units. Offload only moves weights, so on one device it must be
 bit-identical.
 """
@@ -41,180 +41,112 @@ def _latents(pipe: EditPipeline, **kwargs) -> torch.Tensor:
     return result.latents
 
 
-@pytest.mark.parametrize(("text", "image"), [(4.5, 1.2), (4.5, 0.5), (0.0, 0.0)], ids=["3-branch", "2-branch", "1"])
-def test_fast_path_matches_the_plain_path(pipe, text, image):
-    assert pipe.speed.fast_path
-    fast = _latents(pipe, guidance_scale=text, image_guidance_scale=image)
-    pipe.speed.set_fast_path(False)
-    plain = _latents(pipe, guidance_scale=text, image_guidance_scale=image)
-    torch.testing.assert_close(fast, plain, atol=ATOL, rtol=RTOL)
-
-
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_lean_linear_attention_matches_diffusers(qk_norm, dtype, atol):
+def test_linear_attention_matches_diffusers(qk_norm, dtype, atol):
     from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
     from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
-    from compactedit_cli.models.attention import LinearAttnProcessor
+    from compactedit_cli.models.attention import LinearSelfAttention
 
     torch.manual_seed(0)
-    attn = SanaTransformerBlock(dim=64, num_attention_heads=4, attention_head_dim=16, qk_norm=qk_norm).attn1
-    attn = attn.to(dtype).eval()
+    reference = SanaTransformerBlock(dim=64, num_attention_heads=4, attention_head_dim=16, qk_norm=qk_norm).attn1
+    reference.set_processor(SanaLinearAttnProcessor2_0())
+    ours = LinearSelfAttention(64, 4, 16, bias=True, qk_norm_form=qk_norm, dropout=0.0)  # the block default
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    reference, ours = reference.to(dtype).eval(), ours.to(dtype).eval()
     x = torch.randn(3, 40, 64, dtype=dtype)
     with torch.no_grad():
-        attn.set_processor(SanaLinearAttnProcessor2_0())
-        expected = attn(x)
-        attn.set_processor(LinearAttnProcessor())
-        actual = attn(x)
+        expected, actual = reference(x), ours(x)
     assert actual.dtype == dtype
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize(("qk_norm", "rescale"), [(None, 1.0), ("rms_norm_across_heads", 1.0), (None, 2.0)])
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_context_attention_with_ready_keys_and_values_matches_diffusers(qk_norm, rescale, dtype, atol):
-    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0, SanaTransformerBlock
+def test_cross_attention_with_ready_keys_and_values_matches_diffusers(qk_norm, dtype, atol):
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
-    from compactedit_cli.models.attention import ContextAttnProcessor, context_keys_values
+    from compactedit_cli.models.attention import CrossAttention
 
     torch.manual_seed(0)
     block = SanaTransformerBlock(
         dim=64, num_attention_heads=4, attention_head_dim=16, num_cross_attention_heads=2,
         cross_attention_head_dim=24, cross_attention_dim=48, qk_norm=qk_norm,
     )  # fmt: skip
-    attn = block.attn2.to(dtype).eval()
-    attn.rescale_output_factor = rescale
+    ours = CrossAttention(64, 48, 2, 24, qk_norm_form=qk_norm, dropout=0.0)
+    ours.load_state_dict(block.attn2.state_dict(), strict=True)
+    reference, ours = block.attn2.to(dtype).eval(), ours.to(dtype).eval()
     x, context = torch.randn(3, 40, 64, dtype=dtype), torch.randn(3, 7, 48, dtype=dtype)
     with torch.no_grad():
-        attn.set_processor(SanaAttnProcessor2_0())
-        expected = attn(x, encoder_hidden_states=context)
-        attn.set_processor(ContextAttnProcessor())
-        from_context = attn(x, encoder_hidden_states=context)
-        ready = attn(x, encoder_hidden_states=context_keys_values(attn, context))
+        expected = reference(x, encoder_hidden_states=context)
+        from_context = ours(x, context)
+        ready = ours(x, ours.keys_values(context))
     for actual in (from_context, ready):
         assert actual.dtype == dtype
         torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
-    with pytest.raises(ValueError, match="mask"):
-        attn(x, encoder_hidden_states=context, attention_mask=torch.ones(3, 7))
 
 
 @pytest.mark.parametrize(("affine", "bias"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 2e-6), (torch.bfloat16, 0.0)])
 @pytest.mark.parametrize("slice_elements", [2**25, 300, 1], ids=["whole", "slices", "rows"])
-def test_lean_rms_norm_matches_diffusers(affine, bias, dtype, atol, slice_elements, monkeypatch):
+def test_rms_norm_matches_diffusers(affine, bias, dtype, atol, slice_elements, monkeypatch):
     """Same dtype, strides and (bf16: identical) values as diffusers' RMSNorm, on the DC-AE's permuted layout."""
-    from diffusers.models.normalization import RMSNorm
+    from diffusers.models.normalization import RMSNorm as ReferenceRMSNorm
 
-    from compactedit_cli.models.norm import LeanRMSNorm, use_lean_norms
+    from compactedit_cli.models.norm import RMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(64, eps=1e-5, elementwise_affine=affine, bias=bias)
-    for param in norm.parameters():
+    reference = ReferenceRMSNorm(64, eps=1e-5, elementwise_affine=affine, bias=bias)
+    for param in reference.parameters():
         torch.nn.init.normal_(param)
-    norm = norm.to(dtype)
+    reference = reference.to(dtype)
+    ours = RMSNorm(64, eps=1e-5, elementwise_affine=affine, bias=bias)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    ours = ours.to(dtype)
     x = (torch.randn(2, 64, 9, 7) * 3).to(dtype).movedim(1, -1)  # what the DC-AE's blocks hand their norms
-    expected = norm(x)
-    use_lean_norms(norm)
-    assert type(norm) is LeanRMSNorm
-    monkeypatch.setattr(LeanRMSNorm, "slice_elements", slice_elements)
-    actual = norm(x)
+    expected = reference(x)
+    monkeypatch.setattr(RMSNorm, "slice_elements", slice_elements)
+    actual = ours(x)
     assert (actual.dtype, actual.stride()) == (expected.dtype, expected.stride())
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
-    use_lean_norms(norm, False)
-    assert type(norm) is RMSNorm
 
 
 def test_sliced_norms_change_no_edit(pipe, monkeypatch):
-    """Norms run in slices of a few rows (as at 2K) give the plain path's pixels."""
-    from compactedit_cli.models.norm import LeanRMSNorm
+    """Norms run in slices of a few rows (as at 2K) give the same pixels as norms run whole."""
+    from compactedit_cli.models.norm import RMSNorm
 
-    monkeypatch.setattr(LeanRMSNorm, "slice_elements", 64)
-    fast = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
-    pipe.speed.set_fast_path(False)
-    plain = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
-    difference = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(plain, dtype=np.int16))
+    whole = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
+    monkeypatch.setattr(RMSNorm, "slice_elements", 64)
+    sliced = pipe(PHOTO, "add a hat", num_inference_steps=2, seed=5).images[0]
+    difference = np.abs(np.asarray(sliced, dtype=np.int16) - np.asarray(whole, dtype=np.int16))
     assert difference.max() <= 1
 
 
-def test_fast_path_switches_norms_and_feed_forwards_and_the_vae_stays_channels_last(pipe):
-    from compactedit_cli.models.feedforward import TokenGLUMBConv
-    from compactedit_cli.models.norm import LeanRMSNorm
-
-    def count(module: torch.nn.Module, kind: type) -> int:
-        return sum(isinstance(m, kind) for m in module.modules())
-
-    def vae_channels_last() -> list[bool]:
-        kernels = [p for p in pipe.vae.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
-        return [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in kernels]
-
-    assert count(pipe.transformer, LeanRMSNorm) > 0
-    assert count(pipe.transformer, TokenGLUMBConv) == len(pipe.transformer.transformer_blocks)
-    assert vae_channels_last() and all(vae_channels_last())
-    pipe.speed.set_fast_path(False)
-    assert count(pipe.transformer, LeanRMSNorm) == 0
-    assert count(pipe.transformer, TokenGLUMBConv) == 0
-    assert all(vae_channels_last())  # the DC-AE has no plain path: diffusers' is its reference (test_own_dcae.py)
+def test_the_vae_runs_channels_last(pipe):
+    kernels = [p for p in pipe.vae.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
+    assert kernels
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in kernels)
 
 
-@pytest.mark.parametrize("layout", ["block view", "contiguous"])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_token_feed_forward_matches_glumbconv(layout, dtype, atol):
-    from diffusers.models.transformers.sana_transformer import GLUMBConv
+def test_token_feed_forward_matches_glumbconv(dtype, atol):
+    from diffusers.models.transformers.sana_transformer import GLUMBConv as ReferenceGLUMBConv
 
-    from compactedit_cli.models.feedforward import TokenGLUMBConv, use_token_feed_forward
+    from compactedit_cli.models.feedforward import GLUMBConv
 
     torch.manual_seed(0)
-    ff = GLUMBConv(32, 32, expand_ratio=2.5, norm_type=None, residual_connection=False).to(dtype).eval()
-    tokens = torch.randn(2, 6 * 5, 32, dtype=dtype)
-    x = tokens.unflatten(1, (6, 5)).permute(0, 3, 1, 2)  # what Sana's block passes: channels-last memory
-    if layout == "contiguous":
-        x = x.contiguous()
+    reference = ReferenceGLUMBConv(32, 32, expand_ratio=2.5, norm_type=None, residual_connection=False)
+    ours = GLUMBConv(32, 2.5)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    reference, ours = reference.to(dtype).eval(), ours.to(dtype).eval()
+    tokens = torch.randn(2, 6, 5, 32, dtype=dtype)
     with torch.no_grad():
-        expected = ff(x)
-        use_token_feed_forward(ff)
-        assert type(ff) is TokenGLUMBConv
-        actual = ff(x)
+        expected = reference(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # what Sana's block passes
+        actual = ours(tokens)
     assert actual.shape == expected.shape and actual.dtype == dtype
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
-    if layout == "block view":  # the block's flatten back to tokens stays a view
-        assert actual.flatten(2, 3).permute(0, 2, 1).is_contiguous()
-    use_token_feed_forward(ff, False)
-    assert type(ff) is GLUMBConv
-
-
-def test_token_feed_forward_keeps_glumbconvs_norm_and_residual():
-    from diffusers.models.transformers.sana_transformer import GLUMBConv
-
-    from compactedit_cli.models.feedforward import use_token_feed_forward
-
-    torch.manual_seed(0)
-    ff = GLUMBConv(16, 16, expand_ratio=2, norm_type="rms_norm", residual_connection=True).eval()
-    x = torch.randn(1, 16, 4, 4)
-    with torch.no_grad():
-        expected = ff(x)
-        use_token_feed_forward(ff)
-        torch.testing.assert_close(ff(x), expected, atol=0, rtol=0)
-
-
-def test_forward_on_projected_context_is_sanas_forward(pipe):
-    """Sana's forward with diffusers' processors against ours on a context projected once (keys, values and all)."""
-    transformer = pipe.transformer
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(3, transformer.config.in_channels, 6, 5, generator=generator)
-    context = torch.randn(3, 8, transformer.config.caption_channels, generator=generator)
-    t = torch.tensor([999, 999, 999])
-    with torch.no_grad():
-        projected = transformer.project_context(context)
-        keys, values = transformer.context_keys_values(projected)
-        fast = transformer.forward_projected(x, (keys, values), t)
-        projected_only = transformer.forward_projected(x, projected, t)
-        transformer.use_lean_attention(False)
-        plain = transformer(hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False)[0]
-    blocks, heads = len(transformer.transformer_blocks), transformer.config.num_cross_attention_heads
-    assert keys.shape[:4] == values.shape[:4] == (blocks, 3, heads, 8)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(projected_only, plain, atol=1e-5, rtol=1e-5)
+    assert actual.flatten(1, 2).is_contiguous()  # the block's flatten back to tokens stays a view
 
 
 def test_sequential_offload_leaves_the_keys_and_values_to_the_streamed_blocks(pipe, monkeypatch):

@@ -369,7 +369,6 @@ def run_bench(
                 "quantize": pipe.speed.quantized,
                 "quantize_message": quantize_message,
                 "offload": pipe.speed.offload,
-                "fast_path": pipe.speed.fast_path,
                 "sync_check": sync_check,
                 "random_weights": random_weights,
                 "warmup": warmup,

@@ -255,8 +255,6 @@ class EditPipeline:
             dtype = self.transformer.dtype
             scheduler = self.scheduler
             scheduler.set_timesteps(num_inference_steps, device=self.device)
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(0)  # else the first step looks its index up with a device sync
             context = guidance.context(cond, null).to(dtype)
             predict = self.speed.denoiser(context)
             image_in = guidance.image_latents(image_latents).to(dtype)
@@ -270,7 +268,7 @@ class EditPipeline:
                     model_timestep = t.expand(model_input.shape[0]) * timestep_scale
                     raw = predict(model_input, model_timestep).float()
                     guided = guidance.combine(raw)
-                    latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+                    latents = scheduler.step(guided, latents)
                     if blend is not None:
                         latents = blend(scheduler, index, latents)
                     if callback is not None:

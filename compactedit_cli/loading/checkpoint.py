@@ -7,7 +7,7 @@ loaded into :class:`VibeEditingTransformer`. Only safetensors are read, and no c
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import SanaTransformer2DModel
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..engine.binning import BIN_MULTIPLE
 from ..engine.processor import load_processor
+from ..engine.schedulers import Scheduler, scheduler_from_config
 from ..errors import CheckpointError
 from ..models.dcae import DCAE, DCAEConfig, DCAEConfigError
-from ..models.transformer import EditHeadSpec, VibeEditingTransformer
+from ..models.transformer import EditHeadSpec, SanaConfig, VibeEditingTransformer
 
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 
@@ -54,7 +54,7 @@ CONFIG_FILES = {
 VIBE_FIELDS = frozenset(
     {"input_condition_type", "edit_head_input_dim", "edit_head_stacks_num", "num_meta_queries", "meta_queries_dim"}
 )
-SANA_FIELDS = frozenset(inspect.signature(SanaTransformer2DModel.__init__).parameters) - {"self"}
+SANA_FIELDS = frozenset(field.name for field in dataclasses.fields(SanaConfig))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -242,34 +242,47 @@ def _require(config: dict[str, Any], key: str, path: Path) -> Any:
     return config[key]
 
 
+def new_transformer(
+    config: dict[str, Any], head_hidden: int, qk_norm: str | None, path: Path
+) -> VibeEditingTransformer:
+    """A transformer for a ``transformer/config.json`` (``path``), on the current default device.
+
+    Every Sana field is passed on; a value the model does not implement is refused, naming the file and field.
+    ``head_hidden`` is the edit head's width, which only the weights record.
+    """
+    condition = config.get("input_condition_type", "channel_cat")
+    if condition != "channel_cat":
+        raise CheckpointError(f"{path}: input_condition_type {condition!r} is not supported (channel_cat only)")
+    sana = {key: value for key, value in config.items() if key in SANA_FIELDS}
+    sana["qk_norm"] = qk_norm
+    # Sana's default out_channels is in_channels, which here would double the latent width.
+    sana["out_channels"] = _require(config, "out_channels", path)
+    head = EditHeadSpec(
+        num_meta_queries=_require(config, "num_meta_queries", path),
+        meta_queries_dim=_require(config, "meta_queries_dim", path),
+        input_dim=_require(config, "edit_head_input_dim", path),
+        hidden_dim=head_hidden,
+        depth=_require(config, "edit_head_stacks_num", path),
+    )
+    try:
+        return VibeEditingTransformer(SanaConfig(**sana), head, cfg_distilled=bool(config.get("cfg_distilled", False)))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
 def build_transformer(folder: Path) -> tuple[VibeEditingTransformer, list[Path]]:
     """The transformer on the meta device, sized from its config and the one width only the weights record."""
     config_path = folder / "config.json"
     config = read_json(config_path)
     files = weight_files(folder)
     shapes = state_shapes(files)
-    condition = config.get("input_condition_type", "channel_cat")
-    if condition != "channel_cat":
-        raise CheckpointError(f"{config_path}: input_condition_type {condition!r} is not supported (channel_cat only)")
-    if config.get("guidance_embeds"):
-        raise CheckpointError(f"{config_path}: guidance_embeds is not supported by the VIBE pipeline")
     if "edit_head.input_proj.weight" not in shapes or "meta_queries" not in shapes:
         raise CheckpointError(f"{folder} is not a VIBE editing transformer: no edit_head / meta_queries tensors")
-    sana = {key: value for key, value in config.items() if key in SANA_FIELDS}
     heads = _require(config, "num_attention_heads", config_path)
     head_dim = _require(config, "attention_head_dim", config_path)
-    sana["qk_norm"] = resolve_qk_norm(config.get("qk_norm"), shapes, heads, head_dim, folder)
-    # Sana's default out_channels is in_channels, which here would double the latent width.
-    sana["out_channels"] = _require(config, "out_channels", config_path)
-    head = EditHeadSpec(
-        num_meta_queries=_require(config, "num_meta_queries", config_path),
-        meta_queries_dim=_require(config, "meta_queries_dim", config_path),
-        input_dim=_require(config, "edit_head_input_dim", config_path),
-        hidden_dim=shapes["edit_head.input_proj.weight"][0],
-        depth=_require(config, "edit_head_stacks_num", config_path),
-    )
+    qk_norm = resolve_qk_norm(config.get("qk_norm"), shapes, heads, head_dim, folder)
     with torch.device("meta"):
-        model = VibeEditingTransformer(sana, head, cfg_distilled=bool(config.get("cfg_distilled", False)))
+        model = new_transformer(config, shapes["edit_head.input_proj.weight"][0], qk_norm, config_path)
     check_state_shapes(model, shapes, folder)
     return model, files
 
@@ -377,12 +390,14 @@ def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) ->
     return model.eval().requires_grad_(False)
 
 
-def load_scheduler(folder: Path, class_name: str) -> Any:
-    """The scheduler named in model_index.json, from its config (no weights, no code)."""
-    import diffusers
-
-    config = read_json(folder / CONFIG_FILES["scheduler"])
-    return getattr(diffusers, class_name).from_config(config)
+def load_scheduler(folder: Path, class_name: str) -> Scheduler:
+    """The scheduler named in model_index.json, from its config (no weights, no code); a value it does not
+    implement is refused, naming the file and field."""
+    path = folder / CONFIG_FILES["scheduler"]
+    try:
+        return scheduler_from_config(class_name, read_json(path))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 @dataclass
@@ -393,7 +408,7 @@ class Components:
     text_encoder: nn.Module
     transformer: VibeEditingTransformer
     vae: DCAE
-    scheduler: Any
+    scheduler: Scheduler
 
     @property
     def vae_scale_factor(self) -> int:

@@ -1,1 +1,1 @@
-"""Model code: the edit head and the editing transformer. Plain torch and diffusers modules, no I/O."""
+"""Model code: the editing transformer, its attention, feed-forward and edit head, norms. Plain torch, no I/O."""

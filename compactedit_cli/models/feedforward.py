@@ -1,9 +1,8 @@
-"""Sana's GLUMBConv feed-forward with its two 1×1 convolutions run as matrix products over tokens.
+"""Sana's GLUMBConv feed-forward over tokens, with the published parameter names and shapes.
 
-Sana's block hands its feed-forward the tokens (B, H·W, C) as a (B, C, H, W) view, which is channels-last in memory,
-and the 1×1 convolutions then go through cuDNN's convolution kernels. As plain matrix products over the same memory
-they are the same sums over the same weights, in faster kernels (BENCHMARKS.md). The 3×3 depthwise convolution stays
-a convolution, in the channels-last layout it is given.
+The block's tokens (B, H·W, C) are viewed as (B, H, W, C): the two 1×1 convolutions run as matrix products over
+that memory (the same sums over the same weights as the convolutions, in faster kernels: BENCHMARKS.md), and only
+the 3×3 depthwise convolution runs as a convolution, on the channels-last view it is given.
 """
 
 from __future__ import annotations
@@ -12,10 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.sana_transformer import GLUMBConv
 from torch import nn
-
-from .swap import swap_classes
 
 # (activations (B, H, W, 2C) channels-last, depthwise weight (2C, 1, 3, 3), bias (2C,) or None) -> (B, H, W, C)
 DepthwiseGLU = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -28,40 +24,41 @@ def depthwise_glu(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return (hidden * F.silu(gate)).permute(0, 2, 3, 1)
 
 
-def pointwise(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """A 1×1 convolution of channels-last ``tokens`` (…, C_in) as a matrix product; a module standing in for one
-    (:class:`~compactedit_cli.speed.quantize.Fp8Linear`) is called on the tokens."""
-    if isinstance(conv, nn.Conv2d):
-        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
-    return conv(tokens)
+def pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution of channels-last ``tokens`` (B, H, W, C_in).
 
-
-class TokenGLUMBConv(GLUMBConv):
-    """``GLUMBConv`` for Sana's blocks (no norm, no residual): same weights, same maths, fewer layout changes.
-
-    ``gated_depthwise`` is :func:`depthwise_glu`, or a fused kernel that
-    :meth:`~compactedit_cli.speed.plan.SpeedPlan.set_kernels` installs with :func:`use_depthwise_glu`.
+    A plain convolution runs as a matrix product; a module standing in for one that takes tokens
+    (:class:`~compactedit_cli.speed.quantize.Fp8Linear`, marked ``takes_tokens``) is called on them; any other
+    wrapper (peft's LoRA layer in training) is called as the convolution it wraps, on the channels-first view.
     """
+    if type(layer) is nn.Conv2d:
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    if getattr(layer, "takes_tokens", False):
+        return layer(tokens)
+    return layer(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
-    gated_depthwise: DepthwiseGLU = staticmethod(depthwise_glu)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.norm_type is not None or self.residual_connection:
-            return super().forward(hidden_states)
-        tokens = hidden_states.permute(0, 2, 3, 1)  # (B, H, W, C): contiguous when the block hands its usual view
-        hidden = self.nonlinearity(pointwise(self.conv_inverted, tokens))
+class GLUMBConv(nn.Module):
+    """conv_point(depthwise-GLU(silu(conv_inverted(x)))) on (B, H, W, C) tokens; Sana's blocks use it without norm
+    or residual. ``gated_depthwise`` is :func:`depthwise_glu`, or a fused kernel that :func:`use_depthwise_glu`
+    installs."""
+
+    def __init__(self, dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.gated_depthwise: DepthwiseGLU = depthwise_glu
+        self.conv_inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(pointwise(self.conv_inverted, tokens))
         hidden = self.gated_depthwise(hidden, self.conv_depth.weight, self.conv_depth.bias)
-        out = pointwise(self.conv_point, hidden)
-        return out.permute(0, 3, 1, 2)  # (B, C, H, W) over channels-last memory: the block flattens it for free
-
-
-def use_token_feed_forward(module: nn.Module, enabled: bool = True) -> None:
-    """Switch every ``GLUMBConv`` in ``module`` to :class:`TokenGLUMBConv` (or back); weights are untouched."""
-    swap_classes(module, GLUMBConv, TokenGLUMBConv, enabled)
+        return pointwise(self.conv_point, hidden)
 
 
 def use_depthwise_glu(module: nn.Module, core: DepthwiseGLU = depthwise_glu) -> None:
-    """Every :class:`TokenGLUMBConv` in ``module`` runs its gated depthwise convolution with ``core`` from now on."""
+    """Every :class:`GLUMBConv` in ``module`` runs its gated depthwise convolution with ``core`` from now on."""
     for child in module.modules():
-        if isinstance(child, TokenGLUMBConv):
+        if isinstance(child, GLUMBConv):
             child.gated_depthwise = core

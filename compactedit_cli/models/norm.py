@@ -1,4 +1,4 @@
-"""Diffusers' RMSNorm with the same rounding in fewer passes, and bounded temporaries on large inputs.
+"""An RMS norm with diffusers' RMSNorm rounding in fewer passes, and bounded temporaries on large inputs.
 
 The reference norm upcasts its whole input to float32, squares it, reduces, multiplies and casts back: about eight
 passes over memory, and on a large DC-AE feature map in bf16 its float32 temporaries briefly need several times the
@@ -10,15 +10,11 @@ dimension, so slicing changes no number, and temporaries stay the size of one sl
 
 from __future__ import annotations
 
-import functools
 import itertools
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .swap import swap_classes
 
 SLICE_ELEMENTS = 2**25  # elements per slice: float32 temporaries of at most 128 MiB
 _HALF = (torch.float16, torch.bfloat16)
@@ -64,30 +60,3 @@ class RMSNorm(nn.Module):
             out.narrow(dim, start, values.shape[dim]).copy_(values)
             start += values.shape[dim]
         return out
-
-
-@functools.cache
-def _lean_class() -> type[nn.Module]:
-    """``LeanRMSNorm``, defined on first use: importing the plain :class:`RMSNorm` must not import diffusers."""
-    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
-
-    class LeanRMSNorm(DiffusersRMSNorm):
-        """diffusers' ``RMSNorm`` computed as :class:`RMSNorm` computes it (for modules still built by diffusers)."""
-
-        slice_elements = SLICE_ELEMENTS
-        _normalise = RMSNorm._normalise
-        forward = RMSNorm.forward
-
-    return LeanRMSNorm
-
-
-def __getattr__(name: str) -> Any:
-    if name == "LeanRMSNorm":
-        return _lean_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def use_lean_norms(module: nn.Module, enabled: bool = True) -> None:
-    """Switch every diffusers ``RMSNorm`` in ``module`` to ``LeanRMSNorm`` (or back); weights are untouched."""
-    lean = _lean_class()
-    swap_classes(module, lean.__bases__[0], lean, enabled)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +23,11 @@ from torch import nn
 
 from ..engine.pipeline import EditPipeline, default_device, default_dtype
 from ..engine.processor import ImageTextProcessor, TextTokenizer, image_config
-from ..loading.checkpoint import Components
+from ..engine.schedulers import DPMSolverMultistepScheduler
+from ..loading.checkpoint import Components, new_transformer
 from ..models.dcae import DCAE, DCAEConfig
 from .configs import load_config
-from .tiny import CHAT_TEMPLATE, TinySpec, _materialise, build_text_encoder, build_transformer, on_meta, train_tokenizer
+from .tiny import CHAT_TEMPLATE, TinySpec, build_text_encoder, materialise, on_meta, train_tokenizer
 
 # Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
 _TOP_LEVEL_TOKENS = {
@@ -150,9 +152,7 @@ def _networks(configs: ModelConfigs, device: str | torch.device, dtype: torch.dt
 
     return {
         "text_encoder": build_text_encoder(configs.text_encoder, generator(0), device, dtype),
-        "transformer": build_transformer(
-            configs.transformer, configs.edit_head_hidden_dim, generator(1), device, dtype
-        ),
+        "transformer": build_transformer(configs, generator(1), device, dtype),
         "vae": build_vae(configs.vae, generator(2), device, dtype),
     }
 
@@ -161,15 +161,25 @@ def build_vae(config: dict[str, Any], generator: torch.Generator, device: torch.
     """A random DC-AE as the edit path runs it (this package's module, not diffusers')."""
     with on_meta(dtype):
         vae = DCAE(DCAEConfig.from_dict(config))
-    return _materialise(vae, generator, device)
+    return materialise(vae, generator, device)
+
+
+def build_transformer(
+    configs: ModelConfigs, generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """Our transformer (the one edits run) for the configs, built as the loader builds it, with random weights."""
+    config = configs.transformer
+    with on_meta(dtype):
+        model = new_transformer(
+            config, configs.edit_head_hidden_dim, config.get("qk_norm"), Path("random_weights/transformer.json")
+        )
+    return materialise(model, generator, device)
 
 
 def random_components(
     configs: ModelConfigs, device: str | torch.device, dtype: torch.dtype, seed: int = 0
 ) -> Components:
     """All five components with random weights, allocated on ``device`` in ``dtype``."""
-    from diffusers import DPMSolverMultistepScheduler
-
     processor = build_processor(configs)
     text_config = remap_special_tokens(configs.text_encoder, processor.tokenizer)
     networks = _networks(replace(configs, text_encoder=text_config), device, dtype, seed)
@@ -180,7 +190,7 @@ def random_components(
         text_encoder=networks["text_encoder"],
         transformer=networks["transformer"],
         vae=networks["vae"],
-        scheduler=DPMSolverMultistepScheduler.from_config(configs.scheduler),
+        scheduler=DPMSolverMultistepScheduler(configs.scheduler),
     )
 
 

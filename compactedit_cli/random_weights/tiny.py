@@ -341,7 +341,7 @@ def write_tokenizer(folder: Path, spec: TinySpec) -> None:
         )
 
 
-def _materialise(model: nn.Module, generator: torch.Generator, device: str | torch.device) -> nn.Module:
+def materialise(model: nn.Module, generator: torch.Generator, device: str | torch.device) -> nn.Module:
     """Allocate a meta-built model on ``device`` with random weights; ``device="meta"`` keeps it unallocated."""
     if torch.device(device).type != "meta":
         model = random_init_(model.to_empty(device=device), generator)
@@ -360,7 +360,7 @@ def build_text_encoder(
     cfg = Qwen3VLConfig.from_dict(config)
     with on_meta(dtype):
         model = Qwen3VLForConditionalGeneration(cfg)
-    model = _materialise(model, generator, device)
+    model = materialise(model, generator, device)
     model.tie_weights()
     _reset_buffers(model, device)
     return model.eval()
@@ -390,12 +390,13 @@ def build_transformer(
     *,
     qk_norm_width: str = "all",
 ) -> nn.Module:
-    """A random VIBE editing transformer from its config dict.
+    """A random VIBE editing transformer from its config dict, built by diffusers (the checkpoint's layout).
 
     A legacy ``qk_norm: true`` gets norms over ``"all"`` heads or one ``"head"``, named by the loader's mapping.
     """
     from ..loading.checkpoint import SANA_FIELDS, legacy_qk_norm
-    from ..models.transformer import EditHeadSpec, VibeEditingTransformer
+    from ..models.transformer import EditHeadSpec
+    from .reference import ReferenceVibeTransformer
 
     sana = {k: v for k, v in config.items() if k in SANA_FIELDS}
     if sana.get("qk_norm") is False:
@@ -413,8 +414,8 @@ def build_transformer(
         depth=config["edit_head_stacks_num"],
     )
     with on_meta(dtype):
-        model = VibeEditingTransformer(sana, head, cfg_distilled=bool(config.get("cfg_distilled")))
-    return _materialise(model, generator, device)
+        model = ReferenceVibeTransformer(sana, head)
+    return materialise(model, generator, device)
 
 
 def build_vae(
@@ -428,7 +429,7 @@ def build_vae(
 
     with on_meta(dtype):
         vae = AutoencoderDC.from_config(config)
-    return _materialise(vae, generator, device)
+    return materialise(vae, generator, device)
 
 
 def _save_safetensors(model: nn.Module, path: Path, skip: Iterable[str] = ()) -> None:

@@ -1,14 +1,23 @@
-"""``torch.compile``'s preconditions: whether it can run on this machine (a missing piece is reported instead of
-failing mid-edit), and the persistent cache that lets a new process reuse the graphs an earlier one compiled."""
+"""``torch.compile`` of the DiT's repeated blocks, its preconditions (a missing piece is reported instead of failing
+mid-edit), and the persistent cache that lets a new process reuse the graphs an earlier one compiled."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from ..options import compile_cache_dir
+
+
+def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", mode: str | None = None) -> None:
+    """Regional compilation: each block compiled in place (``nn.Module.compile``). The blocks share one code
+    object, so dynamo compiles one block shape once and every block reuses it: seconds, not minutes."""
+    for block in blocks:
+        block.compile(backend=backend, mode=mode)
 
 
 def compile_unavailable(backend: str, device: torch.device) -> str | None:

@@ -1,24 +1,24 @@
-"""How the pipeline's stages run: weight offload, VAE tiling, the fast path, compile, CUDA graphs, the sync check.
+"""How the pipeline's stages run: weight offload, VAE tiling, compile, CUDA graphs, the sync check.
 
 :class:`SpeedPlan` sits beside an :class:`~compactedit_cli.engine.pipeline.EditPipeline` (``pipe.speed``) and is the
 one place that knows these options; the pipeline only asks it for three things:
 
 * a stage's context, :meth:`SpeedPlan.stage` (the stage's weights on the device); the VAE stages are
   :meth:`SpeedPlan.vae_encode` and :meth:`SpeedPlan.vae_decode`, which also decide tiling from the batch and size;
-* the denoiser for an edit's context, :meth:`SpeedPlan.denoiser`: the plain Sana forward, the fast path's forward
-  on a context made ready once, or that forward replayed as a CUDA graph;
+* the denoiser for an edit's context, :meth:`SpeedPlan.denoiser`: the DiT's forward on a context made ready once,
+  or that forward replayed as a CUDA graph;
 * the denoise loop's guard, :meth:`SpeedPlan.loop_guard` (the sync check).
 
-Each option is checked against the plain path (``tests/test_optimisations.py``):
+Each option is checked against the plain path (``tests/test_optimisations.py``; the DiT itself is checked against
+diffusers' Sana in ``tests/test_own_sana.py``):
 
-* the fast path (on by default, :meth:`SpeedPlan.set_fast_path`);
 * ``torch.compile`` of the repeated transformer blocks (:meth:`SpeedPlan.compile`);
-* CUDA graphs (:meth:`SpeedPlan.use_graphs`): each denoising step replayed as one captured graph (CUDA and the fast
-  path only; not with offload);
+* CUDA graphs (:meth:`SpeedPlan.use_graphs`): each denoising step replayed as one captured graph (CUDA only; not
+  with offload);
 * weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
 * VAE tiling (:meth:`SpeedPlan.set_vae_tiling`, :mod:`.tiling`): automatic when the device is short of memory.
   Tiling changes pixels (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
-* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the fast path's linear attention and gated depthwise
+* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the DiT's linear attention and gated depthwise
   convolution, see :mod:`.kernels` (``tests/test_kernels.py``);
 * FP8 linear layers in the DiT's blocks (:meth:`SpeedPlan.quantize`), see :mod:`.quantize`
   (``tests/test_quantize.py``). It changes the numbers, so it is refused, not skipped, where it cannot run.
@@ -41,9 +41,8 @@ import torch
 from .. import options
 from ..errors import UsageError
 from ..models.attention import linear_attention, use_linear_attention
-from ..models.feedforward import depthwise_glu, use_depthwise_glu, use_token_feed_forward
-from ..models.norm import use_lean_norms
-from .compiling import compile_unavailable, use_compile_cache
+from ..models.feedforward import depthwise_glu, use_depthwise_glu
+from .compiling import compile_blocks, compile_unavailable, use_compile_cache
 from .graphs import GraphedStep
 from .kernels import kernels_unavailable
 from .offload import WeightOffloader, stage_offloader
@@ -85,7 +84,7 @@ class SpeedRequest:
 
 
 class SpeedPlan:
-    """The speed and memory state of one pipeline's components on ``device``; the fast path starts on."""
+    """The speed and memory state of one pipeline's components on ``device``."""
 
     def __init__(self, components: Components, device: torch.device) -> None:
         self._components = components
@@ -95,7 +94,6 @@ class SpeedPlan:
         self._vae_tiling: bool | None = None
         self._vae_tile = (options.DEFAULT_VAE_TILE, options.DEFAULT_VAE_TILE_STRIDE)
         self._vae_tiled = False
-        self._fast_path = False
         self._compiled = False
         self._graphs: GraphedStep | None = None
         self._sync_check = False
@@ -105,17 +103,13 @@ class SpeedPlan:
         self.notes: list[str] = []
         # The DC-AE's convolutions run channels-last: the same sums, in faster kernels with smaller temporaries.
         components.vae.to(memory_format=torch.channels_last)
-        self.set_fast_path(True)
+        self._install_kernels()
 
     # ---- facts --------------------------------------------------------------------------------------------------
 
     @property
     def offload(self) -> str:
         return self._offload
-
-    @property
-    def fast_path(self) -> bool:
-        return self._fast_path
 
     @property
     def compiled(self) -> bool:
@@ -173,30 +167,10 @@ class SpeedPlan:
         if request.cuda_graphs:
             self.use_graphs(warn=False)
 
-    def set_fast_path(self, enabled: bool = True) -> None:
-        """Fast path (default): the context is projected once per edit, down to each block's cross-attention keys
-        and values; both attentions use the lean processors; the feed-forwards' 1×1 convolutions run as matrix
-        products over tokens; and the DiT's RMSNorms run as :class:`~compactedit_cli.models.norm.LeanRMSNorm`
-        (fewer passes). The DC-AE is always lean (:mod:`compactedit_cli.models.dcae`; its reference is diffusers'
-        ``AutoencoderDC`` in ``tests/test_own_dcae.py``).
-
-        ``False`` runs diffusers' Sana forward, processors and norms unchanged, the reference the fast path is
-        tested against.
-        """
-        if not enabled and self._quantized != "none":
-            raise UsageError("the plain path cannot run FP8 feed-forwards: they take tokens, as the fast path's do")
-        transformer = self._components.transformer
-        self._fast_path = bool(enabled)
-        transformer.use_lean_attention(self._fast_path)
-        use_token_feed_forward(transformer, self._fast_path)
-        use_lean_norms(transformer, self._fast_path)
-        self._install_kernels()
-
     def set_kernels(self, mode: str, *, warn: bool = True) -> str:
-        """The fast path's linear attention and gated depthwise convolution as fused Triton kernels (``"triton"``)
-        or plain torch ops (``"off"``). The plain path (fast path off) never uses them. Where Triton cannot run
-        here (not installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a
-        one-line account.
+        """The DiT's linear attention and gated depthwise convolution as fused Triton kernels (``"triton"``)
+        or plain torch ops (``"off"``). Where Triton cannot run here (not installed, not CUDA) it notes why (and
+        warns, with ``warn``) and keeps the plain ops. Returns a one-line account.
         """
         self._kernels = options.kernels(mode, "kernels")
         reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
@@ -211,7 +185,7 @@ class SpeedPlan:
 
     def _install_kernels(self) -> None:
         transformer = self._components.transformer
-        self._kernels_active = self._kernels == "triton" and self._fast_path
+        self._kernels_active = self._kernels == "triton"
         if self._kernels_active:  # imported only now: Triton is optional, and a heavy import
             from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
             from .kernels.linear_attention import linear_attention as fused_linear_attention
@@ -233,8 +207,6 @@ class SpeedPlan:
         reason = fp8_unsupported(self._device)
         if reason is not None:
             raise UsageError(reason)
-        if not self._fast_path:
-            raise UsageError("--quantize fp8 needs the fast path: its FP8 feed-forwards take tokens")
         count = quantize_linears(self._components.transformer.transformer_blocks)
         self._quantized = mode
         return f"{count} matrix products of the transformer blocks run in FP8 (e4m3, row-wise scales)"
@@ -290,7 +262,7 @@ class SpeedPlan:
             self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
         cache = f", cache {use_compile_cache()}" if backend == "inductor" else ""
         transformer = self._components.transformer
-        transformer.compile_repeated_blocks(backend=backend, mode=mode)
+        compile_blocks(transformer.transformer_blocks, backend=backend, mode=mode)
         self._compiled = True
         blocks = len(transformer.transformer_blocks)
         mode_name = mode or "default"
@@ -300,7 +272,7 @@ class SpeedPlan:
         """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).
 
         The graph is captured at the first step of each new size, whose answer comes from one eager warm-up run,
-        and replaces the fast path's transformer call; the plain path stays eager. The weights must stay put, so it
+        and replaces the transformer call. The weights must stay put, so it
         refuses weight offload. It needs CUDA: elsewhere it notes why (and warns, with ``warn``) and leaves the
         pipeline eager. Returns a one-line account.
         """
@@ -372,12 +344,8 @@ class SpeedPlan:
         return free is not None and free < vae_activation_bytes(vae.config, batch, height, width, vae.dtype)
 
     def denoiser(self, context: torch.Tensor) -> Denoiser:
-        """The transformer as the denoise loop calls it; the fast path readies the context here, once per edit."""
+        """The transformer as the denoise loop calls it, with the context made ready here, once per edit."""
         transformer = self._components.transformer
-        if not self._fast_path:
-            return lambda x, t: transformer(
-                hidden_states=x, encoder_hidden_states=context, timestep=t, return_dict=False
-            )[0]
         ready = transformer.project_context(context)
         if self._offload != "sequential":  # streamed blocks hold their weights only inside their own forward
             ready = transformer.context_keys_values(ready)

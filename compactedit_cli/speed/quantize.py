@@ -1,7 +1,7 @@
 """``--quantize fp8``: the DiT blocks' matrix products in float8 (e4m3) with row-wise scales, via ``torch._scaled_mm``.
 
-The products are the attentions' linear layers and the feed-forwards' two 1×1 convolutions (which the fast path runs
-as matrix products over tokens, :func:`~compactedit_cli.models.feedforward.pointwise`).
+The products are the attentions' linear layers and the feed-forwards' two 1×1 convolutions (which run as matrix
+products over tokens, :func:`~compactedit_cli.models.feedforward.pointwise`).
 
 Each weight row (output channel) is scaled so its largest magnitude is float8's largest (448) and stored as
 ``float8_e4m3fn``; each activation row is scaled the same way at every call. ``torch._scaled_mm`` multiplies the
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.feedforward import TokenGLUMBConv
+from ..models.feedforward import GLUMBConv
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -59,6 +59,8 @@ class Fp8Linear(nn.Module):
     """A ``nn.Linear`` (or a 1×1 ``nn.Conv2d`` applied to tokens) with float8 weights and row-wise scales;
     activations quantised per row at each call. Off CUDA it runs :func:`fake_quantized_linear`."""
 
+    takes_tokens = True  # in a feed-forward it stands for a 1×1 convolution and takes the tokens (B, H, W, C)
+
     def __init__(self, layer: nn.Linear | nn.Conv2d) -> None:
         super().__init__()
         weight = layer.weight.detach().flatten(1)  # a 1×1 convolution's (out, in, 1, 1) is a linear's (out, in)
@@ -84,13 +86,13 @@ class Fp8Linear(nn.Module):
 
 
 def quantize_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``module``, and the 1×1 convolutions of its token-layout feed-forwards
-    (:class:`~compactedit_cli.models.feedforward.TokenGLUMBConv`), with :class:`Fp8Linear` layers, in place; returns
-    how many. The feed-forwards then run only on the fast path, which feeds them tokens."""
+    """Replace every ``nn.Linear`` under ``module``, and the 1×1 convolutions of its feed-forwards
+    (:class:`~compactedit_cli.models.feedforward.GLUMBConv`), with :class:`Fp8Linear` layers, in place; returns
+    how many."""
     count = 0
     for parent in list(module.modules()):
         names = [name for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-        if isinstance(parent, TokenGLUMBConv):
+        if isinstance(parent, GLUMBConv):
             names += ["conv_inverted", "conv_point"]
         for name in names:
             setattr(parent, name, Fp8Linear(getattr(parent, name)))

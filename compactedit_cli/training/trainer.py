@@ -105,7 +105,6 @@ class Trainer:
         self.resolved = resolve(ref, offline=is_offline(model.offline))
         status(f"loading {self.resolved.label()}")
         self.pipe = EditPipeline.from_pretrained(self.resolved.path, device=self.device, dtype=dtype)
-        self.pipe.speed.set_fast_path(False)  # diffusers' Sana forward: the one with gradient checkpointing
         self.transformer = self.pipe.transformer
         self.base_model = ref.repo_id or Path(self.resolved.path).name
         self.objective = FlowObjective.from_scheduler(
@@ -141,7 +140,7 @@ class Trainer:
 
     def _add_lora(self) -> list[torch.nn.Parameter]:
         try:
-            from peft import LoraConfig
+            from peft import LoraConfig, inject_adapter_in_model
         except ImportError:
             raise UsageError("compactedit train needs peft: pip install 'compactedit[train]'") from None
 
@@ -155,7 +154,7 @@ class Trainer:
             exclude_modules=r"edit_head\..*",  # the VLM side stays as it is: only the DiT adapts
         )
         try:
-            self.transformer.add_adapter(config)
+            inject_adapter_in_model(config, self.transformer)
         except ValueError as exc:
             raise UsageError(f"--target-modules: {exc}".splitlines()[0]) from None
         params = [p for _, p in self.transformer.named_parameters() if p.requires_grad]
@@ -189,9 +188,7 @@ class Trainer:
         self.transformer.train()
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            pred = self.transformer(
-                hidden_states=model_input, encoder_hidden_states=context, timestep=timestep, return_dict=False
-            )[0]
+            pred = self.transformer(model_input, context, timestep)
         loss = F.mse_loss(pred.float(), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
