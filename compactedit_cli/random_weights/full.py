@@ -22,8 +22,9 @@ from torch import nn
 
 from ..engine.pipeline import EditPipeline, default_device, default_dtype
 from ..loading.checkpoint import Components
+from ..models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
 from .configs import load_config
-from .tiny import CHAT_TEMPLATE, TinySpec, build_text_encoder, build_transformer, build_vae, train_tokenizer
+from .tiny import CHAT_TEMPLATE, TinySpec, _materialise, build_transformer, build_vae, on_meta, train_tokenizer
 
 # Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
 _TOP_LEVEL_TOKENS = {
@@ -140,6 +141,15 @@ def remap_special_tokens(text_encoder_config: dict[str, Any], tokenizer) -> dict
         for field, token in fields.items():
             target[field] = tokenizer.convert_tokens_to_ids(token)
     return config
+
+
+def build_text_encoder(
+    config: dict[str, Any], generator: torch.Generator, device: str | torch.device, dtype: torch.dtype
+) -> Qwen3VLEncoder:
+    """The edit path's own Qwen3-VL encoder, random, from a config dict (tiny checkpoints use transformers')."""
+    with on_meta(dtype):
+        model = Qwen3VLEncoder(Qwen3VLConfig.from_dict(config))
+    return _materialise(model, generator, device)
 
 
 def meta_models(configs: ModelConfigs, dtype: torch.dtype = torch.bfloat16) -> dict[str, nn.Module]:
