@@ -7,24 +7,27 @@ loaded into :class:`VibeEditingTransformer`. Only safetensors are read, and no c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderDC, SanaTransformer2DModel
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..engine.binning import BIN_MULTIPLE
-from ..engine.processor import load_processor
 from ..errors import CheckpointError
 from ..models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
-from ..models.transformer import EditHeadSpec, VibeEditingTransformer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderDC
+
+    from ..models.transformer import VibeEditingTransformer
 
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 
@@ -54,7 +57,15 @@ CONFIG_FILES = {
 VIBE_FIELDS = frozenset(
     {"input_condition_type", "edit_head_input_dim", "edit_head_stacks_num", "num_meta_queries", "meta_queries_dim"}
 )
-SANA_FIELDS = frozenset(inspect.signature(SanaTransformer2DModel.__init__).parameters) - {"self"}
+
+
+@functools.cache
+def sana_fields() -> frozenset[str]:
+    """The config fields diffusers' Sana DiT takes (read when a DiT is built: importing diffusers' models pulls in
+    transformers, which loading the text encoder alone must not)."""
+    from diffusers import SanaTransformer2DModel
+
+    return frozenset(inspect.signature(SanaTransformer2DModel.__init__).parameters) - {"self"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -244,6 +255,8 @@ def _require(config: dict[str, Any], key: str, path: Path) -> Any:
 
 def build_transformer(folder: Path) -> tuple[VibeEditingTransformer, list[Path]]:
     """The transformer on the meta device, sized from its config and the one width only the weights record."""
+    from ..models.transformer import EditHeadSpec, VibeEditingTransformer
+
     config_path = folder / "config.json"
     config = read_json(config_path)
     files = weight_files(folder)
@@ -255,7 +268,7 @@ def build_transformer(folder: Path) -> tuple[VibeEditingTransformer, list[Path]]
         raise CheckpointError(f"{config_path}: guidance_embeds is not supported by the VIBE pipeline")
     if "edit_head.input_proj.weight" not in shapes or "meta_queries" not in shapes:
         raise CheckpointError(f"{folder} is not a VIBE editing transformer: no edit_head / meta_queries tensors")
-    sana = {key: value for key, value in config.items() if key in SANA_FIELDS}
+    sana = {key: value for key, value in config.items() if key in sana_fields()}
     heads = _require(config, "num_attention_heads", config_path)
     head_dim = _require(config, "attention_head_dim", config_path)
     sana["qk_norm"] = resolve_qk_norm(config.get("qk_norm"), shapes, heads, head_dim, folder)
@@ -338,6 +351,8 @@ def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 def build_vae(folder: Path) -> tuple[AutoencoderDC, list[Path]]:
     """The DC-AE on the meta device, from its config; weights checked strictly like the transformer's."""
+    from diffusers import AutoencoderDC
+
     config = read_json(folder / "config.json")
     files = weight_files(folder)
     try:
@@ -422,6 +437,8 @@ class Components:
 
 def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Components:
     """Load all five components of a checkpoint folder onto ``device`` in ``dtype``."""
+    from ..engine.processor import load_processor
+
     index = read_model_index(root)
     transformer, transformer_files = build_transformer(root / "transformer")
     vae, vae_files = build_vae(root / "vae")

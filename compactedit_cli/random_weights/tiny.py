@@ -394,10 +394,10 @@ def build_transformer(
 
     A legacy ``qk_norm: true`` gets norms over ``"all"`` heads or one ``"head"``, named by the loader's mapping.
     """
-    from ..loading.checkpoint import SANA_FIELDS, legacy_qk_norm
+    from ..loading.checkpoint import legacy_qk_norm, sana_fields
     from ..models.transformer import EditHeadSpec, VibeEditingTransformer
 
-    sana = {k: v for k, v in config.items() if k in SANA_FIELDS}
+    sana = {k: v for k, v in config.items() if k in sana_fields()}
     if sana.get("qk_norm") is False:
         sana["qk_norm"] = None
     elif sana.get("qk_norm") is True:
