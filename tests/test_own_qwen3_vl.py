@@ -258,6 +258,7 @@ def _set(path: str, value):
     ("change", "needle"),
     [
         (_set("text_config.rope_scaling.rope_type", "yarn"), "rope_type 'yarn'"),
+        (_set("text_config.rope_scaling", {"type": "dynamic", "factor": 2.0}), "rope_type 'dynamic'"),
         (_set("text_config.rope_scaling.mrope_interleaved", False), "mrope_interleaved"),
         (_set("text_config.attention_dropout", 0.1), "attention_dropout"),
         (_set("text_config.hidden_act", "swish"), "hidden_act 'swish'"),

@@ -134,12 +134,17 @@ def _single_size(data: Mapping[str, Any], key: str, where: str, default: int) ->
     return _positive({key: value}, key, where)
 
 
-def _rope(data: Mapping[str, Any], where: str, default_theta: float) -> dict[str, Any]:
-    """The rope settings, merged from ``rope_parameters`` / ``rope_scaling`` and a top-level ``rope_theta``."""
+def _rope(data: Mapping[str, Any], where: str, default_theta: float, default_type: str) -> dict[str, Any]:
+    """The rope settings, merged from ``rope_parameters`` / ``rope_scaling`` and a top-level ``rope_theta``.
+
+    The type may be written ``type`` (older configs), and ``mrope`` is transformers' old name for the default.
+    """
     params = data.get("rope_parameters") or data.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"{where}rope_parameters must be an object")
     merged = {"rope_theta": data.get("rope_theta", default_theta), **params}
+    rope_type = merged.get("rope_type", merged.get("type", default_type))
+    merged["rope_type"] = "default" if rope_type == "mrope" else rope_type
     theta = merged["rope_theta"]
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ValueError(f"{where}rope_theta must be a positive number, got {theta!r}")
@@ -148,8 +153,8 @@ def _rope(data: Mapping[str, Any], where: str, default_theta: float) -> dict[str
 
 def _vision_config(data: Mapping[str, Any]) -> VisionConfig:
     where = "vision_config."
-    rope = _rope(data, where, 10000.0)
-    if rope.get("rope_type", "axial") != "axial":
+    rope = _rope(data, where, 10000.0, "axial")
+    if rope["rope_type"] != "axial":
         raise ValueError(f"{where}rope_type {rope['rope_type']!r} is not supported (Qwen3-VL's vision rope is axial)")
     hidden, heads = _positive(data, "hidden_size", where), _positive(data, "num_heads", where)
     if hidden % heads or (hidden // heads) % 4:
@@ -181,8 +186,8 @@ def _vision_config(data: Mapping[str, Any]) -> VisionConfig:
 
 def _text_config(data: Mapping[str, Any]) -> TextConfig:
     where = "text_config."
-    rope = _rope(data, where, 500000.0)
-    if rope.get("rope_type", "default") not in TEXT_ROPE_TYPES:
+    rope = _rope(data, where, 500000.0, "default")
+    if rope["rope_type"] not in TEXT_ROPE_TYPES:
         raise ValueError(f"{where}rope_type {rope['rope_type']!r} is not supported ({', '.join(TEXT_ROPE_TYPES)})")
     if rope.get("mrope_interleaved", True) is not True:
         raise ValueError(f"{where}mrope_interleaved must be true: Qwen3-VL interleaves its M-RoPE sections")
