@@ -72,6 +72,6 @@ def test_the_vlm_and_safetensors_load_straight_onto_the_device(tiny_checkpoint, 
     monkeypatch.setattr(checkpoint, "safe_open", spy_open)
     monkeypatch.setattr(torch.nn.Module, "to", spy_to)
     components = checkpoint.load_components(tiny_checkpoint, torch.device("cpu"), torch.float32)
-    assert opened == ["cpu", "cpu"]  # the transformer's and the VAE's files, each read onto the device
-    assert "Qwen3VLForConditionalGeneration" not in moved
+    assert opened == ["cpu", "cpu", "cpu"]  # the text encoder's, transformer's and VAE's files, onto the device
+    assert moved == []
     assert {p.device.type for p in components.text_encoder.parameters()} == {"cpu"}

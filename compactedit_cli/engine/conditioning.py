@@ -118,7 +118,7 @@ class VLMConditioner:
 
     @property
     def device(self) -> torch.device:
-        return self.text_encoder.get_input_embeddings().weight.device
+        return self.text_encoder.device
 
     def fit_instruction(self, instruction: str) -> tuple[str, str | None]:
         """See :func:`fit_instruction`, with this model's tokenizer."""
@@ -131,18 +131,16 @@ class VLMConditioner:
 
     def meta_inputs(self, batch: VLMBatch) -> MetaInputs:
         """Embed the prompt, scatter in the vision features and insert the meta queries after the valid tokens."""
-        vlm = self.text_encoder.model
+        vlm = self.text_encoder
         device = self.device
         input_ids = batch.input_ids.to(device)
         mask = batch.attention_mask.to(device).bool()
         grid = batch.image_grid_thw.to(device)
 
-        embeds = vlm.get_input_embeddings()(input_ids)
-        features = vlm.get_image_features(batch.pixel_values.to(device), grid)
-        image_embeds = torch.cat(features.pooler_output).to(embeds.dtype)
-        deepstack = [torch.cat(level) for level in features.deepstack_features]
-        image_mask = input_ids == self.text_encoder.config.image_token_id
-        embeds = embeds.masked_scatter(image_mask[..., None], image_embeds)
+        embeds = vlm.embed_tokens(input_ids)
+        image_embeds, deepstack = vlm.image_features(batch.pixel_values.to(device), grid)
+        image_mask = input_ids == vlm.config.image_token_id
+        embeds = embeds.masked_scatter(image_mask[..., None], image_embeds.to(embeds.dtype))
 
         queries = self.transformer.meta_queries.to(device=device, dtype=embeds.dtype)
         num_queries = queries.shape[0]
@@ -160,22 +158,19 @@ class VLMConditioner:
         new_visual = torch.stack([insert(v, n, zeros_bool) for n, _, _, v, _ in rows])
         new_types = torch.stack([insert(t, n, zeros_type) for n, _, _, _, t in rows])
 
-        # The ids only fix the length here; the modality of each slot comes from the token types.
-        placeholder_ids = torch.full((input_ids.shape[0], num_queries), -1, dtype=input_ids.dtype, device=device)
-        rope_ids = torch.cat([input_ids, placeholder_ids], dim=1)
-        position_ids, _ = vlm.get_rope_index(rope_ids, new_types, grid, None, attention_mask=new_mask)
+        # The queries count as text, so their positions continue the prompt's.
+        position_ids = vlm.rope_index(new_types, grid, new_mask)
         return MetaInputs(new_embeds, new_mask, position_ids, new_visual, deepstack, valid_lengths)
 
     def meta_states(self, inputs: MetaInputs) -> torch.Tensor:
         """Final-norm hidden states of the language model at each row's N meta positions."""
-        hidden = self.text_encoder.model.language_model(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            visual_pos_masks=inputs.visual_pos_masks,
-            deepstack_visual_embeds=inputs.deepstack_embeds,
-            use_cache=False,
-        ).last_hidden_state
+        hidden = self.text_encoder(
+            inputs.inputs_embeds,
+            inputs.attention_mask,
+            inputs.position_ids,
+            inputs.visual_pos_masks,
+            inputs.deepstack_embeds,
+        )
         num_queries = self.transformer.meta_queries.shape[0]
         return torch.stack([row[n : n + num_queries] for row, n in zip(hidden, inputs.valid_lengths, strict=True)])
 

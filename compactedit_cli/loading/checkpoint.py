@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from ..engine.processor import load_processor
 from ..engine.schedulers import Scheduler, scheduler_from_config
 from ..errors import CheckpointError
 from ..models.dcae import DCAE, DCAEConfig, DCAEConfigError
+from ..models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
 from ..models.transformer import EditHeadSpec, SanaConfig, VibeEditingTransformer
 
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
@@ -311,19 +312,29 @@ def _few(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    files: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    rename: Callable[[str], str | None] | None = None,
+) -> nn.Module:
     """Materialise a meta-device model from safetensors, in ``dtype`` on ``device`` (shapes already checked).
 
     Each tensor is read straight onto ``device`` and cast there one at a time, so neither a second host copy of the
-    weights nor a whole second device copy (for a dtype cast) ever exists.
+    weights nor a whole second device copy (for a dtype cast) ever exists. ``rename`` maps a file's tensor name to
+    the model's (None: a tensor the model does not use, never read).
     """
     state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    name = rename(key) if rename else key
+                    if name is None:
+                        continue
                     tensor = handle.get_tensor(key)
-                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read {path} ({exc}); re-download the model") from exc
     model.load_state_dict(state, strict=True, assign=True)
@@ -355,39 +366,51 @@ def build_vae(folder: Path) -> tuple[DCAE, list[Path]]:
     return vae, files
 
 
-def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Qwen3-VL through transformers (it converts older key layouts), refusing any missing or stray tensor.
+# Older Qwen-VL layouts transformers still reads, as (pattern, replacement), applied in order: a language model
+# nested one level too deep, then the pre-4.52 top-level ``visual.*`` and ``model.*`` (the language model).
+_TEXT_ENCODER_RENAMES = (
+    (re.compile(r"^(?:model\.language_model|language_model\.model)\.model\."), "model.language_model."),
+    (re.compile(r"^visual\."), "model.visual."),
+    (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model."),
+)
 
-    ``device_map`` names the one device, so transformers materialises each weight there as it reads it: the weights
-    never pass through host memory on their way to an accelerator (one device: no accelerate dispatch hooks).
-    """
-    from transformers import Qwen3VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
-    weight_files(folder)  # safetensors only, before transformers looks for anything else
-    hf_logging.disable_progress_bar()
+def text_encoder_key(name: str) -> str | None:
+    """The encoder's name for a Qwen3-VL checkpoint tensor; None for the LM head, which conditioning never uses."""
+    if name.startswith("lm_head."):
+        return None
+    for pattern, replacement in _TEXT_ENCODER_RENAMES:
+        name = pattern.sub(replacement, name, count=1)
+    return name
+
+
+def build_text_encoder(folder: Path) -> tuple[Qwen3VLEncoder, list[Path]]:
+    """Qwen3-VL on the meta device from its config, its tensors (in either key layout) checked strictly."""
+    config_path = folder / CONFIG_FILES["text_encoder"]
     try:
-        model, info = Qwen3VLForConditionalGeneration.from_pretrained(
-            folder,
-            dtype=dtype,
-            device_map={"": device},
-            use_safetensors=True,
-            trust_remote_code=False,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot load the text encoder in {folder}: {exc}") from exc
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head."))
-    problems = [
-        f"{label} {_few(sorted(info[key]))}"
-        for key, label in (("unexpected_keys", "unexpected tensor(s)"), ("mismatched_keys", "wrong shape for"))
-        if info[key]
-    ]
-    if missing:
-        problems.insert(0, "missing tensor(s) " + _few(missing))
-    if problems:
-        raise CheckpointError(f"{folder}: " + "; ".join(problems))
-    return model.eval().requires_grad_(False)
+        config = Qwen3VLConfig.from_dict(read_json(config_path))
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    files = weight_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in state_shapes(files).items():
+        key = text_encoder_key(name)
+        if key is None:
+            continue
+        if key in shapes:
+            raise CheckpointError(f"{folder}: tensor {key} is stored twice (under two key layouts)")
+        shapes[key] = shape
+    with torch.device("meta"):
+        model = Qwen3VLEncoder(config)
+    check_state_shapes(model, shapes, folder)
+    return model, files
+
+
+def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen3VLEncoder:
+    """Qwen3-VL's towers (no LM head) read straight onto ``device`` in ``dtype``, refusing any missing or stray
+    tensor."""
+    model, files = build_text_encoder(folder)
+    return load_weights(model, files, device, dtype, rename=text_encoder_key)
 
 
 def load_scheduler(folder: Path, class_name: str) -> Scheduler:
@@ -405,7 +428,7 @@ class Components:
     """Everything a checkpoint folder holds, loaded and checked against each other."""
 
     processor: Any
-    text_encoder: nn.Module
+    text_encoder: Qwen3VLEncoder
     transformer: VibeEditingTransformer
     vae: DCAE
     scheduler: Scheduler
@@ -423,8 +446,8 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Com
     vae, vae_files = build_vae(root / "vae")
     _check_compatible(transformer, vae, root)
     processor = load_processor(root / "tokenizer")
-    text_encoder = load_text_encoder(root / "text_encoder", device, dtype)
-    hidden = text_encoder.config.text_config.hidden_size
+    text_encoder, text_encoder_files = build_text_encoder(root / "text_encoder")
+    hidden = text_encoder.config.text.hidden_size
     if transformer.head_spec.meta_queries_dim != hidden or transformer.head_spec.input_dim != hidden:
         raise CheckpointError(
             f"{root}: meta queries ({transformer.head_spec.meta_queries_dim}) and edit head input "
@@ -432,7 +455,7 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Com
         )
     return Components(
         processor=processor,
-        text_encoder=text_encoder,
+        text_encoder=load_weights(text_encoder, text_encoder_files, device, dtype, rename=text_encoder_key),
         transformer=load_weights(transformer, transformer_files, device, dtype),
         vae=load_weights(vae, vae_files, device, dtype),
         scheduler=load_scheduler(root / "scheduler", index["scheduler"][1]),

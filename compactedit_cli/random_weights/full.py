@@ -26,8 +26,9 @@ from ..engine.processor import ImageTextProcessor, TextTokenizer, image_config
 from ..engine.schedulers import DPMSolverMultistepScheduler
 from ..loading.checkpoint import Components, new_transformer
 from ..models.dcae import DCAE, DCAEConfig
+from ..models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
 from .configs import load_config
-from .tiny import CHAT_TEMPLATE, TinySpec, build_text_encoder, materialise, on_meta, train_tokenizer
+from .tiny import CHAT_TEMPLATE, TinySpec, materialise, on_meta, train_tokenizer
 
 # Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
 _TOP_LEVEL_TOKENS = {
@@ -136,6 +137,15 @@ def remap_special_tokens(text_encoder_config: dict[str, Any], tokenizer: TextTok
         for field, token in fields.items():
             target[field] = tokenizer.token_id(token)
     return config
+
+
+def build_text_encoder(
+    config: dict[str, Any], generator: torch.Generator, device: str | torch.device, dtype: torch.dtype
+) -> Qwen3VLEncoder:
+    """The edit path's own Qwen3-VL encoder, random, from a config dict (tiny checkpoints use transformers')."""
+    with on_meta(dtype):
+        model = Qwen3VLEncoder(Qwen3VLConfig.from_dict(config))
+    return materialise(model, generator, device)
 
 
 def meta_models(configs: ModelConfigs, dtype: torch.dtype = torch.bfloat16) -> dict[str, nn.Module]:
