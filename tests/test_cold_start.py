@@ -75,3 +75,33 @@ def test_the_vlm_and_safetensors_load_straight_onto_the_device(tiny_checkpoint, 
     assert opened == ["cpu", "cpu", "cpu"]  # the text encoder's, transformer's and VAE's files, onto the device
     assert moved == []
     assert {p.device.type for p in components.text_encoder.parameters()} == {"cpu"}
+
+
+EAGER_PROBE = (
+    "import sys, atexit\n"
+    "heavy = ('diffusers', 'transformers', 'peft', 'torch._dynamo')\n"
+    "atexit.register(lambda: print('loaded:', sorted(m for m in heavy if m in sys.modules), file=sys.stderr))\n"
+    "sys.argv = ['compactedit', *sys.argv[1:]]\n"
+    "from compactedit_cli.cli import main\n"
+    "main()\n"
+)
+
+
+def test_an_eager_edit_imports_neither_diffusers_nor_transformers_nor_dynamo(tiny_checkpoint, tmp_path):
+    """The lean cold start: the edit path's models are compactedit's own, and nothing compiles without --compile."""
+    import subprocess
+    import sys
+
+    from conftest import make_photo
+
+    photo, out = make_photo(tmp_path / "in.png"), tmp_path / "out.png"
+    args = ["edit", photo, "add a hat", "-o", out, "-m", tiny_checkpoint, "--device", "cpu", "--steps", "2"]
+    run = subprocess.run(
+        [sys.executable, "-c", EAGER_PROBE, *map(str, args), "--server", "never"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert out.is_file()
+    assert "loaded: []" in run.stderr, run.stderr

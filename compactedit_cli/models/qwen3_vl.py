@@ -33,6 +33,12 @@ TEXT_ROPE_TYPES = ("default",)  # what the published checkpoint uses; scaled var
 DEFAULT_MROPE_SECTION = (24, 20, 20)  # transformers' default when the config names none
 
 
+def uninitialised_embedding(count: int, width: int) -> nn.Embedding:
+    """An embedding table left as allocated: loading fills it, and ``nn.Embedding``'s own ``normal_`` initialisation
+    goes through a torch function that imports ``torch._dynamo``, which an eager edit should never load."""
+    return nn.Embedding(count, width, _weight=torch.empty(count, width))
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """The vision tower's sizes (``vision_config``)."""
@@ -368,7 +374,7 @@ class VisionModel(nn.Module):
         super().__init__()
         self.config = config
         self.patch_embed = VisionPatchEmbed(config)
-        self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
+        self.pos_embed = uninitialised_embedding(config.num_position_embeddings, config.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config, norm_after_concat=False)
         self.deepstack_merger_list = nn.ModuleList(
@@ -512,7 +518,7 @@ class TextModel(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = uninitialised_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
