@@ -1,4 +1,5 @@
-"""compactedit's own config file: defaults for the model, device, dtype, offload, output format and EXIF policy.
+"""compactedit's own config file: defaults for the model, device, dtype, offload, output format, EXIF policy,
+kernels and quantisation.
 
 It lives in the platform's config folder (``platformdirs``), or under ``COMPACTEDIT_HOME`` when that is set.
 Weights never go here: they stay in the Hugging Face cache. Command-line flags always win over the file.
@@ -28,6 +29,8 @@ KEYS = {
     "output_format": "default output format of batch, and of edit when -o gives none (png, jpg, webp)",
     "server": "default --server of edit and batch (auto, never, http://HOST:PORT or a socket path)",
     "exif": "default --exif: what of the input's EXIF and XMP outputs keep (safe, keep, none)",
+    "kernels": "default --kernels of the transformer (off, triton)",
+    "quantize": "default --quantize of the transformer's linear layers (none, fp8)",
 }
 DEFAULTS = {
     "model": options.DEFAULT_MODEL,
@@ -37,6 +40,8 @@ DEFAULTS = {
     "output_format": options.DEFAULT_FORMAT,
     "server": options.DEFAULT_SERVER,
     "exif": options.DEFAULT_EXIF,
+    "kernels": options.DEFAULT_KERNELS,
+    "quantize": options.DEFAULT_QUANTIZE,
 }
 
 
@@ -56,6 +61,8 @@ CHECKS: dict[str, Callable[[str, str], str]] = {
     "output_format": options.output_format_name,
     "server": options.server,
     "exif": options.exif_policy,
+    "kernels": options.kernels,
+    "quantize": options.quantize,
 }
 
 

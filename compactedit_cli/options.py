@@ -104,6 +104,7 @@ FP8_AND_OFFLOAD = "--quantize fp8 and --offload do not mix yet: the offloader mo
 KERNEL_MODES = ("off", "triton")
 DEFAULT_KERNELS = "off"  # on by default only once the kernels have been checked on a GPU (BENCHMARKS.md)
 QUANTIZE_MODES = ("none", "fp8")
+DEFAULT_QUANTIZE = "none"
 
 
 def kernels(value: Any, name: str = "--kernels") -> str:
@@ -445,7 +446,7 @@ class ModelOptions:
     compile: bool = False
     cuda_graphs: bool = False
     kernels: str = DEFAULT_KERNELS
-    quantize: str = "none"
+    quantize: str = DEFAULT_QUANTIZE
     loras: tuple[tuple[str, float], ...] = ()  # (spec, scale) adapters fused into the DiT at load, in order
 
     def __post_init__(self) -> None:

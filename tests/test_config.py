@@ -26,10 +26,13 @@ def home(tmp_path, monkeypatch):
         ("offload", "disk", "offload must be one of none, model, sequential (got 'disk')"),
         ("output_format", "gif", "output_format must be png, jpg or webp (got 'gif')"),
         ("model", " ", "model must be an alias, a hub id (owner/name) or a folder (got ' ')"),
+        ("kernels", "cuda", "kernels must be one of off, triton (got 'cuda')"),
+        ("quantize", "int4", "quantize must be one of none, fp8 (got 'int4')"),
         (
             "colour",
             "blue",
-            "unknown config key 'colour' (one of: model, device, dtype, offload, output_format, server, exif)",
+            "unknown config key 'colour' (one of: model, device, dtype, offload, output_format, server, exif, kernels, "
+            "quantize)",
         ),
     ],
 )
@@ -81,6 +84,21 @@ def test_a_saved_offload_with_cuda_graphs_names_the_key(cli, home, tmp_path):
     assert cli("config", "set", "offload", "model").exit_code == 0
     result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "--cuda-graphs")
     assert result.exit_code == 2 and "config file" in result.stderr and "config set offload" in result.stderr
+
+
+def test_saved_kernels_and_quantize_are_the_defaults_and_flags_win(cli, home, tmp_path):
+    from compactedit_cli.cli.flags import model_options
+
+    assert cli("config", "set", "kernels", "Triton").exit_code == 0
+    assert cli("config", "set", "quantize", "fp8").exit_code == 0
+    saved = model_options(None, None, None, None, False, None, False)
+    assert (saved.kernels, saved.quantize) == ("triton", "fp8")
+    flagged = model_options(None, None, None, None, False, None, False, kernels="off", quantize="none")
+    assert (flagged.kernels, flagged.quantize) == ("off", "none")
+    photo = make_photo(tmp_path / "p.png")
+    result = cli("edit", photo, "x", "-o", tmp_path / "o.png", "--offload", "model")
+    assert result.exit_code == 2 and "config file" in result.stderr and "config set quantize" in result.stderr
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_config_folder_under_a_file(cli, tmp_path, monkeypatch):

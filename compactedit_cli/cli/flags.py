@@ -395,13 +395,15 @@ def model_options(
             offload=options.offload(offload) if offload else saved.get("offload", "none"),
             compile=compile_,
             cuda_graphs=cuda_graphs,
-            kernels=options.kernels(kernels) if kernels else options.DEFAULT_KERNELS,
-            quantize=options.quantize(quantize) if quantize else "none",
+            kernels=options.kernels(kernels) if kernels else saved.get("kernels", options.DEFAULT_KERNELS),
+            quantize=options.quantize(quantize) if quantize else saved.get("quantize", options.DEFAULT_QUANTIZE),
             loras=tuple(loras or ()),
         )
     except CompactEditError as exc:
         if offload is None and saved.get("offload", "none") != "none":  # --cuda-graphs with a saved offload
             raise config_file.blame("offload", exc) from None
+        if quantize is None and saved.get("quantize", "none") != "none":  # --offload with a saved fp8
+            raise config_file.blame("quantize", exc) from None
         raise
 
 
