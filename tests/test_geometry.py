@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from compactedit_cli.engine.binning import (
@@ -103,3 +104,15 @@ def test_geometry_path_keeps_content_aligned(width, height):
         assert back.size == (width, height)
         cx, cy = _bright_centre(back)
         assert abs(cx - x) <= 1 and abs(cy - y) <= 1, (cx, cy, x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_to_pil_rounds_as_the_reference_does(dtype):
+    """The reference's conversion, in numpy on the host: (x / 2 + 0.5) clamped, times 255, rounded half to even."""
+    generator = torch.Generator().manual_seed(0)
+    decoded = (torch.rand(2, 3, 17, 11, generator=generator) * 2.4 - 1.2).to(dtype)
+    decoded[0, 0, 0, :6] = torch.tensor([(2 * k + 1) / 255 - 1 for k in range(6)])  # exact half levels
+    expected = np.round((decoded.float() / 2 + 0.5).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    images = to_pil(decoded)
+    assert [image.mode for image in images] == ["RGB", "RGB"]
+    np.testing.assert_array_equal(np.stack([np.asarray(i) for i in images]), expected.transpose(0, 2, 3, 1))
