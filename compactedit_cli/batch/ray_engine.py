@@ -88,21 +88,6 @@ def _actors(ray: Any, model: ModelOptions, workers: int | None) -> tuple[int, di
     return count, {"num_cpus": threads, "runtime_env": {"env_vars": cpu_worker_env()}}, threads
 
 
-def _native_stdout_to_stderr() -> None:
-    """Send what Ray's C++ core writes to file descriptor 1 (its warnings, some after ``ray.shutdown``, at exit) to
-    stderr, for the rest of the process; Python's ``sys.stdout`` keeps the real stdout, so ``--json`` stays JSON."""
-    try:
-        python_stdout = sys.stdout.fileno() == 1
-    except (AttributeError, OSError, ValueError):  # a captured stream: only the descriptor needs moving
-        python_stdout = False
-    if python_stdout:
-        sys.stdout.flush()
-        real = os.fdopen(os.dup(1), "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors, buffering=1)
-    os.dup2(2, 1)
-    if python_stdout:
-        sys.stdout = real
-
-
 def run_ray(
     model: ModelOptions,
     items: list[BatchItem],
@@ -131,8 +116,6 @@ def run_ray(
     status(f"connecting to Ray at {address}" if address else "starting a local Ray cluster")
     joined = ray.is_initialized()  # a host program's own Ray session is used as it is, and left running
     # Ray prints its cluster's messages ("(raylet) A worker died …") to stdout; stdout is ours (--json, paths).
-    if not joined:
-        _native_stdout_to_stderr()
     with contextlib.redirect_stdout(sys.stderr):
         if not joined:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
