@@ -67,11 +67,13 @@ def test_a_ray_actor_killed_mid_item_is_retried_or_recorded(tiny_checkpoint, tmp
     for index in range(2):
         make_photo(src / f"p{index}.png", (48, 48), seed=index)
     out = tmp_path / "out"
-    command = [sys.executable, "-c", _MAIN, "batch", str(src), "-i", "x", "-o", str(out), "-m", str(tiny_checkpoint)]
+    # The plain CLI: the engine starts a local cluster for the run and shuts it down before printing its summary,
+    # so whatever Ray reports of the dead actor (its retry, on the driver) goes to stderr, never after the JSON.
+    command = [sys.executable, "-m", "compactedit_cli", "batch", str(src), "-i", "x", "-o", str(out)]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["OMP_NUM_THREADS"] = "1"
     run = subprocess.Popen(
-        [*command, "--steps", "300", "--device", "cpu", "--engine", "ray", "--json"],
+        [*command, "-m", str(tiny_checkpoint), "--steps", "300", "--device", "cpu", "--engine", "ray", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -105,7 +107,5 @@ def test_a_ray_actor_killed_mid_item_is_retried_or_recorded(tiny_checkpoint, tmp
     from compactedit_cli.files.imaging import TEMP_SUFFIX
 
     assert [p.name for p in out.iterdir() if p.name.endswith(TEMP_SUFFIX)] == []  # no partial file left
-    summary, end = json.JSONDecoder().raw_decode(stdout)
+    summary = json.loads(stdout)  # one JSON document: nothing of Ray's on stdout
     assert summary["engine"] == "ray", stdout
-    if stdout[end:].strip():  # a known defect, kept visible: Ray's retry warning sometimes lands after the JSON
-        pytest.xfail(f"open defect (#14): output after the --json summary: {stdout[end:].strip()[:200]!r}")

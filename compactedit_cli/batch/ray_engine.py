@@ -115,7 +115,9 @@ def run_ray(
         return summary
     status(f"connecting to Ray at {address}" if address else "starting a local Ray cluster")
     joined = ray.is_initialized()  # a host program's own Ray session is used as it is, and left running
-    # Ray prints its cluster's messages ("(raylet) A worker died …") to stdout; stdout is ours (--json, paths).
+    # Ray's driver prints its cluster's messages ("(raylet) A worker died …") to sys.stdout; stdout is ours (--json,
+    # paths). Our own session is shut down inside the redirect, which flushes them all; a joined host session
+    # keeps printing them, later, where its host's Ray prints.
     with contextlib.redirect_stdout(sys.stderr):
         if not joined:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
