@@ -1,5 +1,5 @@
 """compactedit's own config file: defaults for the model, device, dtype, offload, output format, EXIF policy,
-kernels and quantisation.
+kernels, quantisation and compiling.
 
 It lives in the platform's config folder (``platformdirs``), or under ``COMPACTEDIT_HOME`` when that is set.
 Weights never go here: they stay in the Hugging Face cache. Command-line flags always win over the file.
@@ -31,6 +31,7 @@ KEYS = {
     "exif": "default --exif: what of the input's EXIF and XMP outputs keep (safe, keep, none)",
     "kernels": "default --kernels of the transformer (off, triton)",
     "quantize": "default --quantize of the transformer's linear layers (none, fp8)",
+    "compile": "torch.compile the transformer unless --compile/--no-compile says (off, on, auto)",
 }
 DEFAULTS = {
     "model": options.DEFAULT_MODEL,
@@ -42,6 +43,7 @@ DEFAULTS = {
     "exif": options.DEFAULT_EXIF,
     "kernels": options.DEFAULT_KERNELS,
     "quantize": options.DEFAULT_QUANTIZE,
+    "compile": options.DEFAULT_COMPILE,
 }
 
 
@@ -63,6 +65,7 @@ CHECKS: dict[str, Callable[[str, str], str]] = {
     "exif": options.exif_policy,
     "kernels": options.kernels,
     "quantize": options.quantize,
+    "compile": options.compile_mode,
 }
 
 

@@ -447,6 +447,7 @@ def _load(model: ModelOptions, status: Callable[[str], None]) -> tuple[Any, Any,
         name=resolved.label(),
         offload=model.offload,
         compile=model.compile,
+        long_run=model.long_run,
         cuda_graphs=model.cuda_graphs,
         kernels=model.kernels,
         quantize="none" if model.loras else model.quantize,  # with adapters: after fusing them, below

@@ -107,6 +107,27 @@ QUANTIZE_MODES = ("none", "fp8")
 DEFAULT_QUANTIZE = "none"
 
 
+COMPILE_MODES = ("off", "on", "auto")
+# Compiled by default (``auto``) only once the cold and warm-cache compile costs are measured on a GPU (BENCHMARKS.md).
+DEFAULT_COMPILE = "off"
+
+
+def compile_mode(value: Any, name: str = "compile") -> str:
+    """``off``, ``on`` or ``auto``; a boolean (``--compile``, a config file's ``true``) is ``on`` or ``off``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _choice(value, name, COMPILE_MODES)
+
+
+def runs_compiled(mode: str, device_type: str, *, long_run: bool, warm: bool) -> bool:
+    """Whether an edit runs the compiled blocks. ``auto`` compiles only on CUDA, where the compiled step is faster,
+    and only when compiling pays: the size's graphs are already in the compile cache (``warm``), or the model serves
+    many edits (``long_run``: a batch, a server), over which one compile per size is spread."""
+    if mode == "auto":
+        return device_type == "cuda" and (long_run or warm)
+    return mode == "on"
+
+
 def kernels(value: Any, name: str = "--kernels") -> str:
     """Which implementation the DiT's attention and gated convolution use: the plain torch ops or Triton's."""
     return _choice(value, name, KERNEL_MODES)
@@ -443,11 +464,12 @@ class ModelOptions:
     dtype: str = "auto"
     offline: bool = False
     offload: str = "none"
-    compile: bool = False
+    compile: str | bool = DEFAULT_COMPILE  # :data:`COMPILE_MODES`; a boolean means on or off
     cuda_graphs: bool = False
     kernels: str = DEFAULT_KERNELS
     quantize: str = DEFAULT_QUANTIZE
     loras: tuple[tuple[str, float], ...] = ()  # (spec, scale) adapters fused into the DiT at load, in order
+    long_run: bool = False  # many edits on this model (a batch, a server): ``compile="auto"`` compiles at once
 
     def __post_init__(self) -> None:
         model = str(self.model).strip() if self.model is not None else DEFAULT_MODEL
@@ -460,7 +482,8 @@ class ModelOptions:
             dtype=dtype(self.dtype),
             offload=offload(self.offload),
             offline=bool(self.offline),
-            compile=bool(self.compile),
+            compile=compile_mode(self.compile),
+            long_run=bool(self.long_run),
             cuda_graphs=bool(self.cuda_graphs),
             kernels=kernels(self.kernels),
             quantize=quantize(self.quantize),

@@ -102,6 +102,8 @@ if want tests; then
     say "tests: the Triton kernels (compiled, not interpreted) and FP8 on $DEVICE"
     bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_quantize.py 2>&1 \
         | tee -a "$LOG"
+    say "tests: --compile auto on $DEVICE (a cold single edit eager, a long run compiled, its size warm after)"
+    bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_compile_auto.py -k cuda 2>&1 | tee -a "$LOG"
 fi
 
 [ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build

@@ -25,7 +25,7 @@ def test_bench_cold_times_one_fresh_process_by_stage(cli, tmp_path):
     assert all(seconds > 0 for seconds in report["stages"].values())
     assert report["total"] == pytest.approx(sum(report["stages"].values()))
     assert report["process"] > report["total"]  # the child's own clock starts after the interpreter does
-    assert report["options"]["steps"] == 2 and report["options"]["compile"] is False
+    assert report["options"]["steps"] == 2 and report["options"]["compile"] == "off"
     assert report["compile_cache"] is None and len(report["runs"]) == 1
     console = Console(record=True, width=120)
     console.print(cold_table(report))

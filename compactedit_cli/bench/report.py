@@ -21,7 +21,7 @@ def unapplied_options(report: dict[str, Any]) -> list[str]:
     """Why a requested speed option did not apply (no compiler, no CUDA, a failed capture), one message each."""
     used = report["settings"]
     messages = []
-    if used["compile"] and not used["compiled"]:
+    if used["compile"] not in (False, "off") and not used["compiled"]:
         messages.append(used["compile_message"])
     if used["cuda_graphs"] and not used["cuda_graphs_active"]:
         messages.append(used["cuda_graphs_message"])

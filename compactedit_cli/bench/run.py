@@ -265,7 +265,7 @@ def run_bench(
     batch: int = 1,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    compile: bool = False,
+    compile: str | bool = options.DEFAULT_COMPILE,
     cuda_graphs: bool = False,
     kernels: str = options.DEFAULT_KERNELS,
     quantize: str = "none",
@@ -324,7 +324,8 @@ def run_bench(
         guidance = _guidance(pipe, distilled, guidance_scale, image_guidance_scale)
         quantize_message = pipe.speed.quantize(quantize)
         kernels_message = pipe.speed.set_kernels(kernels, warn=False)
-        compile_message = pipe.speed.compile(warn=False) if compile and not pipe.speed.compiled else None
+        compile = options.compile_mode(compile)
+        compile_message = pipe.speed.set_compile(compile, warn=False) if compile != "off" else None
         graphs_message = pipe.speed.use_graphs(warn=False) if cuda_graphs else None
         pipe.speed.check_syncs(sync_check)
         clock = DeviceClock(pipe.device)

@@ -70,7 +70,7 @@ def cold_start(
     dtype: str = "auto",
     offline: bool = False,
     offload: str = "none",
-    compile: bool = False,
+    compile: str | bool = "off",
     cuda_graphs: bool = False,
     resolution: int = 1024,
     steps: int = 20,

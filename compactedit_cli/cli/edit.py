@@ -58,7 +58,7 @@ def edit(
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
-    compile_: opt.Compile = False,
+    compile_: opt.Compile = None,
     cuda_graphs: opt.CudaGraphs = False,
     kernels: opt.Kernels = None,
     quantize: opt.Quantize = None,

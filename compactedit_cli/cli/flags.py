@@ -182,11 +182,14 @@ Offload = Annotated[
     ),
 ]
 Compile = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--compile",
-        help="torch.compile the transformer: faster steps after a slow first edit of each size (for batches).",
+        "--compile/--no-compile",
+        help="torch.compile the transformer: faster steps after a slow first edit of each size (for batches). "
+        "Unset, the config's compile decides: off (default), on, or auto (CUDA only: compiled for batch and serve, "
+        "and where this size's graphs are already in the compile cache).",
         rich_help_panel=PERF,
+        show_default=False,
     ),
 ]
 CudaGraphs = Annotated[
@@ -366,11 +369,13 @@ def model_options(
     dtype: str | None,
     offline: bool,
     offload: str | None,
-    compile_: bool,
+    compile_: bool | None,
     cuda_graphs: bool = False,
     loras: list[Any] | None = None,
     kernels: str | None = None,
     quantize: str | None = None,
+    *,
+    long_run: bool = False,
 ) -> options.ModelOptions:
     """Flags first, then the config file, then built-in defaults; an error a saved value causes names its key and
     the file."""
@@ -393,11 +398,12 @@ def model_options(
             dtype=options.dtype(dtype) if dtype else saved.get("dtype", "auto"),
             offline=offline,
             offload=options.offload(offload) if offload else saved.get("offload", "none"),
-            compile=compile_,
+            compile=compile_ if compile_ is not None else saved.get("compile", options.DEFAULT_COMPILE),
             cuda_graphs=cuda_graphs,
             kernels=options.kernels(kernels) if kernels else saved.get("kernels", options.DEFAULT_KERNELS),
             quantize=options.quantize(quantize) if quantize else saved.get("quantize", options.DEFAULT_QUANTIZE),
             loras=tuple(loras or ()),
+            long_run=long_run,
         )
     except CompactEditError as exc:
         if offload is None and saved.get("offload", "none") != "none":  # --cuda-graphs with a saved offload

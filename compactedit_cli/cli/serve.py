@@ -75,7 +75,7 @@ def serve(
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     offload: opt.Offload = None,
-    compile_: opt.Compile = False,
+    compile_: opt.Compile = None,
     kernels: opt.Kernels = None,
     quantize: opt.Quantize = None,
     lora: opt.Lora = None,
@@ -135,7 +135,17 @@ def serve(
     queue, batch = options.max_queue(max_queue), options.max_batch(max_batch)
     idle = options.idle_timeout(idle_timeout)
     model_options = opt.model_options(
-        model, revision, device, dtype, offline, offload, compile_, loras=lora, kernels=kernels, quantize=quantize
+        model,
+        revision,
+        device,
+        dtype,
+        offline,
+        offload,
+        compile_,
+        loras=lora,
+        kernels=kernels,
+        quantize=quantize,
+        long_run=True,
     )
     if detach:
         from ..server.detach import start_detached

@@ -125,7 +125,8 @@ class EditPipeline:
         *,
         name: str = "",
         offload: str = "none",
-        compile: bool = False,
+        compile: str | bool = options.DEFAULT_COMPILE,
+        long_run: bool = False,
         cuda_graphs: bool = False,
         sync_check: bool = False,
         kernels: str = options.DEFAULT_KERNELS,
@@ -137,11 +138,13 @@ class EditPipeline:
         :class:`~compactedit_cli.speed.plan.SpeedPlan`'s, checked before loading: with ``offload`` the weights load
         into CPU memory; ``quantize="fp8"`` where FP8 cannot run is refused before loading. One that cannot apply
         here (``compile`` without a compiler, ``cuda_graphs`` off CUDA, ``kernels="triton"`` without Triton) is not
-        warned about but noted in ``pipe.speed.notes``, and the pipeline runs without it.
+        warned about but noted in ``pipe.speed.notes``, and the pipeline runs without it. ``long_run`` says the
+        pipeline will serve many edits, which is when ``compile="auto"`` compiles from the first.
         """
         request = SpeedRequest(
             offload=offload,
             compile=compile,
+            long_run=long_run,
             cuda_graphs=cuda_graphs,
             sync_check=sync_check,
             kernels=kernels,

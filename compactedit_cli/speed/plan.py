@@ -42,7 +42,8 @@ from .. import options
 from ..errors import UsageError
 from ..models.attention import linear_attention, use_linear_attention
 from ..models.feedforward import depthwise_glu, use_depthwise_glu
-from .compiling import compile_blocks, compile_unavailable, use_compile_cache
+from ..models.transformer import Context
+from .compiling import CompileChoice, compile_blocks, compile_unavailable, model_fingerprint, use_compile_cache
 from .graphs import GraphedStep
 from .kernels import kernels_unavailable
 from .offload import WeightOffloader, stage_offloader
@@ -60,14 +61,16 @@ class SpeedRequest:
     """The speed options a pipeline is loaded with, checked before any weight is read."""
 
     offload: str = "none"
-    compile: bool = False
+    compile: str | bool = options.DEFAULT_COMPILE
     cuda_graphs: bool = False
     sync_check: bool = False
     kernels: str = options.DEFAULT_KERNELS
     quantize: str = "none"
+    long_run: bool = False  # many edits on this pipeline (a batch, a server): what compile "auto" weighs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offload", options.offload(self.offload, "offload"))
+        object.__setattr__(self, "compile", options.compile_mode(self.compile))
         object.__setattr__(self, "kernels", options.kernels(self.kernels, "kernels"))
         object.__setattr__(self, "quantize", options.quantize(self.quantize, "quantize"))
         options.speed_options(self.offload, self.cuda_graphs, self.quantize)
@@ -95,6 +98,7 @@ class SpeedPlan:
         self._vae_tile = (options.DEFAULT_VAE_TILE, options.DEFAULT_VAE_TILE_STRIDE)
         self._vae_tiled = False
         self._compiled = False
+        self._compile_choice: CompileChoice | None = None
         self._graphs: GraphedStep | None = None
         self._sync_check = False
         self._kernels = options.DEFAULT_KERNELS
@@ -113,7 +117,13 @@ class SpeedPlan:
 
     @property
     def compiled(self) -> bool:
+        """Whether the blocks are compiled (:attr:`compile_mode` says which shapes run their compiled code)."""
         return self._compiled
+
+    @property
+    def compile_mode(self) -> str:
+        """``off``, ``on`` or ``auto`` (:data:`~compactedit_cli.options.COMPILE_MODES`)."""
+        return self._compile_choice.mode if self._compile_choice is not None else "off"
 
     @property
     def graphs(self) -> GraphedStep | None:
@@ -162,8 +172,8 @@ class SpeedPlan:
         if request.quantize != "none":
             self.quantize(request.quantize)
         self.set_kernels(request.kernels, warn=False)
-        if request.compile:
-            self.compile(warn=False)
+        if request.compile != "off":
+            self.set_compile(request.compile, long_run=request.long_run, warn=False)
         if request.cuda_graphs:
             self.use_graphs(warn=False)
 
@@ -262,11 +272,42 @@ class SpeedPlan:
             self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
         cache = f", cache {use_compile_cache()}" if backend == "inductor" else ""
         transformer = self._components.transformer
-        compile_blocks(transformer.transformer_blocks, backend=backend, mode=mode)
+        if not self._compiled:
+            compile_blocks(transformer.transformer_blocks, backend=backend, mode=mode)
         self._compiled = True
+        self._compile_choice = self._choice("on", long_run=True)
         blocks = len(transformer.transformer_blocks)
         mode_name = mode or "default"
         return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode_name}{cache})"
+
+    def set_compile(self, mode: str | bool, *, long_run: bool = False, warn: bool = True) -> str:
+        """``--compile``: ``"on"`` (:meth:`compile`), ``"off"`` (blocks compiled before then run their eager code),
+        or ``"auto"``: on CUDA the blocks are compiled, and an edit runs them compiled when compiling pays
+        (:func:`~compactedit_cli.options.runs_compiled`: a ``long_run``, or a size compiled on this machine before);
+        elsewhere the pipeline stays eager. Returns a one-line account."""
+        mode = options.compile_mode(mode)
+        if mode == "on":
+            return self.compile(warn=warn)
+        if mode == "off":
+            self._compile_choice = self._choice("off", long_run=long_run) if self._compiled else None
+            return "torch.compile off"
+        if self._device.type != "cuda":
+            self._compile_choice = self._choice("auto", long_run=long_run) if self._compiled else None
+            return f"torch.compile auto: eager on {self._device.type}"
+        account = self.compile(warn=warn)
+        if self._compiled:
+            self._compile_choice = self._choice("auto", long_run=long_run)
+            when = "every edit (a long run)" if long_run else "sizes compiled on this machine before"
+            account += f"; auto: compiled code runs for {when}"
+        return account
+
+    def _choice(self, mode: str, *, long_run: bool) -> CompileChoice:
+        transformer = self._components.transformer
+        device = torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else self._device.type
+        fingerprint = model_fingerprint(
+            device, transformer.dtype, sorted(transformer.config.to_dict().items()), self._kernels, self._quantized
+        )
+        return CompileChoice(mode, self._device, fingerprint, long_run=long_run)
 
     def use_graphs(self, enabled: bool = True, *, warn: bool = True) -> str:
         """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).
@@ -283,7 +324,7 @@ class SpeedPlan:
         if self._device.type != "cuda":
             note = f"CUDA graphs skipped: they need a CUDA device, and this pipeline runs on {self._device.type}"
             return self._skipped(note, warn)
-        self._graphs = GraphedStep(self._components.transformer.forward_projected)
+        self._graphs = GraphedStep(self._forward)
         return "denoising steps replay as a CUDA graph, captured at the first step of each size"
 
     def _skipped(self, note: str, warn: bool) -> str:
@@ -349,8 +390,20 @@ class SpeedPlan:
         ready = transformer.project_context(context)
         if self._offload != "sequential":  # streamed blocks hold their weights only inside their own forward
             ready = transformer.context_keys_values(ready)
-        step = self._graphs or transformer.forward_projected
+        step = self._graphs or self._forward
         return lambda x, t: step(x, ready, t)
+
+    def _forward(self, x: torch.Tensor, ready: Context, timestep: torch.Tensor) -> torch.Tensor:
+        """One DiT forward, its compiled or eager code as the compile choice says for this input's shape."""
+        forward = self._components.transformer.forward_projected
+        choice = self._compile_choice
+        if choice is None:
+            return forward(x, ready, timestep)
+        shape = tuple(x.shape)
+        with choice.context(shape):
+            out = forward(x, ready, timestep)
+        choice.ran(shape)
+        return out
 
     def loop_guard(self) -> AbstractContextManager[None]:
         """With the sync check on CUDA, any host-device sync inside the denoise loop raises."""
