@@ -152,18 +152,7 @@ def batch(
         ray_address = None  # RAY_ADDRESS in the environment matters only to --engine ray
     defaults = opt.edit_options(steps, guidance, image_guidance, seed, no_binning=no_binning)
     model_options = opt.model_options(
-        model,
-        revision,
-        device,
-        dtype,
-        offline,
-        offload,
-        compile_,
-        cuda_graphs,
-        lora,
-        kernels,
-        quantize,
-        long_run=True,
+        model, revision, device, dtype, offline, offload, compile_, cuda_graphs, lora, kernels, quantize, long_run=True
     )
     server_choice = opt.server(server)
     if server_choice not in options.SERVER_CHOICES and (chosen_engine == "ray" or spread or count):

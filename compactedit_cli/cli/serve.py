@@ -135,17 +135,7 @@ def serve(
     queue, batch = options.max_queue(max_queue), options.max_batch(max_batch)
     idle = options.idle_timeout(idle_timeout)
     model_options = opt.model_options(
-        model,
-        revision,
-        device,
-        dtype,
-        offline,
-        offload,
-        compile_,
-        loras=lora,
-        kernels=kernels,
-        quantize=quantize,
-        long_run=True,
+        model, revision, device, dtype, offline, offload, compile_, False, lora, kernels, quantize, long_run=True
     )
     if detach:
         from ..server.detach import start_detached
