@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -46,7 +46,7 @@ from ..models.feedforward import depthwise_glu, use_depthwise_glu
 from ..models.transformer import gated_residual, norm_modulate, use_norm_modulate
 from .compiling import compile_blocks, compile_unavailable, use_compile_cache
 from .graphs import GraphedStep
-from .kernels import kernels_unavailable
+from .kernels import interpreted, kernels_unavailable
 from .offload import WeightOffloader, stage_offloader
 from .quantize import fp8_unsupported, quantize_linears
 from .tiling import free_device_bytes, tiled_decode, tiled_encode, vae_activation_bytes
@@ -55,6 +55,12 @@ if TYPE_CHECKING:
     from ..loading.checkpoint import Components
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, timestep) -> noise prediction
+Kernel = TypeVar("Kernel", bound=Callable)
+
+
+def _as_is(kernel: Kernel) -> Kernel:
+    """The kernel itself: where dynamo can trace its launch (CUDA), a compiled block keeps it in the graph."""
+    return kernel
 
 
 @dataclass(frozen=True)
@@ -198,9 +204,12 @@ class SpeedPlan:
             from .kernels.norm_modulate import gated_residual as fused_gated_residual
             from .kernels.norm_modulate import norm_modulate as fused_norm_modulate
 
-            use_linear_attention(transformer, fused_linear_attention)
-            use_depthwise_glu(transformer, fused_depthwise_glu)
-            use_norm_modulate(transformer, fused_norm_modulate, fused_gated_residual)
+            # Dynamo traces a Triton kernel launch on CUDA, but would trace into the interpreter's own Python (and
+            # fail) on the CPU: there a compiled block calls the kernels eagerly, between compiled graphs.
+            launch = torch.compiler.disable if interpreted() else _as_is
+            use_linear_attention(transformer, launch(fused_linear_attention))
+            use_depthwise_glu(transformer, launch(fused_depthwise_glu))
+            use_norm_modulate(transformer, launch(fused_norm_modulate), launch(fused_gated_residual))
         else:
             use_linear_attention(transformer, linear_attention)
             use_depthwise_glu(transformer, depthwise_glu)
