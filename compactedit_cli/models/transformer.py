@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,22 @@ OUTPUT_NORM_EPS = 1e-6
 
 # Context: either projected tokens (B, S, D) or every block's stacked cross-attention (keys, values).
 Context = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+# (stream, update or None, gate or None, scale, shift, norm weight, norm bias, eps) -> (new stream, modulated norm)
+NormModulate = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        float,
+    ],
+    tuple[torch.Tensor, torch.Tensor],
+]
+# (stream, update, gate or None) -> the new stream
+GatedResidual = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -145,12 +162,41 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + gate * update`` (``x + update`` without a gate): the block's residual adds; the plain path."""
+    return x + (update if gate is None else gate * update)
+
+
+def norm_modulate(
+    x: torch.Tensor,
+    update: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stream, modulated norm): the update (if any) added to the stream by :func:`gated_residual`, then adaLN's
+    ``layer_norm(stream) * (1 + scale) + shift``; the plain path. A fused kernel (installed by
+    :func:`use_norm_modulate`) writes both in the stream's dtype, as these ops do when the modulation shares it."""
+    if update is not None:
+        x = gated_residual(x, update, gate)
+    return x, F.layer_norm(x, x.shape[-1:], weight, bias, eps) * (1 + scale) + shift
+
+
 class SanaBlock(nn.Module):
-    """Sana's transformer block: modulated linear self-attention, cross-attention, modulated GLUMBConv."""
+    """Sana's transformer block: modulated linear self-attention, cross-attention, modulated GLUMBConv.
+
+    ``norm_modulate`` and ``gated_residual`` compute the norms with their modulation and the residual adds:
+    :func:`norm_modulate` and :func:`gated_residual`, or a fused kernel that :func:`use_norm_modulate` installs
+    (the cross-attention's residual is folded into norm2)."""
 
     def __init__(self, config: SanaConfig) -> None:
         super().__init__()
         dim = config.inner_dim
+        self.norm_modulate: NormModulate = norm_modulate
+        self.gated_residual: GatedResidual = gated_residual
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
         self.attn1 = LinearSelfAttention(
             dim,
@@ -179,12 +225,25 @@ class SanaBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + modulation.reshape(batch, 6, -1)
         ).chunk(6, dim=1)
-        normed = (self.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)
-        x = x + gate_msa * self.attn1(normed)
-        x = self.attn2(x, context) + x
-        normed = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        norm1, norm2 = self.norm1, self.norm2
+        _, normed = self.norm_modulate(x, None, None, scale_msa, shift_msa, norm1.weight, norm1.bias, norm1.eps)
+        x = self.gated_residual(x, self.attn1(normed.to(x.dtype)), gate_msa)
+        x, normed = self.norm_modulate(
+            x, self.attn2(x, context), None, scale_mlp, shift_mlp, norm2.weight, norm2.bias, norm2.eps
+        )
         out = self.ff(normed.unflatten(1, (rows, cols)))
-        return x + gate_mlp * out.flatten(1, 2)
+        return self.gated_residual(x, out.flatten(1, 2), gate_mlp)
+
+
+def use_norm_modulate(
+    module: nn.Module, core: NormModulate = norm_modulate, residual: GatedResidual = gated_residual
+) -> None:
+    """Every :class:`SanaBlock` in ``module`` computes its modulated norms with ``core`` and its gated residual adds
+    with ``residual`` from now on."""
+    for child in module.modules():
+        if isinstance(child, SanaBlock):
+            child.norm_modulate = core
+            child.gated_residual = residual
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ diffusers' Sana in ``tests/test_own_sana.py``):
 * weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
 * VAE tiling (:meth:`SpeedPlan.set_vae_tiling`, :mod:`.tiling`): automatic when the device is short of memory.
   Tiling changes pixels (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
-* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the DiT's linear attention and gated depthwise
-  convolution, see :mod:`.kernels` (``tests/test_kernels.py``);
+* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the DiT's linear attention, gated depthwise
+  convolution, and its blocks' norms with their modulation and residual adds, see :mod:`.kernels`
+  (``tests/test_kernels.py``);
 * FP8 linear layers in the DiT's blocks (:meth:`SpeedPlan.quantize`), see :mod:`.quantize`
   (``tests/test_quantize.py``). It changes the numbers, so it is refused, not skipped, where it cannot run.
 
@@ -34,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -42,10 +43,10 @@ from .. import options
 from ..errors import UsageError
 from ..models.attention import linear_attention, use_linear_attention
 from ..models.feedforward import depthwise_glu, use_depthwise_glu
-from ..models.transformer import Context
+from ..models.transformer import Context, gated_residual, norm_modulate, use_norm_modulate
 from .compiling import CompileChoice, compile_blocks, compile_unavailable, model_fingerprint, use_compile_cache
 from .graphs import GraphedStep
-from .kernels import kernels_unavailable
+from .kernels import interpreted, kernels_unavailable
 from .offload import WeightOffloader, stage_offloader
 from .quantize import fp8_unsupported, quantize_linears
 from .tiling import free_device_bytes, tiled_decode, tiled_encode, vae_activation_bytes
@@ -54,6 +55,12 @@ if TYPE_CHECKING:
     from ..loading.checkpoint import Components
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, timestep) -> noise prediction
+Kernel = TypeVar("Kernel", bound=Callable)
+
+
+def _as_is(kernel: Kernel) -> Kernel:
+    """The kernel itself: where dynamo can trace its launch (CUDA), a compiled block keeps it in the graph."""
+    return kernel
 
 
 @dataclass(frozen=True)
@@ -178,9 +185,10 @@ class SpeedPlan:
             self.use_graphs(warn=False)
 
     def set_kernels(self, mode: str, *, warn: bool = True) -> str:
-        """The DiT's linear attention and gated depthwise convolution as fused Triton kernels (``"triton"``)
-        or plain torch ops (``"off"``). Where Triton cannot run here (not installed, not CUDA) it notes why (and
-        warns, with ``warn``) and keeps the plain ops. Returns a one-line account.
+        """The DiT's linear attention, gated depthwise convolution, and its blocks' norms with their modulation and
+        residual adds as fused Triton kernels (``"triton"``) or plain torch ops (``"off"``). Where Triton cannot run
+        here (not installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a
+        one-line account.
         """
         self._kernels = options.kernels(mode, "kernels")
         reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
@@ -191,7 +199,10 @@ class SpeedPlan:
             return self._skipped(f"Triton kernels skipped: {reason}", warn)
         if self._kernels == "off":
             return "Triton kernels off"
-        return "linear attention and gated depthwise convolution run as fused Triton kernels"
+        return (
+            "linear attention, gated depthwise convolution, and modulated norms with residual adds run as fused "
+            "Triton kernels"
+        )
 
     def _install_kernels(self) -> None:
         transformer = self._components.transformer
@@ -199,12 +210,19 @@ class SpeedPlan:
         if self._kernels_active:  # imported only now: Triton is optional, and a heavy import
             from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
             from .kernels.linear_attention import linear_attention as fused_linear_attention
+            from .kernels.norm_modulate import gated_residual as fused_gated_residual
+            from .kernels.norm_modulate import norm_modulate as fused_norm_modulate
 
-            use_linear_attention(transformer, fused_linear_attention)
-            use_depthwise_glu(transformer, fused_depthwise_glu)
+            # Dynamo traces a Triton kernel launch on CUDA, but would trace into the interpreter's own Python (and
+            # fail) on the CPU: there a compiled block calls the kernels eagerly, between compiled graphs.
+            launch = torch.compiler.disable if interpreted() else _as_is
+            use_linear_attention(transformer, launch(fused_linear_attention))
+            use_depthwise_glu(transformer, launch(fused_depthwise_glu))
+            use_norm_modulate(transformer, launch(fused_norm_modulate), launch(fused_gated_residual))
         else:
             use_linear_attention(transformer, linear_attention)
             use_depthwise_glu(transformer, depthwise_glu)
+            use_norm_modulate(transformer, norm_modulate, gated_residual)
 
     def quantize(self, mode: str) -> str:
         """Run the DiT blocks' linear layers in FP8 (``"fp8"``), in place and for good: the bf16 weights are

@@ -5,10 +5,15 @@
   the activations, no head transposes).
 * :func:`~.depthwise_glu.depthwise_glu`: the feed-forward's 3×3 depthwise convolution with its SiLU gate, one pass
   over the channels-last activations.
+* :func:`~.norm_modulate.norm_modulate` and :func:`~.norm_modulate.gated_residual`: the Sana block's LayerNorms
+  with their adaLN modulation and its residual adds, one row-wise kernel that adds a (gated) update to the residual
+  stream and normalises and modulates the result in one pass, in float32.
 
 This module imports no Triton: :func:`kernels_unavailable` says why the kernels cannot run here, and the kernel
 modules are imported only once they can. Triton decides at import whether its interpreter runs the kernels
 (``TRITON_INTERPRET=1``, how the tests run them on the CPU), so that variable must be set before the first import.
+Interpreted kernels are opaque to ``torch.compile`` (dynamo would trace the interpreter itself), so
+:class:`~..plan.SpeedPlan` runs them outside the compiled graphs there.
 """
 
 from __future__ import annotations
