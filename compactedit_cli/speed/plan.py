@@ -18,8 +18,8 @@ diffusers' Sana in ``tests/test_own_sana.py``):
 * weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
 * VAE tiling (:meth:`SpeedPlan.set_vae_tiling`, :mod:`.tiling`): automatic when the device is short of memory.
   Tiling changes pixels (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
-* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the DiT's linear attention and gated depthwise
-  convolution, see :mod:`.kernels` (``tests/test_kernels.py``);
+* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the linear attention and gated depthwise convolution of
+  the DiT and the DC-AE, see :mod:`.kernels` (``tests/test_kernels.py``, ``tests/test_vae_kernels.py``);
 * FP8 linear layers in the DiT's blocks (:meth:`SpeedPlan.quantize`), see :mod:`.quantize`
   (``tests/test_quantize.py``). It changes the numbers, so it is refused, not skipped, where it cannot run.
 
@@ -40,6 +40,7 @@ import torch
 
 from .. import options
 from ..errors import UsageError
+from ..models import dcae
 from ..models.attention import linear_attention, use_linear_attention
 from ..models.feedforward import depthwise_glu, use_depthwise_glu
 from .compiling import compile_blocks, compile_unavailable, use_compile_cache
@@ -168,9 +169,10 @@ class SpeedPlan:
             self.use_graphs(warn=False)
 
     def set_kernels(self, mode: str, *, warn: bool = True) -> str:
-        """The DiT's linear attention and gated depthwise convolution as fused Triton kernels (``"triton"``)
-        or plain torch ops (``"off"``). Where Triton cannot run here (not installed, not CUDA) it notes why (and
-        warns, with ``warn``) and keeps the plain ops. Returns a one-line account.
+        """The linear attention and gated depthwise convolution of the DiT and of the DC-AE (encode and decode) as
+        fused Triton kernels (``"triton"``) or plain torch ops (``"off"``). Where Triton cannot run here (not
+        installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a one-line
+        account.
         """
         self._kernels = options.kernels(mode, "kernels")
         reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
@@ -181,7 +183,7 @@ class SpeedPlan:
             return self._skipped(f"Triton kernels skipped: {reason}", warn)
         if self._kernels == "off":
             return "Triton kernels off"
-        return "linear attention and gated depthwise convolution run as fused Triton kernels"
+        return "linear attention and gated depthwise convolution (DiT and VAE) run as fused Triton kernels"
 
     def _install_kernels(self) -> None:
         transformer = self._components.transformer
@@ -195,6 +197,20 @@ class SpeedPlan:
         else:
             use_linear_attention(transformer, linear_attention)
             use_depthwise_glu(transformer, depthwise_glu)
+        self._install_vae_kernels()
+
+    def _install_vae_kernels(self) -> None:
+        """The DC-AE's linear attention and gated depthwise convolution (encode and decode, whole or tiled)."""
+        vae = self._components.vae
+        if self._kernels_active:
+            from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
+            from .kernels.linear_attention import multiscale_linear_attention
+
+            dcae.use_linear_attention(vae, multiscale_linear_attention)
+            dcae.use_depthwise_glu(vae, fused_depthwise_glu)
+        else:
+            dcae.use_linear_attention(vae, dcae.linear_attention)
+            dcae.use_depthwise_glu(vae, depthwise_glu)
 
     def quantize(self, mode: str) -> str:
         """Run the DiT blocks' linear layers in FP8 (``"fp8"``), in place and for good: the bf16 weights are
