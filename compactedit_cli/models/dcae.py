@@ -40,6 +40,8 @@ NORM_EPS = 1e-5  # every norm of the DC-AE
 ATTENTION_EPS = 1e-15  # the linear attention's guard against an all-zero denominator
 GLU_EXPAND = 4  # the EfficientViT block's GLUMBConv widening
 
+# (norm, y, x) -> norm(y) + x of (B, C, H, W) maps: a residual branch's closing norm (over channels) and its add
+NormResidual = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # (qkv (B, heads·3D, H, W) map of (q, k, v) heads, before the ReLU; head size D) -> (B, H, W, heads·D) tokens in
 # the map's dtype
 MultiscaleAttention = Callable[[torch.Tensor, int], torch.Tensor]
@@ -249,18 +251,24 @@ def _channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def norm_residual(norm: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``norm(y) + x``, the plain path of every residual branch's end (a fused kernel: :func:`use_norm_residual`)."""
+    return _channel_norm(norm, y) + x
+
+
 class ResBlock(nn.Module):
     """3×3 conv, activation, 3×3 conv (no bias), norm, plus the input."""
 
     def __init__(self, channels: int, norm_type: str, act_fn: str | None) -> None:
         super().__init__()
+        self.norm_residual: NormResidual = norm_residual
         self.nonlinearity = _activation(act_fn)
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.norm = _norm(norm_type, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channel_norm(self.norm, self.conv2(self.nonlinearity(self.conv1(x)))) + x
+        return self.norm_residual(self.norm, self.conv2(self.nonlinearity(self.conv1(x))), x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -288,6 +296,7 @@ class MultiscaleLinearAttention(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.core: MultiscaleAttention = linear_attention
+        self.norm_residual: NormResidual = norm_residual
         heads = channels // head_dim
         inner = heads * head_dim
         self.to_q = nn.Linear(channels, inner, bias=False)
@@ -309,7 +318,7 @@ class MultiscaleLinearAttention(nn.Module):
             out = _quadratic_attention(F.relu(query), F.relu(key), value)
             out = out.reshape(batch, -1, height, width).movedim(1, -1)
         out = self.to_out(out).movedim(-1, 1)
-        return _channel_norm(self.norm_out, out) + x
+        return self.norm_residual(self.norm_out, out, x)
 
 
 def linear_attention(qkv: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -344,6 +353,7 @@ class GLUMBConv(nn.Module):
         super().__init__()
         hidden = GLU_EXPAND * channels
         self.gated_depthwise: DepthwiseGLU = depthwise_glu
+        self.norm_residual: NormResidual = norm_residual
         self.nonlinearity = nn.SiLU()
         self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1, 1, 0)
         self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
@@ -353,7 +363,7 @@ class GLUMBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.nonlinearity(self.conv_inverted(x)).permute(0, 2, 3, 1)
         hidden = self.gated_depthwise(hidden, self.conv_depth.weight, self.conv_depth.bias).permute(0, 3, 1, 2)
-        return _channel_norm(self.norm, self.conv_point(hidden)) + x
+        return self.norm_residual(self.norm, self.conv_point(hidden), x)
 
 
 class EfficientViTBlock(nn.Module):
@@ -531,3 +541,10 @@ def use_depthwise_glu(module: nn.Module, core: DepthwiseGLU = depthwise_glu) -> 
     for child in module.modules():
         if isinstance(child, GLUMBConv):
             child.gated_depthwise = core
+
+
+def use_norm_residual(module: nn.Module, core: NormResidual = norm_residual) -> None:
+    """Every residual block in ``module`` (:class:`ResBlock`, the attention, :class:`GLUMBConv`) ends with ``core``."""
+    for child in module.modules():
+        if isinstance(child, (ResBlock, MultiscaleLinearAttention, GLUMBConv)):
+            child.norm_residual = core

@@ -169,10 +169,10 @@ class SpeedPlan:
             self.use_graphs(warn=False)
 
     def set_kernels(self, mode: str, *, warn: bool = True) -> str:
-        """The linear attention and gated depthwise convolution of the DiT and of the DC-AE (encode and decode) as
-        fused Triton kernels (``"triton"``) or plain torch ops (``"off"``). Where Triton cannot run here (not
-        installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a one-line
-        account.
+        """The linear attention and gated depthwise convolution of the DiT and of the DC-AE (encode and decode, with
+        the DC-AE's norm plus residual) as fused Triton kernels (``"triton"``) or plain torch ops (``"off"``).
+        Where Triton cannot run here (not installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the
+        plain ops. Returns a one-line account.
         """
         self._kernels = options.kernels(mode, "kernels")
         reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
@@ -200,17 +200,21 @@ class SpeedPlan:
         self._install_vae_kernels()
 
     def _install_vae_kernels(self) -> None:
-        """The DC-AE's linear attention and gated depthwise convolution (encode and decode, whole or tiled)."""
+        """The DC-AE's linear attention, gated depthwise convolution and closing norm plus residual of its blocks
+        (encode and decode, whole or tiled)."""
         vae = self._components.vae
         if self._kernels_active:
             from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
             from .kernels.linear_attention import multiscale_linear_attention
+            from .kernels.norm_residual import rms_norm_residual
 
             dcae.use_linear_attention(vae, multiscale_linear_attention)
             dcae.use_depthwise_glu(vae, fused_depthwise_glu)
+            dcae.use_norm_residual(vae, rms_norm_residual)
         else:
             dcae.use_linear_attention(vae, dcae.linear_attention)
             dcae.use_depthwise_glu(vae, depthwise_glu)
+            dcae.use_norm_residual(vae, dcae.norm_residual)
 
     def quantize(self, mode: str) -> str:
         """Run the DiT blocks' linear layers in FP8 (``"fp8"``), in place and for good: the bf16 weights are
