@@ -13,7 +13,7 @@ are what they are. For one square size (default 2048²) on random full-size weig
 - ``kernels.txt``: ``torch.profiler``'s top kernels of each stage, by self device time;
 - with ``--vae-compile`` instead, only ``vae-compile.json``: the VAE decode eager against a compiled decoder;
 - with ``--vae-kernels`` instead, only ``vae-kernels.json``: the VAE encode and decode with the plain ops against
-  ``--kernels triton`` (the DC-AE's fused linear attention and gated depthwise convolution).
+  ``--kernels triton`` (the DC-AE's fused linear attention, gated depthwise convolution and norm + residual).
 
 The experiments of the first H200 lease (VAE ``channels_last``, ``cudnn.benchmark``, the feed-forward as matrix
 products) are in BENCHMARKS.md; the two that paid are now part of the fast path, so its before/after includes them.

@@ -8,7 +8,10 @@ the linear attention and the norms included), so the outputs agree with diffuser
 (``tests/test_own_dcae.py``). The norms are :class:`~.norm.RMSNorm`, which bounds the float32 temporaries of the
 large feature maps that set an edit's memory peak.
 
-Tiling is not here: it is a memory strategy of the speed plan (:mod:`compactedit_cli.speed.tiling`).
+Tiling is not here: it is a memory strategy of the speed plan (:mod:`compactedit_cli.speed.tiling`). Nor are the
+fused kernels: the blocks hold their linear attention, gated depthwise convolution and closing norm plus residual
+as plain-torch callables, which ``--kernels triton`` swaps (:func:`use_linear_attention`, :func:`use_depthwise_glu`,
+:func:`use_norm_residual`; :mod:`compactedit_cli.speed.kernels`).
 """
 
 from __future__ import annotations

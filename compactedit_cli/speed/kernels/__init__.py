@@ -9,6 +9,8 @@
   channels-last tokens its output projection takes.
 * :func:`~.depthwise_glu.depthwise_glu`: the 3×3 depthwise convolution with its SiLU gate of the DiT's feed-forward
   and the DC-AE's GLUMBConv, one pass over the channels-last activations.
+* :func:`~.norm_residual.rms_norm_residual`: the DC-AE's closing RMS norm over channels plus the residual add of
+  every block, one pass over the channels-last maps.
 
 This module imports no Triton: :func:`kernels_unavailable` says why the kernels cannot run here, and the kernel
 modules are imported only once they can. Triton decides at import whether its interpreter runs the kernels
