@@ -21,7 +21,7 @@
 # BENCH_BATCH_IMAGES (24: the batch step's photos),
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg batch cfg-kernels
 # cfg-fp8 cfg-fp8-kernels quality cfg-compile cfg-compile-warm cfg-compile-kernels cfg-compile-fp8-kernels distilled
-# distilled-kernels distilled-graphs cfg-graphs cfg-compile-graphs profile offload-model offload-sequential
+# distilled-kernels vae-kernels distilled-graphs cfg-graphs cfg-compile-graphs profile offload-model offload-sequential
 # distilled-compile cfg-batch4 distilled-batch4; and vae-compile, which runs only when named: it answered its
 # question, BENCHMARKS.md G.3). BENCH_ONLY=round2 runs only the steps issue 17 needs, in about 8 minutes.
 # Triton comes with Linux's CUDA torch wheels (its 286 MB wheel is too big to carry); without it the kernel steps
@@ -70,7 +70,7 @@ COMPACTEDIT_CACHE_DIR="$(mktemp -d)"  # a cold compile cache: cfg-compile pays f
 trap 'rmdir "$COMPACTEDIT_HOME"; rm -rf "$COMPACTEDIT_CACHE_DIR"' EXIT
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false COMPACTEDIT_HOME COMPACTEDIT_CACHE_DIR
 [ "${BENCH_ONLY:-}" = round2 ] && BENCH_ONLY="tests cfg cfg-kernels cfg-fp8 cfg-fp8-kernels quality cfg-compile \
-cfg-compile-warm cfg-compile-kernels distilled distilled-kernels distilled-graphs"
+cfg-compile-warm cfg-compile-kernels distilled distilled-kernels distilled-graphs vae-kernels"
 
 # The CLI starts, and the machine as every report describes it (compactedit_cli.environment).
 python3 -m compactedit_cli --version 2>&1 | tee -a "$LOG" || { say "the compactedit CLI does not start"; exit 1; }
@@ -100,8 +100,8 @@ if want tests; then
     bounded 180 python3 -m pytest -q -p no:cacheprovider tests/test_optimisations.py -m "not slow" \
         -k "cuda or graph or own or offload or norm or feed_forward" 2>&1 | tee -a "$LOG"
     say "tests: the Triton kernels (compiled, not interpreted) and FP8 on $DEVICE"
-    bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_quantize.py 2>&1 \
-        | tee -a "$LOG"
+    bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_vae_kernels.py \
+        tests/test_quantize.py 2>&1 | tee -a "$LOG"
     say "tests: --compile auto on $DEVICE (a cold single edit eager, a long run compiled, its size warm after)"
     bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_compile_auto.py -k cuda 2>&1 | tee -a "$LOG"
 fi
@@ -147,6 +147,12 @@ bench cfg-compile-fp8-kernels 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --
     --quantize fp8 --kernels triton
 bench distilled 80 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled
 bench distilled-kernels 80 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --distilled --kernels triton
+# The DC-AE's fused kernels (issue 17, item 4): VAE encode and decode, plain ops against --kernels triton.
+if want vae-kernels; then
+    say "VAE encode and decode, Triton kernels off against on, at ${RESOLUTIONS[-1]}"
+    bounded 120 python3 scripts/profile_gpu.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" --vae-kernels \
+        --resolution "${RESOLUTIONS[-1]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
+fi
 # The host-bound one-branch step at 1024²: CUDA graphs (issue 17, item 4).
 bench distilled-graphs 60 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --cuda-graphs
 bench cfg-graphs 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs

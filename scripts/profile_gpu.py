@@ -11,7 +11,9 @@ are what they are. For one square size (default 2048²) on random full-size weig
   one forward each, the VLM once against once per branch, and the 20-step loop without against with a device sync
   per step;
 - ``kernels.txt``: ``torch.profiler``'s top kernels of each stage, by self device time;
-- with ``--vae-compile`` instead, only ``vae-compile.json``: the VAE decode eager against a compiled decoder.
+- with ``--vae-compile`` instead, only ``vae-compile.json``: the VAE decode eager against a compiled decoder;
+- with ``--vae-kernels`` instead, only ``vae-kernels.json``: the VAE encode and decode with the plain ops against
+  ``--kernels triton`` (the DC-AE's fused linear attention, gated depthwise convolution and norm + residual).
 
 The experiments of the first H200 lease (VAE ``channels_last``, ``cudnn.benchmark``, the feed-forward as matrix
 products) are in BENCHMARKS.md; the two that paid are now part of the fast path, so its before/after includes them.
@@ -165,6 +167,29 @@ def vae_decoder_compiled(pipe, device: torch.device, edge: int, repeats: int) ->
     return report
 
 
+def vae_kernels(pipe, device: torch.device, edge: int, repeats: int) -> dict[str, Any]:
+    """VAE encode and decode at edge² (medians, peaks), the plain ops against the fused Triton kernels, and the
+    largest difference of each output; ``kernels`` is the speed plan's account (it says so where Triton is missing)."""
+    stages, _ = stage_calls(pipe, edge)
+    report: dict[str, Any] = {"size": edge}
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for mode in ("off", "triton"):
+        account = pipe.speed.set_kernels(mode, warn=False)
+        if mode == "triton":
+            report["kernels"] = account
+        for name in ("vae_encode", "vae_decode"):
+            with torch.inference_mode():
+                seconds, peak, out = timed(device, stages[name], repeats)
+            report[f"{name}_{mode}_s"] = seconds
+            report[f"{name}_{mode}_peak_allocated_gib"] = None if peak is None else peak / 2**30
+            outputs.setdefault(name, []).append(out)
+    report["vae_tiled"] = pipe.speed.vae_tiled
+    for name, (plain, fused) in outputs.items():
+        report[f"{name}_max_abs_diff"] = (fused.float() - plain.float()).abs().max().item()
+    print(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=2048)
@@ -173,6 +198,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--built-in-resolution", type=int, default=1024, help="size of the built-in before/afters")
     parser.add_argument("--vae-compile", action="store_true", help="only time the compiled VAE decoder (its own run)")
+    parser.add_argument("--vae-kernels", action="store_true", help="only time the VAE with the Triton kernels off/on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +208,10 @@ def main() -> None:
     if args.vae_compile:
         report = vae_decoder_compiled(pipe, device, args.resolution, args.repeats)
         (args.out / "vae-compile.json").write_text(json.dumps(report, indent=2))
+        return
+    if args.vae_kernels:
+        report = vae_kernels(pipe, device, args.resolution, args.repeats)
+        (args.out / "vae-kernels.json").write_text(json.dumps(report, indent=2))
         return
     stages, _ = stage_calls(pipe, args.resolution)
     height, width = pipe.model_size((args.resolution, args.resolution))

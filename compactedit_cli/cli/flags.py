@@ -206,9 +206,9 @@ Kernels = Annotated[
         "--kernels",
         metavar="MODE",
         autocompletion=_choices(*options.KERNEL_MODES),
-        help="off, or triton: fused Triton kernels for the transformer's linear attention, gated depthwise "
-        "convolution, and norms with their modulation and residual adds (CUDA with Triton; elsewhere the plain "
-        "ops run, with a note). Not yet measured on a GPU. "
+        help="off, or triton: fused Triton kernels for the linear attention and gated depthwise convolution of "
+        "the transformer and the VAE, and the transformer's norms with their modulation and residual adds (CUDA "
+        "with Triton; elsewhere the plain ops run, with a note). Not yet measured on a GPU. "
         f"[default: {options.DEFAULT_KERNELS}]",
         rich_help_panel=PERF,
         show_default=False,

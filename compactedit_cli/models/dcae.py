@@ -8,13 +8,16 @@ the linear attention and the norms included), so the outputs agree with diffuser
 (``tests/test_own_dcae.py``). The norms are :class:`~.norm.RMSNorm`, which bounds the float32 temporaries of the
 large feature maps that set an edit's memory peak.
 
-Tiling is not here: it is a memory strategy of the speed plan (:mod:`compactedit_cli.speed.tiling`).
+Tiling is not here: it is a memory strategy of the speed plan (:mod:`compactedit_cli.speed.tiling`). Nor are the
+fused kernels: the blocks hold their linear attention, gated depthwise convolution and closing norm plus residual
+as plain-torch callables, which ``--kernels triton`` swaps (:func:`use_linear_attention`, :func:`use_depthwise_glu`,
+:func:`use_norm_residual`; :mod:`compactedit_cli.speed.kernels`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .feedforward import DepthwiseGLU, depthwise_glu
 from .norm import RMSNorm
 
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
@@ -38,6 +42,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 NORM_EPS = 1e-5  # every norm of the DC-AE
 ATTENTION_EPS = 1e-15  # the linear attention's guard against an all-zero denominator
 GLU_EXPAND = 4  # the EfficientViT block's GLUMBConv widening
+
+# (norm, y, x) -> norm(y) + x of (B, C, H, W) maps: a residual branch's closing norm (over channels) and its add
+NormResidual = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (qkv (B, heads·3D, H, W) map of (q, k, v) heads, before the ReLU; head size D) -> (B, H, W, heads·D) tokens in
+# the map's dtype
+MultiscaleAttention = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class DCAEConfigError(ValueError):
@@ -244,18 +254,24 @@ def _channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def norm_residual(norm: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``norm(y) + x``, the plain path of every residual branch's end (a fused kernel: :func:`use_norm_residual`)."""
+    return _channel_norm(norm, y) + x
+
+
 class ResBlock(nn.Module):
     """3×3 conv, activation, 3×3 conv (no bias), norm, plus the input."""
 
     def __init__(self, channels: int, norm_type: str, act_fn: str | None) -> None:
         super().__init__()
+        self.norm_residual: NormResidual = norm_residual
         self.nonlinearity = _activation(act_fn)
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.norm = _norm(norm_type, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channel_norm(self.norm, self.conv2(self.nonlinearity(self.conv1(x)))) + x
+        return self.norm_residual(self.norm, self.conv2(self.nonlinearity(self.conv1(x))), x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -275,12 +291,15 @@ class MultiscaleLinearAttention(nn.Module):
 
     The projections are concatenated as (q, k, v) channel blocks and each scale's channels are read as heads of
     ``3·head_dim`` channels, exactly as diffusers' processor reads them. Maps with no more pixels than ``head_dim``
-    use the quadratic (softmax-free, normalised ReLU) form instead, as diffusers does.
+    use the quadratic (softmax-free, normalised ReLU) form instead, as diffusers does. ``core`` computes the linear
+    form: :func:`linear_attention`, or a fused kernel that :func:`use_linear_attention` installs.
     """
 
     def __init__(self, channels: int, head_dim: int, kernel_sizes: Sequence[int], norm_type: str) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.core: MultiscaleAttention = linear_attention
+        self.norm_residual: NormResidual = norm_residual
         heads = channels // head_dim
         inner = heads * head_dim
         self.to_q = nn.Linear(channels, inner, bias=False)
@@ -292,26 +311,30 @@ class MultiscaleLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        dtype = x.dtype
         tokens = x.movedim(1, -1)
         qkv = torch.cat([self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)], dim=3).movedim(-1, 1)
         qkv = torch.cat([qkv, *(scale(qkv) for scale in self.to_qkv_multiscale)], dim=1)
-        linear = height * width > self.head_dim
-        if linear:
-            qkv = qkv.float()
-        query, key, value = qkv.reshape(batch, -1, 3 * self.head_dim, height * width).chunk(3, dim=2)
-        query, key = F.relu(query), F.relu(key)
-        out = _linear_attention(query, key, value).to(dtype) if linear else _quadratic_attention(query, key, value)
-        out = self.to_out(out.reshape(batch, -1, height, width).movedim(1, -1)).movedim(-1, 1)
-        return _channel_norm(self.norm_out, out) + x
+        if height * width > self.head_dim:
+            out = self.core(qkv, self.head_dim)
+        else:
+            query, key, value = qkv.reshape(batch, -1, 3 * self.head_dim, height * width).chunk(3, dim=2)
+            out = _quadratic_attention(F.relu(query), F.relu(key), value)
+            out = out.reshape(batch, -1, height, width).movedim(1, -1)
+        out = self.to_out(out).movedim(-1, 1)
+        return self.norm_residual(self.norm_out, out, x)
 
 
-def _linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """(B, heads, D, N) float32 → (v·kᵀ)·q over (Σ k)·q. diffusers pads v with a row of ones for the denominator
-    (a copy of the values); the key sum is the same row, as its own small product."""
+def linear_attention(qkv: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The plain path of :class:`MultiscaleLinearAttention`'s linear form: in float32 like diffusers, as
+    (v·kᵀ)·q over (Σ k)·q per head. diffusers pads v with a row of ones for the denominator (a copy of the values);
+    the key sum is the same row, as its own small product."""
+    batch, _, height, width = qkv.shape
+    query, key, value = qkv.float().reshape(batch, -1, 3 * head_dim, height * width).chunk(3, dim=2)
+    query, key = F.relu(query), F.relu(key)
     numerator = (value @ key.transpose(-1, -2)) @ query
     denominator = key.sum(dim=-1).unsqueeze(-2) @ query
-    return numerator / (denominator + ATTENTION_EPS)
+    out = (numerator / (denominator + ATTENTION_EPS)).to(qkv.dtype)
+    return out.reshape(batch, -1, height, width).movedim(1, -1)
 
 
 def _quadratic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -322,11 +345,18 @@ def _quadratic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 class GLUMBConv(nn.Module):
-    """The EfficientViT block's gated feed-forward: 1×1 widening, SiLU, gated 3×3 depthwise, 1×1, norm, residual."""
+    """The EfficientViT block's gated feed-forward: 1×1 widening, SiLU, gated 3×3 depthwise, 1×1, norm, residual.
+
+    The gated depthwise convolution is the DiT's op (:func:`~.feedforward.depthwise_glu`) on the channels-last view
+    of the map (a view, not a copy, when the map is channels-last), or a fused kernel that :func:`use_depthwise_glu`
+    installs as ``gated_depthwise``.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         hidden = GLU_EXPAND * channels
+        self.gated_depthwise: DepthwiseGLU = depthwise_glu
+        self.norm_residual: NormResidual = norm_residual
         self.nonlinearity = nn.SiLU()
         self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1, 1, 0)
         self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
@@ -334,8 +364,9 @@ class GLUMBConv(nn.Module):
         self.norm = RMSNorm(channels, NORM_EPS, elementwise_affine=True, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.conv_depth(self.nonlinearity(self.conv_inverted(x))).chunk(2, dim=1)
-        return _channel_norm(self.norm, self.conv_point(hidden * self.nonlinearity(gate))) + x
+        hidden = self.nonlinearity(self.conv_inverted(x)).permute(0, 2, 3, 1)
+        hidden = self.gated_depthwise(hidden, self.conv_depth.weight, self.conv_depth.bias).permute(0, 3, 1, 2)
+        return self.norm_residual(self.norm, self.conv_point(hidden), x)
 
 
 class EfficientViTBlock(nn.Module):
@@ -496,3 +527,27 @@ class DCAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents → pixels in about [-1, 1]."""
         return self.decoder(latents)
+
+
+# ---- kernels ------------------------------------------------------------------------------------------------------
+
+
+def use_linear_attention(module: nn.Module, core: MultiscaleAttention = linear_attention) -> None:
+    """Every :class:`MultiscaleLinearAttention` in ``module`` computes its linear form with ``core`` from now on."""
+    for child in module.modules():
+        if isinstance(child, MultiscaleLinearAttention):
+            child.core = core
+
+
+def use_depthwise_glu(module: nn.Module, core: DepthwiseGLU = depthwise_glu) -> None:
+    """Every :class:`GLUMBConv` in ``module`` runs its gated depthwise convolution with ``core`` from now on."""
+    for child in module.modules():
+        if isinstance(child, GLUMBConv):
+            child.gated_depthwise = core
+
+
+def use_norm_residual(module: nn.Module, core: NormResidual = norm_residual) -> None:
+    """Every residual block in ``module`` (:class:`ResBlock`, the attention, :class:`GLUMBConv`) ends with ``core``."""
+    for child in module.modules():
+        if isinstance(child, (ResBlock, MultiscaleLinearAttention, GLUMBConv)):
+            child.norm_residual = core

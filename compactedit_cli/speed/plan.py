@@ -18,9 +18,9 @@ diffusers' Sana in ``tests/test_own_sana.py``):
 * weight offload (:meth:`SpeedPlan.set_offload`): ``"model"`` or ``"sequential"``, see :mod:`.offload`;
 * VAE tiling (:meth:`SpeedPlan.set_vae_tiling`, :mod:`.tiling`): automatic when the device is short of memory.
   Tiling changes pixels (the DC-AE's attention sees one tile), so it is never turned on where the whole image fits;
-* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the DiT's linear attention, gated depthwise
-  convolution, and its blocks' norms with their modulation and residual adds, see :mod:`.kernels`
-  (``tests/test_kernels.py``);
+* fused Triton kernels (:meth:`SpeedPlan.set_kernels`) for the linear attention and gated depthwise convolution of
+  the DiT and the DC-AE, and the DiT blocks' norms with their modulation and residual adds, see :mod:`.kernels`
+  (``tests/test_kernels.py``, ``tests/test_vae_kernels.py``);
 * FP8 linear layers in the DiT's blocks (:meth:`SpeedPlan.quantize`), see :mod:`.quantize`
   (``tests/test_quantize.py``). It changes the numbers, so it is refused, not skipped, where it cannot run.
 
@@ -41,6 +41,7 @@ import torch
 
 from .. import options
 from ..errors import UsageError
+from ..models import dcae
 from ..models.attention import linear_attention, use_linear_attention
 from ..models.feedforward import depthwise_glu, use_depthwise_glu
 from ..models.transformer import Context, gated_residual, norm_modulate, use_norm_modulate
@@ -185,10 +186,10 @@ class SpeedPlan:
             self.use_graphs(warn=False)
 
     def set_kernels(self, mode: str, *, warn: bool = True) -> str:
-        """The DiT's linear attention, gated depthwise convolution, and its blocks' norms with their modulation and
-        residual adds as fused Triton kernels (``"triton"``) or plain torch ops (``"off"``). Where Triton cannot run
-        here (not installed, not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a
-        one-line account.
+        """The linear attention and gated depthwise convolution of the DiT and of the DC-AE (encode and decode, with
+        the DC-AE's norm plus residual), and the DiT blocks' norms with their modulation and residual adds, as fused
+        Triton kernels (``"triton"``) or plain torch ops (``"off"``). Where Triton cannot run here (not installed,
+        not CUDA) it notes why (and warns, with ``warn``) and keeps the plain ops. Returns a one-line account.
         """
         self._kernels = options.kernels(mode, "kernels")
         reason = kernels_unavailable(self._device) if self._kernels == "triton" else None
@@ -200,8 +201,8 @@ class SpeedPlan:
         if self._kernels == "off":
             return "Triton kernels off"
         return (
-            "linear attention, gated depthwise convolution, and modulated norms with residual adds run as fused "
-            "Triton kernels"
+            "linear attention and gated depthwise convolution (DiT and VAE), and modulated norms with residual adds, "
+            "run as fused Triton kernels"
         )
 
     def _install_kernels(self) -> None:
@@ -223,6 +224,24 @@ class SpeedPlan:
             use_linear_attention(transformer, linear_attention)
             use_depthwise_glu(transformer, depthwise_glu)
             use_norm_modulate(transformer, norm_modulate, gated_residual)
+        self._install_vae_kernels()
+
+    def _install_vae_kernels(self) -> None:
+        """The DC-AE's linear attention, gated depthwise convolution and closing norm plus residual of its blocks
+        (encode and decode, whole or tiled)."""
+        vae = self._components.vae
+        if self._kernels_active:
+            from .kernels.depthwise_glu import depthwise_glu as fused_depthwise_glu
+            from .kernels.linear_attention import multiscale_linear_attention
+            from .kernels.norm_residual import rms_norm_residual
+
+            dcae.use_linear_attention(vae, multiscale_linear_attention)
+            dcae.use_depthwise_glu(vae, fused_depthwise_glu)
+            dcae.use_norm_residual(vae, rms_norm_residual)
+        else:
+            dcae.use_linear_attention(vae, dcae.linear_attention)
+            dcae.use_depthwise_glu(vae, depthwise_glu)
+            dcae.use_norm_residual(vae, dcae.norm_residual)
 
     def quantize(self, mode: str) -> str:
         """Run the DiT blocks' linear layers in FP8 (``"fp8"``), in place and for good: the bf16 weights are

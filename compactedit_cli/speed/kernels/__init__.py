@@ -1,13 +1,19 @@
-"""Fused Triton kernels for the DiT's memory-bound glue, switched by :meth:`~..plan.SpeedPlan.set_kernels`.
+"""Fused Triton kernels for the memory-bound glue of the DiT and the DC-AE, switched by
+:meth:`~..plan.SpeedPlan.set_kernels`.
 
 * :func:`~.linear_attention.linear_attention`: Sana's ReLU linear attention in two kernels, reading the bf16
   projections in their (B, N, heads·D) layout and accumulating in float32 inside the kernel (no float32 copies of
   the activations, no head transposes).
-* :func:`~.depthwise_glu.depthwise_glu`: the feed-forward's 3×3 depthwise convolution with its SiLU gate, one pass
-  over the channels-last activations.
+* :func:`~.linear_attention.multiscale_linear_attention`: the same kernels for the DC-AE's multi-scale attention,
+  reading q, k and v straight from its channels-last qkv map (no float32 copy of the map) and writing the
+  channels-last tokens its output projection takes.
+* :func:`~.depthwise_glu.depthwise_glu`: the 3×3 depthwise convolution with its SiLU gate of the DiT's feed-forward
+  and the DC-AE's GLUMBConv, one pass over the channels-last activations.
 * :func:`~.norm_modulate.norm_modulate` and :func:`~.norm_modulate.gated_residual`: the Sana block's LayerNorms
   with their adaLN modulation and its residual adds, one row-wise kernel that adds a (gated) update to the residual
   stream and normalises and modulates the result in one pass, in float32.
+* :func:`~.norm_residual.rms_norm_residual`: the DC-AE's closing RMS norm over channels plus the residual add of
+  every block, one pass over the channels-last maps.
 
 This module imports no Triton: :func:`kernels_unavailable` says why the kernels cannot run here, and the kernel
 modules are imported only once they can. Triton decides at import whether its interpreter runs the kernels
