@@ -36,11 +36,13 @@ cd "$(dirname "$0")/.."
 # The tested versions (.ci/constraints.txt and its resolution); the image's own huggingface_hub and tokenizers suffice.
 # The CLI's chain (python -X importtime -m compactedit_cli bench ...): typer (which vendors click) imports pydantic,
 # shellingham and annotated-doc; rich's own dependencies come too, for its tracebacks and markup.
+# The server step's `serve`: starlette (anyio, idna), uvicorn (h11 and click itself) and python-multipart.
 WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19
     typer==0.29.2 annotated-doc==0.0.7 shellingham==1.5.4
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
     rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
-    platformdirs==4.14.8 psutil==7.2.2)
+    platformdirs==4.14.8 psutil==7.2.2
+    starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 python-multipart==0.0.34 anyio==4.16.0 idna==3.20)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
