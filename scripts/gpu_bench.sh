@@ -22,8 +22,11 @@
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg batch cfg-kernels
 # cfg-fp8 cfg-fp8-kernels quality cfg-compile cfg-compile-warm cfg-compile-kernels cfg-compile-fp8-kernels distilled
 # distilled-kernels vae-kernels distilled-graphs cfg-graphs cfg-compile-graphs profile offload-model offload-sequential
-# distilled-compile cfg-batch4 distilled-batch4; and vae-compile, which runs only when named: it answered its
-# question, BENCHMARKS.md G.3). BENCH_ONLY=round2 runs only the steps issue 17 needs, in about 8 minutes.
+# distilled-compile cfg-batch4 distilled-batch4 server; and vae-compile, which runs only when named: it answered
+# its question, BENCHMARKS.md G.3). BENCH_ONLY=round2 runs only the steps issue 17 needs, in about 8 minutes;
+# BENCH_ONLY=server only issue 13's cold edit, warm server and server-against-batch figures (scripts/server_bench.py:
+# a random checkpoint folder written to a temp folder, then the real edit, bench --cold, serve and batch commands;
+# BENCH_SERVER_LOOP, 20: the photos of its loop and batch).
 # Triton comes with Linux's CUDA torch wheels (its 286 MB wheel is too big to carry); without it the kernel steps
 # run the plain ops and their reports say so.
 # Steps that would run past the budget are skipped, so the least important come last.
@@ -33,11 +36,13 @@ cd "$(dirname "$0")/.."
 # The tested versions (.ci/constraints.txt and its resolution); the image's own huggingface_hub and tokenizers suffice.
 # The CLI's chain (python -X importtime -m compactedit_cli bench ...): typer (which vendors click) imports pydantic,
 # shellingham and annotated-doc; rich's own dependencies come too, for its tracebacks and markup.
+# The server step's `serve`: starlette (anyio, idna), uvicorn (h11 and click itself) and python-multipart.
 WHEELS=(transformers==5.24.0 diffusers==0.42.1 regex==2026.11.19
     typer==0.29.2 annotated-doc==0.0.7 shellingham==1.5.4
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
     rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
-    platformdirs==4.14.8 psutil==7.2.2)
+    platformdirs==4.14.8 psutil==7.2.2
+    starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 python-multipart==0.0.34 anyio==4.16.0 idna==3.20)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -174,6 +179,17 @@ if named vae-compile; then
         --resolution "${RESOLUTIONS[-1]}" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
 fi
 
+# Issue 13: a random checkpoint folder (written first), a cold `edit` process, `bench --cold`, edits through a
+# detached `serve` on a private socket, and a loop of edits through it against one `batch`. OUT_DIR/server.json.
+if want server; then
+    say "server: cold edit, warm server edits and a server loop against batch at ${RESOLUTIONS[0]}²"
+    bounded 420 python3 scripts/server_bench.py --device "$DEVICE" --weights "$PROFILE_WEIGHTS" \
+        --resolution "${RESOLUTIONS[0]}" --steps "$STEPS" --loop "${BENCH_SERVER_LOOP:-20}" --out "$OUT_DIR" 2>&1 \
+        | tee -a "$LOG"
+    status=${PIPESTATUS[0]}
+    [ "$status" -eq 0 ] || say "server ended with status $status"
+fi
+
 say "done in ${SECONDS}s; reports in $OUT_DIR"
 ls -l "$OUT_DIR" | tee -a "$LOG"
 # One line per report and size, last, so the end of the output is the summary (medians of a whole batch of imgs;
@@ -198,4 +214,18 @@ if batch.exists():
     b = json.loads(batch.read_text())
     print(f"batch (issue 14): {b['images_per_hour']} images/h steady, busy {b['busy_fraction']} ({b['busy_clock']}), "
           f"start-up {b['startup_seconds']} s, {b['ok']}/{b['images']} ok")
+EOF
+python3 - "$OUT_DIR" 2>&1 <<'EOF' | tee -a "$LOG"
+import json, pathlib, sys
+path = pathlib.Path(sys.argv[1]) / "server.json"
+if path.exists():
+    s = json.loads(path.read_text())
+    if "loop_vs_batch" not in s:
+        print("server (issue 13): incomplete; see server.json and gpu_bench.log")
+    else:
+        cold, srv, b = s["cold_edit"], s["server"], s["batch"]
+        print(f"server (issue 13): cold edit {cold['process_seconds']} s (bench --cold total "
+              f"{cold['bench_cold']['total']:.2f} s), warm server edit {srv['warm_call_median']} s, loop of "
+              f"{len(srv['loop']['seconds'])} {srv['loop']['total']} s against batch {b['process_seconds']} s "
+              f"(x{s['loop_vs_batch']['loop_over_batch_process']}), same pixels {s['loop_vs_batch']['same_pixels']}")
 EOF

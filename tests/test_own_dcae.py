@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from compactedit_cli.errors import CheckpointError
 from compactedit_cli.loading.checkpoint import build_vae, load_weights
 from compactedit_cli.models.norm import RMSNorm
-from compactedit_cli.random_weights.tiny import TinySpec, _save_safetensors, vae_config
+from compactedit_cli.random_weights.tiny import TinySpec, save_safetensors, vae_config
 from compactedit_cli.random_weights.tiny import build_vae as build_reference
 from compactedit_cli.speed.tiling import tiled_decode, tiled_encode
 
@@ -74,7 +74,7 @@ def _write(config: dict, folder: Path) -> AutoencoderDC:
             module.num_batches_tracked.zero_()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    _save_safetensors(reference, folder / "diffusion_pytorch_model.safetensors")
+    save_safetensors(reference, folder / "diffusion_pytorch_model.safetensors")
     return reference
 
 

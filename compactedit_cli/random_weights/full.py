@@ -28,7 +28,15 @@ from ..loading.checkpoint import Components, new_transformer
 from ..models.dcae import DCAE, DCAEConfig
 from ..models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
 from .configs import load_config
-from .tiny import CHAT_TEMPLATE, TinySpec, materialise, on_meta, train_tokenizer
+from .tiny import (
+    CHAT_TEMPLATE,
+    TinySpec,
+    materialise,
+    on_meta,
+    train_tokenizer,
+    write_component,
+    write_pipeline_files,
+)
 
 # Which special token each token-id field of the Qwen3-VL config names (Qwen's tokenizer conventions).
 _TOP_LEVEL_TOKENS = {
@@ -186,13 +194,19 @@ def build_transformer(
     return materialise(model, generator, device)
 
 
+def _with_tiny_tokenizer(configs: ModelConfigs) -> tuple[ImageTextProcessor, ModelConfigs]:
+    """The in-memory processor, and the configs with the text encoder's special-token ids remapped to it."""
+    processor = build_processor(configs)
+    text_config = remap_special_tokens(configs.text_encoder, processor.tokenizer)
+    return processor, replace(configs, text_encoder=text_config)
+
+
 def random_components(
     configs: ModelConfigs, device: str | torch.device, dtype: torch.dtype, seed: int = 0
 ) -> Components:
     """All five components with random weights, allocated on ``device`` in ``dtype``."""
-    processor = build_processor(configs)
-    text_config = remap_special_tokens(configs.text_encoder, processor.tokenizer)
-    networks = _networks(replace(configs, text_encoder=text_config), device, dtype, seed)
+    processor, configs = _with_tiny_tokenizer(configs)
+    networks = _networks(configs, device, dtype, seed)
     for module in networks.values():
         module.requires_grad_(False)
     return Components(
@@ -217,3 +231,29 @@ def random_pipeline(
     dtype = dtype or default_dtype(device)
     components = random_components(configs or real_configs(), device, dtype, seed)
     return EditPipeline(components, device=device, dtype=dtype, name=name)
+
+
+def write_random_checkpoint(
+    root: str | Path,
+    configs: ModelConfigs | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> Path:
+    """Write random weights for ``configs`` (the real size by default) as a checkpoint folder in the published layout.
+
+    ``edit -m``, ``serve`` and ``bench --cold`` need a folder, not an in-memory model. The weights are the ones
+    :func:`random_pipeline` builds with the same configs, device, dtype and seed (built on ``device``, so a GPU
+    writes the full model without a slow CPU initialisation), saved in ``dtype`` (bf16, as the published weights
+    are); the tokenizer is the tiny one, with the configured image processor. Returns the folder.
+    """
+    root = Path(root)
+    _, configs = _with_tiny_tokenizer(configs or real_configs())
+    write_pipeline_files(root, TinySpec(), configs.scheduler, configs.image_processor)
+    networks = _networks(configs, device, dtype, seed)
+    text_config = {**configs.text_encoder, "dtype": str(dtype).removeprefix("torch.")}
+    write_component(root, "text_encoder", text_config, networks.pop("text_encoder"))
+    write_component(root, "transformer", configs.transformer, networks.pop("transformer"))
+    write_component(root, "vae", configs.vae, networks.pop("vae"))
+    return root

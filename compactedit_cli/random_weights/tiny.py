@@ -102,7 +102,7 @@ def on_meta(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -319,24 +319,28 @@ def tokenizer_config(first_special: int) -> dict[str, Any]:
     }
 
 
-def write_tokenizer(folder: Path, spec: TinySpec) -> None:
-    """The ``tokenizer/`` folder: tokenizer, chat template and image-processor config."""
+def write_tokenizer(folder: Path, spec: TinySpec, image_fields: dict[str, Any] | None = None) -> None:
+    """The ``tokenizer/`` folder: tokenizer, chat template and image-processor config.
+
+    ``image_fields`` override the image processor's tiny values (a real-size random checkpoint keeps the real
+    patch geometry and pixel budget with the tiny tokenizer).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(spec.vocab_size)
     tokenizer.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", tokenizer_config(spec.vocab_size))
+    write_json(folder / "tokenizer_config.json", tokenizer_config(spec.vocab_size))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    image_config = image_processor_config(spec.vision_patch)
+    image_config = {**image_processor_config(spec.vision_patch), **(image_fields or {})}
     if spec.legacy_processor:
         tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as 4.57 ships them
-        _write_json(folder / "preprocessor_config.json", image_config)
+        write_json(folder / "preprocessor_config.json", image_config)
         video = {**image_config, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2}
         video.pop("image_processor_type")
-        _write_json(folder / "video_preprocessor_config.json", video)
+        write_json(folder / "video_preprocessor_config.json", video)
     else:
         image_config["image_processor_type"] = "Qwen2VLImageProcessor"
         image_config.pop("processor_class")
-        _write_json(
+        write_json(
             folder / "processor_config.json", {"image_processor": image_config, "processor_class": "Qwen3VLProcessor"}
         )
 
@@ -432,37 +436,49 @@ def build_vae(
     return materialise(vae, generator, device)
 
 
-def _save_safetensors(model: nn.Module, path: Path, skip: Iterable[str] = ()) -> None:
+def save_safetensors(model: nn.Module, path: Path, skip: Iterable[str] = ()) -> None:
+    """A model's state dict as one safetensors file, copied to the host tensor by tensor (in its own dtype)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in set(skip)}
     save_file(state, str(path), metadata={"format": "pt"})
+
+
+def write_pipeline_files(
+    root: Path, spec: TinySpec, scheduler_config: dict[str, Any], image_fields: dict[str, Any] | None = None
+) -> None:
+    """Everything of the published layout but the weighted components: model_index.json, scheduler/, tokenizer/."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "model_index.json", MODEL_INDEX)
+    write_json(root / "scheduler" / "scheduler_config.json", {**scheduler_config, "_diffusers_version": "0.33.1"})
+    write_tokenizer(root / "tokenizer", spec, image_fields)
+
+
+def write_component(root: Path, name: str, config: dict[str, Any], model: nn.Module, skip: Iterable[str] = ()) -> None:
+    """One weighted component's folder as the loader reads it: its config.json and one safetensors file."""
+    from ..loading.checkpoint import CONFIG_FILES, WEIGHT_FILES
+
+    write_json(root / name / CONFIG_FILES[name], config)
+    save_safetensors(model, root / name / WEIGHT_FILES[name][0], skip)
 
 
 def build_tiny_checkpoint(root: str | Path, spec: TinySpec | None = None) -> Path:
     """Write a tiny random checkpoint in the published layout to ``root``; returns the folder."""
     spec = spec or TinySpec()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / "model_index.json", MODEL_INDEX)
-    _write_json(root / "scheduler" / "scheduler_config.json", {**SANA_SCHEDULER_CONFIG, "_diffusers_version": "0.33.1"})
-    write_tokenizer(root / "tokenizer", spec)
+    write_pipeline_files(root, spec, SANA_SCHEDULER_CONFIG)
 
     te_config = text_encoder_config(spec)
-    _write_json(root / "text_encoder" / "config.json", te_config)
     text_encoder = build_text_encoder(te_config, torch.Generator().manual_seed(spec.seed))
-    _save_safetensors(text_encoder, root / "text_encoder" / "model.safetensors", skip=("lm_head.weight",))
+    write_component(root, "text_encoder", te_config, text_encoder, skip=("lm_head.weight",))
 
     tr_config = transformer_config(spec)
-    _write_json(root / "transformer" / "config.json", tr_config)
     transformer = build_transformer(
         tr_config, spec.edit_head_hidden, torch.Generator().manual_seed(spec.seed + 1), qk_norm_width=spec.qk_norm_width
     )
-    _save_safetensors(transformer, root / "transformer" / "diffusion_pytorch_model.safetensors")
+    write_component(root, "transformer", tr_config, transformer)
 
     v_config = vae_config(spec)
-    _write_json(root / "vae" / "config.json", v_config)
-    vae = build_vae(v_config, torch.Generator().manual_seed(spec.seed + 2))
-    _save_safetensors(vae, root / "vae" / "diffusion_pytorch_model.safetensors")
+    write_component(root, "vae", v_config, build_vae(v_config, torch.Generator().manual_seed(spec.seed + 2)))
     return root
 
 
