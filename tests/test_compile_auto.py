@@ -3,6 +3,11 @@ before), the markers that remember compiled sizes across processes, and the flag
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import make_photo
@@ -120,6 +125,62 @@ def test_the_pipeline_runs_compiled_blocks_eagerly_unless_the_choice_says_compil
         assert list(other.getdata()) == list(eager.getdata())
 
 
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    """The compile rule as it reads on CUDA, for a pipeline on the CPU: the rule is the one place that asks."""
+    real = options.runs_compiled
+    monkeypatch.setattr(options, "runs_compiled", lambda mode, device_type, **kw: real(mode, "cuda", **kw))
+
+
+def test_auto_compiles_at_the_first_size_that_runs_compiled_and_not_before(tiny_checkpoint, cache, as_on_cuda):
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from compactedit_cli.engine.pipeline import EditPipeline
+
+    def pipeline() -> EditPipeline:
+        return EditPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+    source = Image.open(make_photo(cache.parent / "p.png", (64, 64)))
+    pipe = pipeline()
+    eager = pipe(source, "x", num_inference_steps=1, seed=1).images[0]
+    pipe.speed.set_compile("auto", backend="eager")
+    torch._dynamo.reset()  # nothing compiled in memory by an earlier test
+    graphs = counters["stats"]["unique_graphs"]
+    cold = pipe(source, "x", num_inference_steps=1, seed=1).images[0]  # a single edit of a cold size
+    assert not pipe.speed.compiled and counters["stats"]["unique_graphs"] == graphs and not cache.exists()
+    pipe.speed.set_compile("auto", long_run=True, backend="eager")  # a batch
+    long = pipe(source, "x", num_inference_steps=1, seed=1).images[0]
+    assert pipe.speed.compiled and counters["stats"]["unique_graphs"] > graphs and len(list(cache.iterdir())) == 1
+    later = pipeline()  # as a later process would be: a single edit of that size, now warm
+    later.speed.set_compile("auto", backend="eager")
+    assert not later.speed.compiled
+    warm = later(source, "x", num_inference_steps=1, seed=1).images[0]
+    assert later.speed.compiled and later.speed.compile_mode == "auto"
+    for other in (cold, long, warm):
+        assert list(other.getdata()) == list(eager.getdata())
+
+
+def test_a_single_edit_of_a_cold_size_under_auto_imports_no_compiler(tiny_checkpoint, tmp_path):
+    """In a fresh process, with the rule read as on CUDA: loading and a whole edit leave torch._dynamo unimported."""
+    script = f"""
+import json, sys
+import torch
+from PIL import Image
+from compactedit_cli import options
+from compactedit_cli.engine.pipeline import EditPipeline
+real = options.runs_compiled
+options.runs_compiled = lambda mode, device_type, **kw: real(mode, "cuda", **kw)
+pipe = EditPipeline.from_pretrained({str(tiny_checkpoint)!r}, device="cpu", dtype=torch.float32, compile="auto")
+pipe(Image.new("RGB", (64, 48)), "x", num_inference_steps=1)
+print(json.dumps({{"compiler": "torch._dynamo" in sys.modules, "mode": pipe.speed.compile_mode}}))
+"""
+    env = {**os.environ, "COMPACTEDIT_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"compiler": False, "mode": "auto"}
+
+
 def test_flags_win_over_the_saved_compile_mode(cli, monkeypatch, tmp_path):
     from compactedit_cli.cli.flags import model_options
 
@@ -145,7 +206,7 @@ def test_on_cuda_auto_compiles_a_long_run_and_then_counts_its_size_as_warm(tiny_
         pipe = EditPipeline.from_pretrained(
             tiny_checkpoint, device="cuda", dtype=torch.bfloat16, compile="auto", long_run=long_run
         )
-        assert pipe.speed.compiled and pipe.speed.compile_mode == "auto", pipe.speed.notes
+        assert pipe.speed.compiled is long_run and pipe.speed.compile_mode == "auto", pipe.speed.notes
         before = counters["stats"]["unique_graphs"]
         pipe(source, "x", num_inference_steps=1, seed=1)
         return counters["stats"]["unique_graphs"] - before

@@ -107,6 +107,7 @@ class SpeedPlan:
         self._vae_tiled = False
         self._compiled = False
         self._compile_choice: CompileChoice | None = None
+        self._deferred_compile: tuple[str, bool] = ("inductor", False)  # auto's backend and warn, for its first size
         self._graphs: GraphedStep | None = None
         self._sync_check = False
         self._kernels = options.DEFAULT_KERNELS
@@ -302,41 +303,51 @@ class SpeedPlan:
         pipeline as it was. Returns a one-line account of what happened. The VAE decoder stays eager: compiling it
         took long and gained nothing (BENCHMARKS.md).
         """
+        if self._graphs is not None:
+            self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
+        account = self._compile_blocks(backend, mode, warn)
+        if self._compiled:
+            self._compile_choice = self._choice("on", long_run=True)
+        return account
+
+    def _compile_blocks(self, backend: str, mode: str | None, warn: bool) -> str:
         reason = compile_unavailable(backend, self._device)
         if reason is not None:
             return self._skipped(f"torch.compile skipped: {reason}", warn)
-        if self._graphs is not None:
-            self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
         cache = f", cache {use_compile_cache()}" if backend == "inductor" else ""
         transformer = self._components.transformer
         if not self._compiled:
             compile_blocks(transformer.transformer_blocks, backend=backend, mode=mode)
         self._compiled = True
-        self._compile_choice = self._choice("on", long_run=True)
         blocks = len(transformer.transformer_blocks)
         mode_name = mode or "default"
         return f"compiled {blocks} transformer blocks with torch.compile (backend {backend}, mode {mode_name}{cache})"
 
-    def set_compile(self, mode: str | bool, *, long_run: bool = False, warn: bool = True) -> str:
+    def set_compile(
+        self, mode: str | bool, *, long_run: bool = False, backend: str = "inductor", warn: bool = True
+    ) -> str:
         """``--compile``: ``"on"`` (:meth:`compile`), ``"off"`` (blocks compiled before then run their eager code),
-        or ``"auto"``: on CUDA the blocks are compiled, and an edit runs them compiled when compiling pays
-        (:func:`~compactedit_cli.options.runs_compiled`: a ``long_run``, or a size compiled on this machine before);
-        elsewhere the pipeline stays eager. Returns a one-line account."""
+        or ``"auto"``: an edit runs the blocks compiled where compiling pays
+        (:func:`~compactedit_cli.options.runs_compiled`: on CUDA, a ``long_run`` or a size compiled on this machine
+        before), else eagerly. A long run compiles now; a single edit compiles at the first size that is to run
+        compiled, so one of a cold size imports no compiler at all. Returns a one-line account."""
         mode = options.compile_mode(mode)
         if mode == "on":
-            return self.compile(warn=warn)
+            return self.compile(backend=backend, warn=warn)
         if mode == "off":
             self._compile_choice = self._choice("off", long_run=long_run) if self._compiled else None
             return "torch.compile off"
+        self._compile_choice = self._choice("auto", long_run=long_run)
+        self._deferred_compile = (backend, warn)
         if self._device.type != "cuda":
-            self._compile_choice = self._choice("auto", long_run=long_run) if self._compiled else None
             return f"torch.compile auto: eager on {self._device.type}"
-        account = self.compile(warn=warn)
-        if self._compiled:
-            self._compile_choice = self._choice("auto", long_run=long_run)
-            when = "every edit (a long run)" if long_run else "sizes compiled on this machine before"
-            account += f"; auto: compiled code runs for {when}"
-        return account
+        if not long_run:
+            return "torch.compile auto: sizes compiled on this machine before run compiled, others eagerly"
+        account = self._compile_blocks(backend, None, warn)
+        if not self._compiled:
+            self._compile_choice = None
+            return account
+        return f"{account}; auto: compiled code runs for every edit (a long run)"
 
     def _choice(self, mode: str, *, long_run: bool) -> CompileChoice:
         transformer = self._components.transformer
@@ -437,6 +448,15 @@ class SpeedPlan:
         if choice is None:
             return forward(x, ready, timestep)
         shape = tuple(x.shape)
+        if not self._compiled:
+            if not choice.compiled(shape):
+                return forward(x, ready, timestep)  # nothing is compiled: no stance to set, no compiler to import
+            # auto's first size to run compiled. Inside a CUDA graph's warm-up, if any: it captures what runs here.
+            backend, warn = self._deferred_compile
+            self._compile_blocks(backend, None, warn)
+            if not self._compiled:  # the compiler cannot run here (noted): eager from now on
+                self._compile_choice = None
+                return forward(x, ready, timestep)
         with choice.context(shape):
             out = forward(x, ready, timestep)
         choice.ran(shape)
