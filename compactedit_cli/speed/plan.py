@@ -303,10 +303,10 @@ class SpeedPlan:
         pipeline as it was. Returns a one-line account of what happened. The VAE decoder stays eager: compiling it
         took long and gained nothing (BENCHMARKS.md).
         """
-        if self._graphs is not None:
-            self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
         account = self._compile_blocks(backend, mode, warn)
         if self._compiled:
+            if self._graphs is not None:
+                self._graphs.release()  # it holds the eager kernels; the next step captures the compiled ones
             self._compile_choice = self._choice("on", long_run=True)
         return account
 
@@ -337,17 +337,15 @@ class SpeedPlan:
         if mode == "off":
             self._compile_choice = self._choice("off", long_run=long_run) if self._compiled else None
             return "torch.compile off"
+        if self._device.type == "cuda" and long_run:
+            account = self.compile(backend=backend, warn=warn)
+            self._compile_choice = self._choice("auto", long_run=True) if self._compiled else None
+            return f"{account}; auto: compiled code runs for every edit (a long run)" if self._compiled else account
         self._compile_choice = self._choice("auto", long_run=long_run)
         self._deferred_compile = (backend, warn)
         if self._device.type != "cuda":
             return f"torch.compile auto: eager on {self._device.type}"
-        if not long_run:
-            return "torch.compile auto: sizes compiled on this machine before run compiled, others eagerly"
-        account = self._compile_blocks(backend, None, warn)
-        if not self._compiled:
-            self._compile_choice = None
-            return account
-        return f"{account}; auto: compiled code runs for every edit (a long run)"
+        return "torch.compile auto: sizes compiled on this machine before run compiled, others eagerly"
 
     def _choice(self, mode: str, *, long_run: bool) -> CompileChoice:
         transformer = self._components.transformer
