@@ -107,13 +107,13 @@ QUANTIZE_MODES = ("none", "fp8")
 DEFAULT_QUANTIZE = "none"
 
 
-COMPILE_MODES = ("off", "on", "auto")
+COMPILE_MODES = ("off", "on", "auto", "aot")
 # Compiled by default (``auto``) only once the cold and warm-cache compile costs are measured on a GPU (BENCHMARKS.md).
 DEFAULT_COMPILE = "off"
 
 
 def compile_mode(value: Any, name: str = "compile") -> str:
-    """``off``, ``on`` or ``auto``; a boolean (``--compile``, a config file's ``true``) is ``on`` or ``off``."""
+    """``off``, ``on``, ``auto`` or ``aot``; a boolean (``--compile``, a config's ``true``) is ``on`` or ``off``."""
     if isinstance(value, bool):
         return "on" if value else "off"
     return _choice(value, name, COMPILE_MODES)

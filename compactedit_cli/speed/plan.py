@@ -45,6 +45,7 @@ from ..models import dcae
 from ..models.attention import linear_attention, use_linear_attention
 from ..models.feedforward import depthwise_glu, use_depthwise_glu
 from ..models.transformer import Context, gated_residual, norm_modulate, use_norm_modulate
+from . import aot
 from .compiling import CompileChoice, compile_blocks, compile_unavailable, model_fingerprint, use_compile_cache
 from .graphs import GraphedStep
 from .kernels import interpreted, kernels_unavailable
@@ -108,6 +109,7 @@ class SpeedPlan:
         self._compiled = False
         self._compile_choice: CompileChoice | None = None
         self._deferred_compile: tuple[str, bool] = ("inductor", False)  # auto's backend and warn, for its first size
+        self._aot: aot.AotPackages | None = None
         self._graphs: GraphedStep | None = None
         self._sync_check = False
         self._kernels = options.DEFAULT_KERNELS
@@ -131,8 +133,15 @@ class SpeedPlan:
 
     @property
     def compile_mode(self) -> str:
-        """``off``, ``on`` or ``auto`` (:data:`~compactedit_cli.options.COMPILE_MODES`)."""
+        """``off``, ``on``, ``auto`` or ``aot`` (:data:`~compactedit_cli.options.COMPILE_MODES`)."""
+        if self._aot is not None:
+            return "aot"
         return self._compile_choice.mode if self._compile_choice is not None else "off"
+
+    @property
+    def aot_packages(self) -> aot.AotPackages | None:
+        """The ahead-of-time packages in use (``compile = "aot"``), else ``None``."""
+        return self._aot
 
     @property
     def graphs(self) -> GraphedStep | None:
@@ -332,6 +341,11 @@ class SpeedPlan:
         before), else eagerly. A long run compiles now; a single edit compiles at the first size that is to run
         compiled, so one of a cold size imports no compiler at all. Returns a one-line account."""
         mode = options.compile_mode(mode)
+        if mode == "aot":
+            return self.compile_ahead(warn=warn)
+        if self._aot is not None:
+            aot.uninstall(self._components.transformer.transformer_blocks)
+            self._aot = None
         if mode == "on":
             return self.compile(backend=backend, warn=warn)
         if mode == "off":
@@ -347,13 +361,32 @@ class SpeedPlan:
             return f"torch.compile auto: eager on {self._device.type}"
         return "torch.compile auto: sizes compiled on this machine before run compiled, others eagerly"
 
-    def _choice(self, mode: str, *, long_run: bool) -> CompileChoice:
+    def compile_ahead(self, *, warn: bool = True) -> str:
+        """``compile = "aot"``: the blocks of each size compiled ahead of time, once per machine, into a package that
+        any later process loads in milliseconds and runs without a compiler (:mod:`~compactedit_cli.speed.aot`).
+        A size that cannot be compiled here runs the plain blocks, noted. Returns a one-line account."""
+        if self._device.type not in ("cpu", "cuda"):
+            return self._skipped(
+                f"ahead-of-time compile skipped: it compiles for cpu and cuda, not {self._device.type}", warn
+            )
+        if self._compiled:
+            return self._skipped("ahead-of-time compile skipped: the blocks run torch.compile in this process", warn)
+        if self._aot is None:
+            # a size that fails compiles at an edit, after the load's notes were read: so it always warns
+            self._aot = aot.AotPackages(self._fingerprint(), note=lambda note: self._skipped(note, True))
+            aot.install(self._components.transformer.transformer_blocks, self._aot)
+        self._compile_choice = None
+        return f"transformer blocks compiled ahead of time, once per size (packages in {self._aot.folder})"
+
+    def _fingerprint(self) -> str:
         transformer = self._components.transformer
         device = torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else self._device.type
-        fingerprint = model_fingerprint(
+        return model_fingerprint(
             device, transformer.dtype, sorted(transformer.config.to_dict().items()), self._kernels, self._quantized
         )
-        return CompileChoice(mode, self._device, fingerprint, long_run=long_run)
+
+    def _choice(self, mode: str, *, long_run: bool) -> CompileChoice:
+        return CompileChoice(mode, self._device, self._fingerprint(), long_run=long_run)
 
     def use_graphs(self, enabled: bool = True, *, warn: bool = True) -> str:
         """Replay each denoising step as a CUDA graph (see :mod:`~compactedit_cli.speed.graphs`), or stop (``False``).

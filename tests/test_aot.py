@@ -1,0 +1,147 @@
+"""``compile = "aot"``: each size's block compiled ahead of time once, into a package in the compile cache, that
+later pipelines and fresh processes load and run without Dynamo or inductor; a package that cannot load is one
+warning and an eager edit; training keeps the blocks' own code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_photo
+from PIL import Image
+
+from compactedit_cli import options
+from compactedit_cli.speed import aot
+from compactedit_cli.speed.compiling import compile_unavailable
+
+pytestmark = pytest.mark.skipif(
+    compile_unavailable("inductor", torch.device("cpu")) is not None, reason="AOTInductor needs a C++ compiler"
+)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def edit(checkpoint: Path, source: Path, compile: str = "off"):
+    from compactedit_cli.engine.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(checkpoint, device="cpu", dtype=torch.float32, compile=compile)
+    image = pipe(Image.open(source), "x", num_inference_steps=2, seed=3).images[0]
+    return pipe, image
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoint, tmp_path_factory):
+    """One package built by a first aot edit (the expensive part, once per module), with the eager edit's pixels."""
+    root = tmp_path_factory.mktemp("aot")
+    source = make_photo(root / "p.png", (64, 48), seed=5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPACTEDIT_CACHE_DIR", str(root / "cache"))
+        _, eager = edit(tiny_checkpoint, source)
+        pipe, first = edit(tiny_checkpoint, source, "aot")
+    return {"root": root, "source": source, "eager": eager, "first": first, "pipe": pipe}
+
+
+def test_the_first_edit_of_a_size_builds_one_package_that_a_later_pipeline_only_loads(
+    built, tiny_checkpoint, monkeypatch
+):
+    monkeypatch.setenv("COMPACTEDIT_CACHE_DIR", str(built["root"] / "cache"))
+    assert built["pipe"].speed.compile_mode == "aot" and not built["pipe"].speed.notes
+    assert built["pipe"].speed.aot_packages.compiled == 1  # one size, one package for all blocks
+    packages = list((built["root"] / "cache" / "compile" / "aot").glob("*.pt2"))
+    assert len(packages) == 1 and not packages[0].name.startswith("partial-")
+    assert np.abs(pixels(built["first"]) - pixels(built["eager"])).max() <= 1
+    later, again = edit(tiny_checkpoint, built["source"], "aot")
+    assert later.speed.aot_packages.compiled == 0 and not later.speed.notes
+    assert np.abs(pixels(again) - pixels(built["eager"])).max() <= 1
+
+
+def test_a_fresh_process_runs_a_warm_size_without_the_compiler(built, tiny_checkpoint, tmp_path):
+    script = f"""
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from compactedit_cli.engine.pipeline import EditPipeline
+pipe = EditPipeline.from_pretrained({str(tiny_checkpoint)!r}, device="cpu", dtype=torch.float32, compile="aot")
+image = pipe(Image.open({str(built["source"])!r}), "x", num_inference_steps=2, seed=3).images[0]
+image.save({str(tmp_path / "out.png")!r})
+print(json.dumps({{"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._inductor" in sys.modules,
+                  "built": pipe.speed.aot_packages.compiled, "notes": pipe.speed.notes}}))
+"""
+    env = {**os.environ, "COMPACTEDIT_CACHE_DIR": str(built["root"] / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report == {"dynamo": False, "inductor": False, "built": 0, "notes": []}
+    assert np.abs(pixels(Image.open(tmp_path / "out.png")) - pixels(built["eager"])).max() <= 1
+
+
+def test_the_config_key_sends_an_edit_through_the_packages(built, tiny_checkpoint, tmp_path):
+    env = {
+        **os.environ,
+        "COMPACTEDIT_CACHE_DIR": str(built["root"] / "cache"),
+        "COMPACTEDIT_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "compactedit_cli"]
+    setting = subprocess.run([*command, "config", "set", "compile", "AOT"], env=env, capture_output=True, text=True)
+    assert setting.returncode == 0, setting.stderr
+    out = tmp_path / "out.png"
+    args = ["edit", built["source"], "x", "-o", out, "-m", tiny_checkpoint, "--device", "cpu", "--steps", "2"]
+    done = subprocess.run(
+        [*command, *map(str, args), "--seed", "3", "--server", "never"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    assert np.abs(pixels(Image.open(out)) - pixels(built["eager"])).max() <= 1
+
+
+def test_a_package_that_cannot_load_is_one_warning_and_an_eager_edit(built, tiny_checkpoint, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(built["root"] / "cache", cache)
+    [package] = (cache / "compile" / "aot").glob("*.pt2")
+    package.write_bytes(b"not a package")
+    monkeypatch.setenv("COMPACTEDIT_CACHE_DIR", str(cache))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe, image = edit(tiny_checkpoint, built["source"], "aot")
+    said = [str(w.message) for w in caught if "ahead-of-time" in str(w.message)]
+    assert len(said) == 1 and str(package) in said[0] and "delete it to build it again" in said[0], said
+    assert pipe.speed.notes == said
+    assert np.abs(pixels(image) - pixels(built["eager"])).max() <= 1
+
+
+def test_training_runs_the_blocks_own_code(built):
+    """With gradients on, a block answers with its own forward (a package holds no backward)."""
+    transformer = built["pipe"].transformer
+    block = transformer.transformer_blocks[0]
+    assert isinstance(block.forward, aot.AotBlock)
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    x = torch.randn(1, 6, width, requires_grad=True)
+    context = torch.randn(1, 4, width)
+    modulation = torch.randn(1, 6 * width)
+    with torch.enable_grad():
+        out = block(x, context, modulation, 2, 3)
+    assert out.requires_grad and out.grad_fn is not None
+
+
+def test_a_package_is_named_by_the_code_it_froze(monkeypatch):
+    key = (((1, 2), "torch.float32", "cpu"), 3)
+    before = aot.AotPackages("model-a", note=print).path(key)
+    monkeypatch.setattr(aot, "code_digest", lambda: "another-checkout")
+    assert aot.AotPackages("model-a", note=print).path(key) != before
+    assert aot.AotPackages("model-b", note=print).path(key) != before
+
+
+def test_aot_is_one_of_the_compile_modes():
+    assert options.compile_mode(" AOT ") == "aot"
+    assert options.ModelOptions(compile="aot").compile == "aot"
