@@ -31,7 +31,7 @@ KEYS = {
     "exif": "default --exif: what of the input's EXIF and XMP outputs keep (safe, keep, none)",
     "kernels": "default --kernels of the transformer (off, triton)",
     "quantize": "default --quantize of the transformer's linear layers (none, fp8)",
-    "compile": "torch.compile the transformer unless --compile/--no-compile says (off, on, auto)",
+    "compile": "torch.compile the transformer unless --compile/--no-compile says (off, on, auto, aot)",
 }
 DEFAULTS = {
     "model": options.DEFAULT_MODEL,

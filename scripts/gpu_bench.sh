@@ -21,8 +21,8 @@
 # BENCH_BATCH_IMAGES (24: the batch step's photos),
 # BENCH_ONLY (a space-separated subset of the step names below, in their order: tests sync-check cfg batch cfg-kernels
 # cfg-fp8 cfg-fp8-kernels quality cfg-compile cfg-compile-warm cfg-compile-kernels cfg-compile-fp8-kernels distilled
-# distilled-kernels vae-kernels distilled-graphs cfg-graphs cfg-compile-graphs profile offload-model offload-sequential
-# distilled-compile cfg-batch4 distilled-batch4 server; and vae-compile, which runs only when named: it answered
+# distilled-kernels vae-kernels distilled-graphs cfg-aot cfg-aot-warm cfg-graphs cfg-compile-graphs profile
+# offload-model offload-sequential distilled-compile cfg-batch4 distilled-batch4 server; and vae-compile, which runs only when named: it answered
 # its question, BENCHMARKS.md G.3). BENCH_ONLY=round2 runs only the steps issue 17 needs, in about 8 minutes;
 # BENCH_ONLY=server only issue 13's cold edit, warm server and server-against-batch figures (scripts/server_bench.py:
 # a random checkpoint folder written to a temp folder, then the real edit, bench --cold, serve and batch commands;
@@ -75,7 +75,7 @@ COMPACTEDIT_CACHE_DIR="$(mktemp -d)"  # a cold compile cache: cfg-compile pays f
 trap 'rmdir "$COMPACTEDIT_HOME"; rm -rf "$COMPACTEDIT_CACHE_DIR"' EXIT
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false COMPACTEDIT_HOME COMPACTEDIT_CACHE_DIR
 [ "${BENCH_ONLY:-}" = round2 ] && BENCH_ONLY="tests cfg cfg-kernels cfg-fp8 cfg-fp8-kernels quality cfg-compile \
-cfg-compile-warm cfg-compile-kernels distilled distilled-kernels distilled-graphs vae-kernels"
+cfg-compile-warm cfg-compile-kernels distilled distilled-kernels distilled-graphs vae-kernels cfg-aot cfg-aot-warm"
 
 # The CLI starts, and the machine as every report describes it (compactedit_cli.environment).
 python3 -m compactedit_cli --version 2>&1 | tee -a "$LOG" || { say "the compactedit CLI does not start"; exit 1; }
@@ -109,6 +109,8 @@ if want tests; then
         tests/test_quantize.py 2>&1 | tee -a "$LOG"
     say "tests: --compile auto on $DEVICE (a cold single edit eager, a long run compiled, its size warm after)"
     bounded 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_compile_auto.py -k cuda 2>&1 | tee -a "$LOG"
+    say "tests: compile = aot on $DEVICE (a package against the eager blocks, loaded by a new pipeline)"
+    bounded 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_aot.py -k cuda 2>&1 | tee -a "$LOG"
 fi
 
 [ "$WEIGHTS" = full ] && PROFILE_WEIGHTS=full || PROFILE_WEIGHTS=mid  # the profile has no tiny build
@@ -160,6 +162,13 @@ if want vae-kernels; then
 fi
 # The host-bound one-branch step at 1024²: CUDA graphs (issue 17, item 4).
 bench distilled-graphs 60 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 3 --distilled --cuda-graphs
+# compile = "aot" (a config key, so its own config folder): the first process builds each size's package (its
+# first_run_overhead_s), the second only loads it (what a single edit of a warm size pays).
+AOT_HOME="$(mktemp -d)"
+COMPACTEDIT_HOME="$AOT_HOME" python3 -m compactedit_cli config set compile aot > /dev/null
+COMPACTEDIT_HOME="$AOT_HOME" bench cfg-aot 200 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 3
+COMPACTEDIT_HOME="$AOT_HOME" bench cfg-aot-warm 100 --resolution "${RESOLUTIONS[0]}" --warmup 1 --repeats 3
+rm -rf "$AOT_HOME"
 bench cfg-graphs 100 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --cuda-graphs
 bench cfg-compile-graphs 150 --resolution "${RESOLUTIONS[@]}" --warmup 1 --repeats 3 --compile --cuda-graphs
 if want profile; then

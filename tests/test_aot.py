@@ -145,3 +145,23 @@ def test_a_package_is_named_by_the_code_it_froze(monkeypatch):
 def test_aot_is_one_of_the_compile_modes():
     assert options.compile_mode(" AOT ") == "aot"
     assert options.ModelOptions(compile="aot").compile == "aot"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by scripts/gpu_bench.sh)")
+def test_on_cuda_a_package_matches_the_eager_blocks_and_loads_in_a_new_pipeline(tiny_checkpoint, tmp_path, monkeypatch):
+    from compactedit_cli.engine.pipeline import EditPipeline
+
+    monkeypatch.setenv("COMPACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    source = Image.open(make_photo(tmp_path / "p.png", (64, 48), seed=5))
+
+    def run(compile: str):
+        pipe = EditPipeline.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16, compile=compile)
+        return pipe, pipe(source, "x", num_inference_steps=2, seed=3, output_type="latent").latents
+
+    _, eager = run("off")
+    built, first = run("aot")
+    loaded, again = run("aot")
+    assert built.speed.aot_packages.compiled == 1 and loaded.speed.aot_packages.compiled == 0
+    assert not built.speed.notes and not loaded.speed.notes
+    for latents in (first, again):
+        assert (latents.float() - eager.float()).abs().max() <= 0.05 * eager.float().abs().max()

@@ -47,7 +47,7 @@ def test_compile_modes_are_spelled_once(value, mode):
 
 
 def test_a_bad_compile_mode_is_a_usage_error():
-    with pytest.raises(UsageError, match=r"compile must be one of off, on, auto \(got 'maybe'\)"):
+    with pytest.raises(UsageError, match=r"compile must be one of off, on, auto, aot \(got 'maybe'\)"):
         options.ModelOptions(compile="maybe")
 
 

@@ -28,7 +28,7 @@ def home(tmp_path, monkeypatch):
         ("model", " ", "model must be an alias, a hub id (owner/name) or a folder (got ' ')"),
         ("kernels", "cuda", "kernels must be one of off, triton (got 'cuda')"),
         ("quantize", "int4", "quantize must be one of none, fp8 (got 'int4')"),
-        ("compile", "sometimes", "compile must be one of off, on, auto (got 'sometimes')"),
+        ("compile", "sometimes", "compile must be one of off, on, auto, aot (got 'sometimes')"),
         (
             "colour",
             "blue",

@@ -140,7 +140,7 @@ def _bench_resolution(
         "stages": stages,
         "warmup": [{name: r[name] for name in STAGES if name != "denoise_step"} for r in warm],
         "first_run_overhead_s": first_overhead,
-        "compile_warmup_s": first_overhead if pipe.speed.compiled else None,
+        "compile_warmup_s": first_overhead if pipe.speed.compiled or pipe.speed.aot_packages else None,
         "vae_tiling": pipe.speed.vae_tiled,
         "memory": mem.summary(),
         "foreign_cpu_share": foreign.share(),

@@ -195,6 +195,8 @@ def _cold_child(spec: dict[str, Any], report: Path) -> None:
         found = {**counters["inductor"], **counters["aot_autograd"]}
         keys = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss")
         cache = {key: int(found.get(key, 0)) for key in keys}
+    elif pipe.speed.aot_packages is not None:  # compile = "aot": packages this process built, not loaded
+        cache = {"aot_packages_built": pipe.speed.aot_packages.compiled}
     height, width = pipe.model_size(image.size)
     body = {
         "stages": stages,

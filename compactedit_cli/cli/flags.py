@@ -186,8 +186,9 @@ Compile = Annotated[
     typer.Option(
         "--compile/--no-compile",
         help="torch.compile the transformer: faster steps after a slow first edit of each size (for batches). "
-        "Unset, the config's compile decides: off (default), on, or auto (CUDA only: compiled for batch and serve, "
-        "and where this size's graphs are already in the compile cache).",
+        "Unset, the config's compile decides: off (default), on, auto (CUDA only: compiled for batch and serve, "
+        "and where this size's graphs are already in the compile cache), or aot (each size compiled ahead of time "
+        "once; later processes load it in milliseconds, with no compiler).",
         rich_help_panel=PERF,
         show_default=False,
     ),
