@@ -120,6 +120,19 @@ def test_a_package_that_cannot_load_is_one_warning_and_an_eager_edit(built, tiny
     assert np.abs(pixels(image) - pixels(built["eager"])).max() <= 1
 
 
+def test_an_unwritable_cache_is_one_warning_and_an_eager_edit(built, tiny_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "compile").write_text("a file where the compile cache's folder should be")
+    monkeypatch.setenv("COMPACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe, image = edit(tiny_checkpoint, built["source"], "aot")
+    said = [str(w.message) for w in caught if "ahead-of-time" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("ahead-of-time compile failed, so this size runs eagerly"), said
+    assert pipe.speed.aot_packages.compiled == 0
+    assert np.abs(pixels(image) - pixels(built["eager"])).max() <= 1
+
+
 def test_training_runs_the_blocks_own_code(built):
     """With gradients on, a block answers with its own forward (a package holds no backward)."""
     transformer = built["pipe"].transformer

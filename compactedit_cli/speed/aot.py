@@ -75,11 +75,11 @@ class AotPackages:
             return None
         path = self.path(key)
         step = "compile"
+        device = next(t for t in pytree.tree_leaves(args) if torch.is_tensor(t)).device
         try:
             if not path.exists():
-                self._build(path, block, args)
+                self._build(path, block, args, device)
             step = f"load of {path} (delete it to build it again)"
-            device = next(iter(pytree.tree_leaves(args))).device
             index = -1 if device.type == "cpu" else (device.index if device.index is not None else 0)
             return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
         except Exception as error:  # export and AOTInductor fail in many ways; each means: this size runs eagerly
@@ -88,21 +88,19 @@ class AotPackages:
             self.note(f"ahead-of-time {step} failed, so this size runs eagerly: {first[:200]}")
             return None
 
-    def _build(self, path: Path, block: nn.Module, args: Sequence[Any]) -> None:
+    def _build(self, path: Path, block: nn.Module, args: Sequence[Any], device: torch.device) -> None:
         import torch._inductor
 
-        device = next(iter(pytree.tree_leaves(args))).device
         reason = compile_unavailable("inductor", device)  # the same needs as inductor's: Triton, a C++ compiler
         if reason is not None:
             raise RuntimeError(reason)
-
-        with torch.no_grad():
-            program = torch.export.export(_Plain(block), tuple(args), strict=False)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)  # an unwritable cache fails here, before seconds of compiling
         handle, name = tempfile.mkstemp(dir=self.folder, prefix="partial-", suffix=".pt2")
         os.close(handle)
         temporary = Path(name)
         try:
+            with torch.no_grad():
+                program = torch.export.export(_Plain(block), tuple(args), strict=False)
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(temporary), inductor_configs={"aot_inductor.package_constants_in_so": False}
             )
