@@ -73,13 +73,14 @@ def test_a_ray_actor_killed_mid_item_is_retried_or_recorded(tiny_checkpoint, tmp
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["OMP_NUM_THREADS"] = "1"
     run = subprocess.Popen(
-        [*command, "-m", str(tiny_checkpoint), "--steps", "300", "--device", "cpu", "--engine", "ray", "--json"],
+        [*command, "-m", str(tiny_checkpoint), "--steps", "1000", "--device", "cpu", "--engine", "ray", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
     killed = None
+    seen: dict[str, float] = {}  # each actor-like process title and its age when last seen, for the failure message
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and run.poll() is None:
         for process in psutil.Process(run.pid).children(recursive=True):
@@ -87,6 +88,8 @@ def test_a_ray_actor_killed_mid_item_is_retried_or_recorded(tiny_checkpoint, tmp
                 title = " ".join(process.cmdline())
             except psutil.Error:
                 continue
+            if "ray::" in title:
+                seen[title[:80]] = round(time.time() - process.create_time(), 1)
             if "MapWorker" in title or "_EditActor" in title:
                 if time.time() - process.create_time() > 8:  # loaded and editing
                     process.kill()
@@ -94,7 +97,7 @@ def test_a_ray_actor_killed_mid_item_is_retried_or_recorded(tiny_checkpoint, tmp
                 break
         time.sleep(0.2)
     stdout, stderr = run.communicate(timeout=300)
-    assert killed is not None, f"no editing actor was found to kill:\n{stderr}"
+    assert killed is not None, f"no editing actor was found to kill (Ray processes seen: {seen}):\n{stderr}"
     assert run.returncode in (0, 1), stderr
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(line["output"] for line in lines) == [str(out / "p0.png"), str(out / "p1.png")]
