@@ -56,12 +56,12 @@ def test_the_first_edit_of_a_size_builds_one_package_that_a_later_pipeline_only_
 ):
     monkeypatch.setenv("COMPACTEDIT_CACHE_DIR", str(built["root"] / "cache"))
     assert built["pipe"].speed.compile_mode == "aot" and not built["pipe"].speed.notes
-    assert built["pipe"].speed.aot_packages.compiled == 1  # one size, one package for all blocks
+    assert built["pipe"].speed.aot_packages.built == 1  # one size, one package for all blocks
     packages = list((built["root"] / "cache" / "compile" / "aot").glob("*.pt2"))
     assert len(packages) == 1 and not packages[0].name.startswith("partial-")
     assert np.abs(pixels(built["first"]) - pixels(built["eager"])).max() <= 1
     later, again = edit(tiny_checkpoint, built["source"], "aot")
-    assert later.speed.aot_packages.compiled == 0 and not later.speed.notes
+    assert later.speed.aot_packages.built == 0 and not later.speed.notes
     assert np.abs(pixels(again) - pixels(built["eager"])).max() <= 1
 
 
@@ -75,7 +75,7 @@ pipe = EditPipeline.from_pretrained({str(tiny_checkpoint)!r}, device="cpu", dtyp
 image = pipe(Image.open({str(built["source"])!r}), "x", num_inference_steps=2, seed=3).images[0]
 image.save({str(tmp_path / "out.png")!r})
 print(json.dumps({{"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._inductor" in sys.modules,
-                  "built": pipe.speed.aot_packages.compiled, "notes": pipe.speed.notes}}))
+                  "built": pipe.speed.aot_packages.built, "notes": pipe.speed.notes}}))
 """
     env = {**os.environ, "COMPACTEDIT_CACHE_DIR": str(built["root"] / "cache"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -105,6 +105,21 @@ def test_the_config_key_sends_an_edit_through_the_packages(built, tiny_checkpoin
     assert np.abs(pixels(Image.open(out)) - pixels(built["eager"])).max() <= 1
 
 
+def test_bench_cold_says_which_process_built_the_package_and_which_only_loaded_it(tmp_path):
+    env = {**os.environ, "COMPACTEDIT_CACHE_DIR": str(tmp_path / "cache"), "COMPACTEDIT_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "compactedit_cli"]
+    assert subprocess.run([*command, "config", "set", "compile", "aot"], env=env, capture_output=True).returncode == 0
+    args = ["bench", "--cold", "--random-weights", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "1"]
+    done = subprocess.run(
+        [*command, *args, "--repeats", "2", "--json"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["options"]["compile"] == "aot"
+    assert [run["compile_cache"] for run in report["runs"]] == [{"aot_packages_built": 1}, {"aot_packages_built": 0}]
+    assert not any(run["dynamo_imported"] for run in report["runs"][1:])
+
+
 def test_a_package_that_cannot_load_is_one_warning_and_an_eager_edit(built, tiny_checkpoint, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(built["root"] / "cache", cache)
@@ -129,7 +144,7 @@ def test_an_unwritable_cache_is_one_warning_and_an_eager_edit(built, tiny_checkp
         pipe, image = edit(tiny_checkpoint, built["source"], "aot")
     said = [str(w.message) for w in caught if "ahead-of-time" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("ahead-of-time compile failed, so this size runs eagerly"), said
-    assert pipe.speed.aot_packages.compiled == 0
+    assert pipe.speed.aot_packages.built == 0
     assert np.abs(pixels(image) - pixels(built["eager"])).max() <= 1
 
 
@@ -174,7 +189,7 @@ def test_on_cuda_a_package_matches_the_eager_blocks_and_loads_in_a_new_pipeline(
     _, eager = run("off")
     built, first = run("aot")
     loaded, again = run("aot")
-    assert built.speed.aot_packages.compiled == 1 and loaded.speed.aot_packages.compiled == 0
+    assert built.speed.aot_packages.built == 1 and loaded.speed.aot_packages.built == 0
     assert not built.speed.notes and not loaded.speed.notes
     for latents in (first, again):
         assert (latents.float() - eager.float()).abs().max() <= 0.05 * eager.float().abs().max()

@@ -196,7 +196,7 @@ def _cold_child(spec: dict[str, Any], report: Path) -> None:
         keys = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss")
         cache = {key: int(found.get(key, 0)) for key in keys}
     elif pipe.speed.aot_packages is not None:  # compile = "aot": packages this process built, not loaded
-        cache = {"aot_packages_built": pipe.speed.aot_packages.compiled}
+        cache = {"aot_packages_built": pipe.speed.aot_packages.built}
     height, width = pipe.model_size(image.size)
     body = {
         "stages": stages,

@@ -62,7 +62,7 @@ class AotPackages:
         self.fingerprint = f"{fingerprint}|{code_digest()}"
         self.folder = compile_cache_dir() / "aot"
         self.note = note
-        self.compiled = 0  # packages this process built (the rest it loaded)
+        self.built = 0  # packages this process built (the rest it loaded)
         self._failed: set[Key] = set()
 
     def path(self, key: Key) -> Path:
@@ -107,7 +107,7 @@ class AotPackages:
             temporary.replace(path)  # whole packages only: another process may be loading this size
         finally:
             temporary.unlink(missing_ok=True)
-        self.compiled += 1
+        self.built += 1
 
 
 class AotBlock:

@@ -339,7 +339,8 @@ class SpeedPlan:
         or ``"auto"``: an edit runs the blocks compiled where compiling pays
         (:func:`~compactedit_cli.options.runs_compiled`: on CUDA, a ``long_run`` or a size compiled on this machine
         before), else eagerly. A long run compiles now; a single edit compiles at the first size that is to run
-        compiled, so one of a cold size imports no compiler at all. Returns a one-line account."""
+        compiled, so one of a cold size imports no compiler at all. ``"aot"``: :meth:`compile_ahead`. Returns a
+        one-line account."""
         mode = options.compile_mode(mode)
         if mode == "aot":
             return self.compile_ahead(warn=warn)
@@ -353,8 +354,11 @@ class SpeedPlan:
             return "torch.compile off"
         if self._device.type == "cuda" and long_run:
             account = self.compile(backend=backend, warn=warn)
-            self._compile_choice = self._choice("auto", long_run=True) if self._compiled else None
-            return f"{account}; auto: compiled code runs for every edit (a long run)" if self._compiled else account
+            if not self._compiled:  # the compiler cannot run here (noted): eager
+                self._compile_choice = None
+                return account
+            self._compile_choice = self._choice("auto", long_run=True)
+            return f"{account}; auto: compiled code runs for every edit (a long run)"
         self._compile_choice = self._choice("auto", long_run=long_run)
         self._deferred_compile = (backend, warn)
         if self._device.type != "cuda":
