@@ -105,6 +105,41 @@ def test_the_config_key_sends_an_edit_through_the_packages(built, tiny_checkpoin
     assert np.abs(pixels(Image.open(out)) - pixels(built["eager"])).max() <= 1
 
 
+def test_a_batch_runs_through_the_packages_too(built, tiny_checkpoint, tmp_path):
+    """The config key reaches batch as it reaches edit: the size's package loads (a spoilt one is said), nothing is
+    built."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(built["source"], src / "p.png")
+    env = {
+        **os.environ,
+        "COMPACTEDIT_CACHE_DIR": str(built["root"] / "cache"),
+        "COMPACTEDIT_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "compactedit_cli"]
+    assert subprocess.run([*command, "config", "set", "compile", "aot"], env=env, capture_output=True).returncode == 0
+    before = sorted((built["root"] / "cache" / "compile" / "aot").iterdir())
+
+    def batch(out: Path) -> subprocess.CompletedProcess:
+        args = ["batch", src, "-i", "x", "-o", out, "-m", tiny_checkpoint, "--device", "cpu", "--steps", "2"]
+        args += ["--seed", "3", "--server", "never", "--json"]
+        return subprocess.run([*command, *map(str, args)], env=env, capture_output=True, text=True)
+
+    done = batch(tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] == 1 and "warning" not in done.stderr
+    assert sorted((built["root"] / "cache" / "compile" / "aot").iterdir()) == before
+    assert np.abs(pixels(Image.open(tmp_path / "out" / "p.png")) - pixels(built["eager"])).max() <= 1
+    shutil.copytree(built["root"] / "cache", tmp_path / "cache")  # the same, with the package spoilt: it is read
+    for package in (tmp_path / "cache" / "compile" / "aot").glob("*.pt2"):
+        package.write_bytes(b"not a package")
+    env["COMPACTEDIT_CACHE_DIR"] = str(tmp_path / "cache")
+    spoilt = batch(tmp_path / "again")
+    assert spoilt.returncode == 0, spoilt.stderr
+    assert "ahead-of-time load of" in spoilt.stderr and json.loads(spoilt.stdout)["ok"] == 1
+
+
 def test_bench_cold_says_which_process_built_the_package_and_which_only_loaded_it(tmp_path):
     env = {**os.environ, "COMPACTEDIT_CACHE_DIR": str(tmp_path / "cache"), "COMPACTEDIT_HOME": str(tmp_path / "home")}
     command = [sys.executable, "-m", "compactedit_cli"]
