@@ -33,7 +33,8 @@ def _signature(args: Sequence[Any]) -> Key:
 
 
 class _Plain(nn.Module):
-    """A block's own forward, for export: the block's instance carries the packaged one."""
+    """A block's own forward (its instance carries the packaged one): what is exported, and what runs where no
+    package does."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -68,7 +69,12 @@ class AotPackages:
     def path(self, key: Key) -> Path:
         return self.folder / f"{hashlib.sha256(f'{self.fingerprint}|{key}'.encode()).hexdigest()[:32]}.pt2"
 
-    def loader(self, key: Key, block: nn.Module, args: Sequence[Any]) -> Any | None:
+    def fail(self, key: Key, why: str) -> None:
+        """``key`` runs the plain blocks from now on, said once for all of them."""
+        self._failed.add(key)
+        self.note(why)
+
+    def loader(self, key: Key, block: _Plain, args: Sequence[Any]) -> Any | None:
         """A fresh loader of ``key``'s package, built first where none is on disk; ``None`` (noted once) where it
         cannot be built here, so that size runs the plain blocks."""
         if key in self._failed:
@@ -83,12 +89,11 @@ class AotPackages:
             index = -1 if device.type == "cpu" else (device.index if device.index is not None else 0)
             return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
         except Exception as error:  # export and AOTInductor fail in many ways; each means: this size runs eagerly
-            self._failed.add(key)
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            self.note(f"ahead-of-time {step} failed, so this size runs eagerly: {first[:200]}")
+            self.fail(key, f"ahead-of-time {step} failed, so this size runs eagerly: {first[:200]}")
             return None
 
-    def _build(self, path: Path, block: nn.Module, args: Sequence[Any], device: torch.device) -> None:
+    def _build(self, path: Path, block: _Plain, args: Sequence[Any], device: torch.device) -> None:
         import torch._inductor
 
         reason = compile_unavailable("inductor", device)  # the same needs as inductor's: Triton, a C++ compiler
@@ -100,7 +105,7 @@ class AotPackages:
         temporary = Path(name)
         try:
             with torch.no_grad():
-                program = torch.export.export(_Plain(block), tuple(args), strict=False)
+                program = torch.export.export(block, tuple(args), strict=False)
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(temporary), inductor_configs={"aot_inductor.package_constants_in_so": False}
             )
@@ -115,20 +120,20 @@ class AotBlock:
     (training, a size that could not be compiled)."""
 
     def __init__(self, block: nn.Module, packages: AotPackages) -> None:
-        self.block = block
+        self.plain = _Plain(block)
         self.packages = packages
         self._loaded: dict[Key, tuple[Any, dict[str, torch.Tensor]] | None] = {}
         self._pointers: dict[Key, tuple[int, ...]] = {}
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if torch.is_grad_enabled():
-            return type(self.block).forward(self.block, *args)
+            return self.plain(*args)
         key = _signature(args)
         if key not in self._loaded:
             self._loaded[key] = self._load(key, args)
         entry = self._loaded[key]
         if entry is None:
-            return type(self.block).forward(self.block, *args)
+            return self.plain(*args)
         loader, weights = entry
         pointers = tuple(t.data_ptr() for t in weights.values())
         if self._pointers.get(key) != pointers:  # first call, or the weights moved (offload): hand them over again
@@ -139,15 +144,16 @@ class AotBlock:
     def _load(self, key: Key, args: Sequence[Any]) -> tuple[Any, dict[str, torch.Tensor]] | None:
         """The loader and, by the package's names, the block's parameters and buffers (the objects themselves, so
         an offloader's moves show in their data pointers)."""
-        loader = self.packages.loader(key, self.block, args)
+        loader = self.packages.loader(key, self.plain, args)
         if loader is None:
             return None
-        mine = {f"block.{name}": t for name, t in self.block.state_dict(keep_vars=True).items()}
-        missing = [name for name in loader.get_constant_fqns() if name not in mine]
+        mine = self.plain.state_dict(keep_vars=True)  # named as the package names them: "block.…"
+        names = loader.get_constant_fqns()
+        missing = [name for name in names if name not in mine]
         if missing:
-            self.packages.note(f"ahead-of-time package wants constants the block lacks ({missing[0]}); eager instead")
+            self.packages.fail(key, f"ahead-of-time package wants constants the block lacks ({missing[0]}); eager")
             return None
-        return loader, {name: mine[name] for name in loader.get_constant_fqns()}
+        return loader, {name: mine[name] for name in names}
 
 
 def install(blocks: Sequence[nn.Module], packages: AotPackages) -> None:
