@@ -1,6 +1,6 @@
 """``edit`` and ``batch`` through a running server: byte-identical files, no torch in the client, the default
-socket found by ``--server auto``, Ctrl-C cancelling on the server, a server killed mid-edit, a version mismatch,
-batching of waiting edits, ``serve --detach``, and a client that hangs up mid-upload."""
+socket found by ``--server auto``, Ctrl-C (or an OpenAI client's timeout) cancelling on the server, a server killed
+mid-edit, a version mismatch, batching of waiting edits, ``serve --detach``, and a client that hangs up mid-upload."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import PROJECT, make_photo, single_thread
 from PIL import Image
-from test_server import Server, pixels
-from test_server_lifecycle import LONG_STEPS, wait_for
+from test_server import Server, openai, pixels
+from test_server_lifecycle import LONG_STEPS, Request, wait_for
 
 PROBE = (
     "import sys, atexit\n"
@@ -138,6 +138,19 @@ def test_ctrl_c_on_the_client_cancels_the_edit_on_the_server(server, tiny_checkp
     wait_for(lambda: server.status()["edits_cancelled"] == before + 1, timeout=20, what="the server to cancel")
     assert server.status()["queue"]["running"] == 0
     assert not list(tmp_path.glob("out*"))
+
+
+def test_an_openai_client_that_gives_up_cancels_its_edit(server, photo):
+    """A client that times out hangs up: its running edit stops at its next step, its waiting one never starts."""
+    before = server.status()
+    given_up = [Request(server, photo, LONG_STEPS, timeout=0.5, n=3) for _ in range(2)]
+    for request in given_up:
+        request.join(30)
+    assert all(isinstance(request.error, openai.APITimeoutError) for request in given_up)
+    wait_for(lambda: server.status()["edits_cancelled"] == before["edits_cancelled"] + 2, timeout=20,
+             what="the server to cancel both edits")  # fmt: skip
+    after = server.status()
+    assert after["edits_done"] == before["edits_done"] and after["queue"] == before["queue"]
 
 
 def test_a_server_killed_mid_edit_is_one_error_line_and_no_file(tiny_checkpoint, photo, tmp_path):

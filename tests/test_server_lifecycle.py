@@ -43,9 +43,9 @@ def photo(tmp_path) -> Path:
 class Request(threading.Thread):
     """One edit sent from a thread: its answer or its exception."""
 
-    def __init__(self, server: Server, photo: Path, steps: int, timeout: float = 120) -> None:
+    def __init__(self, server: Server, photo: Path, steps: int, timeout: float = 120, n: int = 1) -> None:
         super().__init__(daemon=True)
-        self.server, self.photo, self.steps, self.timeout = server, photo, steps, timeout
+        self.server, self.photo, self.steps, self.timeout, self.n = server, photo, steps, timeout, n
         self.answer = self.error = None
         self.start()
 
@@ -53,7 +53,7 @@ class Request(threading.Thread):
         try:
             with self.photo.open("rb") as image:
                 self.answer = self.server.client(timeout=self.timeout).images.edit(
-                    image=image, prompt="make it winter", extra_body={"steps": self.steps}
+                    image=image, prompt="make it winter", n=self.n, extra_body={"steps": self.steps}
                 )
         except Exception as exc:
             self.error = exc

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,9 +216,9 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
         await form.close()
     chosen, prompt, fmt = asked.chosen, asked.prompt, asked.format
     started = time.perf_counter()
-    job = Job(lambda _job: _encoded(state.editor, source, prompt, chosen, fmt, asked.quality, mask))
+    job = Job(lambda job: _encoded(state.editor, source, prompt, chosen, fmt, asked.quality, mask, job))
     try:
-        pictures = await state.queue.submit(job)
+        pictures = await _unless_hung_up(request, state.queue.submit(job))
     except QueueFullError:
         raise _queue_full(state) from None
     except Exception as exc:
@@ -237,6 +237,27 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
             "size": f"{width}x{height}",
         }
     )
+
+
+async def _unless_hung_up(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result; a client that hangs up first (an OpenAI client's timeout) cancels it, so its edit is
+    skipped if it waits or stopped at its next step if it runs, rather than keeping the queue from the others."""
+    task = asyncio.ensure_future(work)
+    hung_up = asyncio.ensure_future(_hang_up(request))
+    try:
+        done, _ = await asyncio.wait({task, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise EditCancelledError()
+    finally:
+        hung_up.cancel()
+        task.cancel()  # a no-op once it is done
+
+
+async def _hang_up(request: Request) -> None:
+    """Return once the client closes the connection (its body is read, so nothing else comes before that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def compactedit_edit(request: Request, state: ServerState) -> Response:
@@ -493,11 +514,13 @@ def _encoded(
     chosen: options.EditOptions,
     fmt: str,
     quality: int | None,
-    mask: Mask | None = None,
+    mask: Mask | None,
+    job: Job,
 ) -> list[tuple[bytes, int | None]]:
-    """One edit on the worker thread: each output's file bytes (with the metadata an edit writes) and seed."""
+    """One edit on the worker thread: each output's file bytes (with the metadata an edit writes) and seed; it
+    stops at its next step once ``job``'s client is gone."""
     written = options.OutputOptions(format=fmt, quality=quality)
-    computed = editor.compute(source, prompt, chosen, mask=mask)
+    computed = editor.compute(source, prompt, chosen, progress=JobProgress([job]), mask=mask)
     return [
         (outputs.file_bytes(picture, record, fmt, written, source), record.seed)
         for picture, record in zip(computed.pictures, computed.records, strict=True)
