@@ -250,18 +250,22 @@ def test_detach_returns_when_ready_and_stop_stops(tiny_checkpoint, tmp_path):
     assert not path.exists()
 
 
-def test_a_client_that_hangs_up_mid_upload_leaves_the_server_well(server, photo):
+@pytest.mark.parametrize(("path", "field"), [("/v1/compactedit/edits", "rgb"), ("/v1/images/edits", "image")])
+def test_a_client_that_hangs_up_mid_upload_leaves_the_server_well(server, path, field):
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.connect(str(server.socket))
     probe.sendall(
-        b"POST /v1/compactedit/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-        b"Content-Length: 100000\r\nX-Compactedit-Protocol: 1\r\n\r\n--b\r\nContent-Disposition: form-data; "
-        b'name="rgb"; filename="rgb"\r\n\r\n' + b"\0" * 1000
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n".encode()
+        + b"Content-Length: 100000\r\nX-Compactedit-Protocol: 1\r\n\r\n--b\r\nContent-Disposition: form-data; "
+        + f'name="{field}"; filename="{field}"\r\n\r\n'.encode()
+        + b"\0" * 1000
     )
     probe.close()
+    wait_for(lambda: f"POST {path} -> 499" in server.output(), timeout=20, what="the hang-up in the log")
     assert server.status()["queue"]["waiting"] == 0
     with server.http() as http:
         assert http.get("http://localhost/health").status_code == 200
+    assert "ERROR" not in server.output() and "-> 500" not in server.output()  # the client's doing, no failure
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -390,6 +390,8 @@ async def _read_form(request: Request, max_bytes: int, max_files: int = 4) -> Fo
         return await parser.parse()
     except MultiPartException as exc:
         raise ApiError(400, f"malformed multipart body: {exc.message}", "invalid_multipart") from None
+    except ClientDisconnect:  # the client's doing, not the server's failure: one info line, no 500
+        raise ApiError(499, "the client went away during its upload", "cancelled") from None
 
 
 def _text(form: FormData, name: str) -> str | None:
