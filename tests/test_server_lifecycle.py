@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -164,6 +165,15 @@ def test_serve_flag_errors_are_one_line_before_loading(cli, args, words):
     result = cli("serve", "--model", "/nonexistent", *args)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and words in result.stderr and "loading" not in result.stderr
+
+
+def test_a_port_in_use_is_refused_before_loading(cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli("serve", "--model", "/nonexistent", "--port", str(taken.getsockname()[1]))
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1:" in result.stderr
+    assert "loading" not in result.stderr and "resolving" not in result.stderr
 
 
 def test_a_socket_path_holding_a_file_is_refused(cli, tmp_path):

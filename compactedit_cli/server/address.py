@@ -120,9 +120,12 @@ def answers(path: Path, timeout: float = 1.0) -> bool:
 
 
 def check_free(address: Address) -> None:
-    """Fail with one line if a server already listens at ``address`` or the path holds something else."""
+    """Fail with one line if a server already listens at ``address`` or the path holds something else (a port in
+    use, or a host this machine does not have, by binding it for a moment): before a model takes minutes to load."""
     path = address.socket_path
     if path is None:
+        assert address.host is not None and address.port is not None
+        bind_tcp(address.host, address.port).close()
         return
     if address.default and path.parent.exists():
         _check_private(path.parent)
