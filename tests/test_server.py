@@ -306,6 +306,7 @@ def test_unknown_paths_and_methods_are_json(server):
         wrong = http.get(f"{server.base_url}/images/edits")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong.status_code == 405 and "error" in wrong.json()
+    assert wrong.headers["allow"] == "POST"  # a 405 must say what is allowed (RFC 9110)
 
 
 def test_logs_name_no_prompt_without_verbose(server, photo):

@@ -115,7 +115,9 @@ def build_app(state: ServerState) -> Starlette:
     async def not_found(_request: Request, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
         message = "no such endpoint" if status == 404 else (exc.detail if isinstance(exc, HTTPException) else "")
-        return ApiError(status, message, "not_found" if status == 404 else "invalid_request").response()
+        headers = exc.headers if isinstance(exc, HTTPException) else None  # a 405's Allow
+        code = "not_found" if status == 404 else "invalid_request"
+        return ApiError(status, message, code, headers=headers).response()
 
     app = Starlette(
         routes=[
