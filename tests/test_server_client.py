@@ -4,6 +4,7 @@ mid-edit, a version mismatch, batching of waiting edits, ``serve --detach``, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -307,3 +308,40 @@ def test_a_named_server_that_is_not_there(photo, tmp_path):
     assert run.returncode == 1
     assert "no server answers" in run.stderr and "loaded: []" in run.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+class Impostor(threading.Thread):
+    """A TCP port where something other than an HTTP server listens: it sends ``greeting`` to each connection
+    (an SSH banner, say; nothing: a port that never answers), then holds it open for ``hold`` seconds."""
+
+    def __init__(self, greeting: bytes, hold: float) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.greeting, self.hold = greeting, hold
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.listener.accept()
+                connection.sendall(self.greeting)
+                threading.Timer(self.hold, connection.close).start()
+
+
+@pytest.mark.parametrize(
+    ("greeting", "words"),
+    [(b"SSH-2.0-OpenSSH_9.6\r\n", "does not speak HTTP"), (b"", "did not answer within 0.5 s")],
+    ids=["ssh", "silent"],
+)
+def test_a_server_that_is_not_http_is_one_line(greeting, words):
+    from compactedit_cli.server import address, client
+
+    impostor = Impostor(greeting, hold=2)
+    try:
+        with pytest.raises(client.ServerError) as caught:
+            client.request(address.parse(f"http://127.0.0.1:{impostor.port}"), "GET", "/status", timeout=0.5)
+    finally:
+        impostor.listener.close()
+    message = str(caught.value)
+    assert words in message and "\n" not in message and "SSH" not in message

@@ -84,11 +84,18 @@ def send(
         connection.request(method, path, body=body, headers=sent)
         return connection.getresponse()
     except (OSError, http.client.HTTPException) as exc:
-        raise ServerError(
-            f"no server answers on {address.label()} ({exc.strerror or exc})"
-            if isinstance(exc, OSError) and exc.strerror
-            else f"the server on {address.label()} closed the connection ({exc or type(exc).__name__})"
-        ) from None
+        raise ServerError(_unanswered(address, exc, connection.timeout)) from None
+
+
+def _unanswered(address: Address, exc: OSError | http.client.HTTPException, timeout: float | None) -> str:
+    """The one line for a request that got no HTTP answer (never the raw bytes something else sent instead)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"no server answers on {address.label()} ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return f"the server on {address.label()} did not answer within {timeout:g} s"
+    if isinstance(exc, http.client.BadStatusLine) and not isinstance(exc, ConnectionError):
+        return f"the server on {address.label()} does not speak HTTP: is it a compactedit server?"
+    return f"the server on {address.label()} closed the connection ({exc or type(exc).__name__})"
 
 
 def error_message(status: int, body: dict[str, Any]) -> str:
