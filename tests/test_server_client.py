@@ -4,6 +4,7 @@ mid-edit, a version mismatch, batching of waiting edits, ``serve --detach``, and
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -193,23 +194,28 @@ def test_another_version_is_said(tiny_checkpoint, photo, tmp_path):
         running.close()
 
 
-def test_waiting_edits_of_one_size_run_as_one_batch(tiny_checkpoint, editor_for_batch, photo, tmp_path):
+@pytest.mark.parametrize("client", ["compactedit", "openai"])
+def test_waiting_edits_of_one_size_run_as_one_batch(tiny_checkpoint, editor_for_batch, photo, tmp_path, client):
     from compactedit_cli.options import ModelOptions
     from compactedit_cli.server.remote import open_editor
 
     running = Server(tiny_checkpoint, "--max-batch", "4").wait_ready()
+    remote = open_editor(ModelOptions(model=str(tiny_checkpoint), device="cpu"), str(running.socket))
+
+    def edit(prompt: str, out: Path, steps: int, seed: int = 0) -> None:
+        if client == "compactedit":
+            remote.edit(photo, prompt, out, steps=steps, seed=seed)
+            return
+        with photo.open("rb") as image:
+            answer = running.client().images.edit(image=image, prompt=prompt, extra_body={"steps": steps, "seed": seed})
+        out.write_bytes(base64.b64decode(answer.data[0].b64_json))
+
     try:
-        remote = open_editor(ModelOptions(model=str(tiny_checkpoint), device="cpu"), str(running.socket))
-        blocker = threading.Thread(target=remote.edit, args=(photo, "x", tmp_path / "first.png"), kwargs={"steps": 40})
+        blocker = threading.Thread(target=edit, args=("x", tmp_path / "first.png", LONG_STEPS))
         blocker.start()
         wait_for(lambda: running.status()["queue"]["running"] == 1, what="the first edit to start")
         threads = [
-            threading.Thread(
-                target=remote.edit,
-                args=(photo, f"edit {seed}", tmp_path / f"{seed}.png"),
-                kwargs={"steps": 2, "seed": seed},
-            )
-            for seed in range(4)
+            threading.Thread(target=edit, args=(f"edit {seed}", tmp_path / f"{seed}.png", 2, seed)) for seed in range(4)
         ]
         for thread in threads:
             thread.start()

@@ -218,13 +218,13 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
         await form.close()
     chosen, prompt, fmt = asked.chosen, asked.prompt, asked.format
     started = time.perf_counter()
-    job = Job(lambda job: _encoded(state.editor, source, prompt, chosen, fmt, asked.quality, mask, job))
     try:
-        pictures = await _unless_hung_up(request, state.queue.submit(job))
+        computed = await _unless_hung_up(request, state.queue.submit(_edit_job(state, source, prompt, chosen, mask)))
     except QueueFullError:
         raise _queue_full(state) from None
     except Exception as exc:
         raise _edit_failure(exc) from None
+    pictures = await run_in_threadpool(_encoded, computed, source, fmt, asked.quality)
     width, height = source.size
     described = f" prompt={prompt!r}" if state.verbose else ""
     log.info(
@@ -271,15 +271,9 @@ async def compactedit_edit(request: Request, state: ServerState) -> Response:
         source, mask = await run_in_threadpool(_read_planes, asked, planes, state)
     finally:
         await form.close()
-    instruction, chosen = asked["instruction"], asked["options"]
-    alone = mask is not None or chosen.color_match  # its retouch is its own: never batched with others
-    key = state.editor.group_key(source, chosen) if state.queue.max_batch > 1 and not alone else None
-    job = Job(
-        lambda job: state.editor.compute(source, instruction, chosen, progress=JobProgress([job]), mask=mask),
-        key=key,
-        item=(source, instruction, chosen.seed),
-        key_options=chosen,
-    )
+    instruction = asked["instruction"]
+    job = _edit_job(state, source, instruction, asked["options"], mask)
+    chosen = job.key_options
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     job.on_event = events.put_nowait
     job.loop = asyncio.get_running_loop()
@@ -293,6 +287,23 @@ async def compactedit_edit(request: Request, state: ServerState) -> Response:
     described = f" prompt={instruction!r}" if state.verbose else ""
     log.info("edit %s n=%d steps=%d seed=%s queued%s", size, chosen.num_images, chosen.steps, chosen.seed, described)
     return StreamingResponse(_stream(job, events, state), media_type="application/x-ndjson")
+
+
+def _edit_job(
+    state: ServerState, source: SourceImage, instruction: str, chosen: options.EditOptions, mask: Mask | None
+) -> Job:
+    """The queue's job for one edit, from either endpoint: with ``--max-batch``, batched with waiting edits of its
+    model size and options (never with a mask or a colour match: its retouch is its own); it stops at its next
+    step once its client is gone."""
+    if chosen.seed is None:  # drawn here, so a batch of requests knows each one's seed
+        chosen = chosen.replace(seed=options.random_seed())
+    alone = mask is not None or chosen.color_match
+    return Job(
+        lambda job: state.editor.compute(source, instruction, chosen, progress=JobProgress([job]), mask=mask),
+        key=state.editor.group_key(source, chosen) if state.queue.max_batch > 1 and not alone else None,
+        item=(source, instruction, chosen.seed),
+        key_options=chosen,
+    )
 
 
 async def _stream(job: Job, events: asyncio.Queue, state: ServerState) -> AsyncIterator[bytes]:
@@ -511,20 +522,9 @@ def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
         raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image") from None
 
 
-def _encoded(
-    editor: Any,
-    source: SourceImage,
-    prompt: str,
-    chosen: options.EditOptions,
-    fmt: str,
-    quality: int | None,
-    mask: Mask | None,
-    job: Job,
-) -> list[tuple[bytes, int | None]]:
-    """One edit on the worker thread: each output's file bytes (with the metadata an edit writes) and seed; it
-    stops at its next step once ``job``'s client is gone."""
+def _encoded(computed: Any, source: SourceImage, fmt: str, quality: int | None) -> list[tuple[bytes, int | None]]:
+    """Each output's file bytes (with the metadata an edit writes) and seed."""
     written = options.OutputOptions(format=fmt, quality=quality)
-    computed = editor.compute(source, prompt, chosen, progress=JobProgress([job]), mask=mask)
     return [
         (outputs.file_bytes(picture, record, fmt, written, source), record.seed)
         for picture, record in zip(computed.pictures, computed.records, strict=True)
@@ -585,10 +585,7 @@ def _native_request(form: FormData) -> tuple[dict[str, Any], dict[str, bytes | U
         given = asked.get("options") or {}
         if not isinstance(given, dict) or set(given) - EDIT_FIELDS:
             raise UsageError(f"options may hold only {', '.join(sorted(EDIT_FIELDS))}")
-        chosen = options.EditOptions(**given)
-        if chosen.seed is None:  # drawn here, so a batch of requests knows each one's seed
-            chosen = chosen.replace(seed=options.random_seed())
-        asked["options"] = chosen
+        asked["options"] = options.EditOptions(**given)
         asked["instruction"] = options.instruction(asked.get("instruction"))
     except ValueError as exc:
         raise ApiError(400, f"request is not valid JSON: {exc}", "invalid_value") from None
