@@ -234,6 +234,12 @@ def pixel_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
     )
 
 
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("changes", "status", "code", "words"),
     [
@@ -241,6 +247,7 @@ def pixel_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
         ({"image": ("a.png", b"\x89PNG" + bytes(MAX_BYTES), "image/png")}, 413, "image_too_large", "over the limit"),
         ({"image": ("a.png", bytes(3 * 2**20), "image/png")}, 413, "payload_too_large", "over the limit"),
         ({"image": ("bomb.png", pixel_bomb(), "image/png")}, 400, "invalid_image", "over the limit of"),
+        ({"image": ("sliver.png", png(402, 2), "image/png")}, 400, "invalid_image", "up to 200:1"),
         ({"n": 65}, 400, "invalid_value", "n must be between 1 and 64"),
         ({"extra_body": {"steps": 1001}}, 400, "invalid_value", "steps must be between 1 and 1000"),
         ({"extra_body": {"seed": "soon"}}, 400, "invalid_value", "seed must be an integer"),

@@ -309,6 +309,14 @@ def test_bad_server_values_are_one_line(photo, tmp_path, value, code, words):
     assert "loaded: []" in run.stderr
 
 
+def test_an_image_the_model_cannot_read_is_exit_3_as_in_process(server, tmp_path):
+    sliver = tmp_path / "sliver.png"
+    Image.new("RGB", (402, 2)).save(sliver)
+    run = compactedit("edit", sliver, "x", "-o", tmp_path / "o.png", "--server", server.socket)
+    assert run.returncode == 3, run.stderr  # an unusable input, as in-process; not 2, a usage error
+    assert "up to 200:1" in run.stderr and not (tmp_path / "o.png").exists()
+
+
 def test_a_named_server_that_is_not_there(photo, tmp_path):
     run = compactedit("edit", photo, "x", "-o", tmp_path / "o.png", "--server", tmp_path / "none.sock", probe=True)
     assert run.returncode == 1

@@ -547,7 +547,9 @@ def _edit_failure(exc: BaseException) -> ApiError:
         return ApiError(499, "the edit was cancelled", "cancelled")
     if isinstance(exc, OutOfMemoryError) or is_out_of_memory(exc):
         return ApiError(503, str(OutOfMemoryError()), "out_of_memory", "server_error")
-    if isinstance(exc, (UsageError, InputImageError)):
+    if isinstance(exc, InputImageError):  # an image the model cannot read: the client's exit 3, as in-process
+        return ApiError(400, str(exc), "invalid_image")
+    if isinstance(exc, UsageError):
         return ApiError(400, str(exc), "invalid_value")
     if isinstance(exc, CompactEditError):
         return ApiError(500, str(exc), "edit_failed", "server_error")
