@@ -138,6 +138,27 @@ def test_full_queue_is_429_and_sigterm_drains(tiny_checkpoint, photo):
         server.close()
 
 
+def test_a_stalled_upload_does_not_hold_up_a_stop(tiny_checkpoint):
+    server = Server(tiny_checkpoint)
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.wait_ready()
+        stalled.connect(str(server.socket))
+        stalled.sendall(
+            b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b'Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n'
+            + bytes(100)
+        )  # ... and then nothing more
+        time.sleep(1)  # the server is reading its body
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 128 + signal.SIGTERM  # not when the client gives up
+        stalled.settimeout(5)
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 503 ")
+    finally:
+        stalled.close()
+        server.close()
+
+
 def test_default_socket_in_the_runtime_folder_and_idle_timeout(tiny_checkpoint):
     idle = Server(tiny_checkpoint, "--idle-timeout", "1", default_socket=True)
     try:

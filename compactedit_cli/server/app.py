@@ -45,6 +45,8 @@ FORM_ALLOWANCE = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024
 # How often a waiting client hears its place in the queue (which is also how a gone client is noticed).
 QUEUE_NOTICE_SECONDS = 0.5
+# Once the server is stopping, an upload that sends nothing for this long is dropped rather than waited for.
+STALL_SECONDS = 1.0
 # OpenAI fields accepted and ignored: they describe a hosted model's knobs that this one does not have.
 IGNORED_FIELDS = frozenset({"user", "safety_identifier", "quality", "background", "input_fidelity", "moderation"})
 # The EditOptions fields compactedit's own client sends.
@@ -93,6 +95,7 @@ class ServerState:
     idle_timeout: float | None = None
     started: float = 0.0
     on_stop: Callable[[], None] = lambda: None
+    stopping: Callable[[], bool] = lambda: False
 
     def __post_init__(self) -> None:
         self.started = self.started or time.monotonic()
@@ -209,7 +212,7 @@ async def shutdown(_request: Request, state: ServerState) -> JSONResponse:
 
 
 async def edit_image(request: Request, state: ServerState) -> JSONResponse:
-    form = await _read_form(request, state.max_bytes)
+    form = await _read_form(request, state.max_bytes, state.stopping)
     try:
         asked = _edit_request(form, state)
         source = await run_in_threadpool(_open_upload, asked.upload, state)
@@ -265,7 +268,7 @@ async def _hang_up(request: Request) -> None:
 async def compactedit_edit(request: Request, state: ServerState) -> Response:
     """compactedit's own client: checked pixels in, events and raw pictures out (see :mod:`.wire`)."""
     _check_client(request)
-    form = await _read_form(request, wire_limit(state.max_pixels), max_files=len(wire.PLANES))
+    form = await _read_form(request, wire_limit(state.max_pixels), state.stopping, max_files=len(wire.PLANES))
     try:
         asked, planes = _native_request(form)
         source, mask = await run_in_threadpool(_read_planes, asked, planes, state)
@@ -372,7 +375,7 @@ def run_batch(editor: Any, jobs: list[Job]) -> list[Any]:
 # ---- parsing ------------------------------------------------------------------------------------------------
 
 
-async def _read_form(request: Request, max_bytes: int, max_files: int = 4) -> FormData:
+async def _read_form(request: Request, max_bytes: int, stopping: Callable[[], bool], max_files: int = 4) -> FormData:
     """The multipart form, read as it arrives and refused (413) once it passes the byte limit, whatever the
     ``Content-Length`` says; it is never held whole in memory (file parts spool to disk)."""
     content_type = request.headers.get("content-type", "")
@@ -386,7 +389,8 @@ async def _read_form(request: Request, max_bytes: int, max_files: int = 4) -> Fo
 
     async def counted() -> AsyncIterator[bytes]:
         received = 0
-        async for chunk in request.stream():
+        chunks = aiter(request.stream())
+        while (chunk := await _next_chunk(chunks, stopping)) is not None:
             received += len(chunk)
             if received > limit:
                 raise too_large
@@ -405,6 +409,17 @@ async def _read_form(request: Request, max_bytes: int, max_files: int = 4) -> Fo
         raise ApiError(400, f"malformed multipart body: {exc.message}", "invalid_multipart") from None
     except ClientDisconnect:  # the client's doing, not the server's failure: one info line, no 500
         raise ApiError(499, "the client went away during its upload", "cancelled") from None
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes], stopping: Callable[[], bool]) -> bytes | None:
+    """The upload's next chunk (None after the last). Once the server is stopping, an upload that stalls is refused
+    (503): the drain waits for every open request, and a client that sends nothing more would hold it for ever."""
+    task = asyncio.ensure_future(anext(chunks, None))
+    while not (await asyncio.wait({task}, timeout=STALL_SECONDS))[0]:
+        if stopping():
+            task.cancel()
+            raise ApiError(503, "the server is stopping", "server_stopping", "server_error")
+    return task.result()
 
 
 def _text(form: FormData, name: str) -> str | None:

@@ -44,7 +44,15 @@ def serve(
             server.should_exit = True
 
     queue = EditQueue(max_queue, max_batch, run_batch=functools.partial(run_batch, editor))
-    state = ServerState(editor, queue, api_key=api_key, verbose=verbose, idle_timeout=idle_timeout, on_stop=stop)
+    state = ServerState(
+        editor,
+        queue,
+        api_key=api_key,
+        verbose=verbose,
+        idle_timeout=idle_timeout,
+        on_stop=stop,
+        stopping=lambda: server is not None and server.should_exit,
+    )
     app = build_app(state)
     try:
         sock = bind(address)
