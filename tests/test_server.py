@@ -307,6 +307,25 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(server):
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "payload_too_large"
 
 
+@pytest.mark.parametrize(
+    ("origin", "status"),
+    [("https://evil.example", 403), ("null", 403), ("http://127.0.0.1.nip.io", 403), ("http://localhost:3000", 200)],
+)
+def test_a_web_page_of_another_site_cannot_use_a_keyless_server(server, photo, origin, status):
+    """Any page in the user's browser can POST a form to a loopback port (no preflight for multipart): a keyless
+    server refuses what a browser sends for another site's page (its Origin), and takes a local one's."""
+    with server.http() as http, photo.open("rb") as image:
+        answer = http.post(
+            f"{server.base_url}/images/edits",
+            files={"image": image},
+            data={"prompt": "x", "steps": "1"},
+            headers={"Origin": origin},
+        )
+    assert answer.status_code == status, answer.text[:300]
+    if status == 403:
+        assert answer.json()["error"]["code"] == "cross_origin"
+
+
 def test_unknown_paths_and_methods_are_json(server):
     with server.http() as http:
         missing = http.get("http://localhost/v2/nothing")

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +37,7 @@ from ..files import outputs
 from ..files.imaging import SourceImage, max_bytes_limit, max_pixels_limit, open_image
 from ..files.masks import Mask, open_mask
 from . import remote, wire
+from .address import is_loopback
 from .jobs import EditCancelledError, EditQueue, Job, QueueFullError
 
 log = logging.getLogger("compactedit.serve")
@@ -142,6 +144,7 @@ def _guarded(state: ServerState, endpoint: Callable[..., Any], auth: bool = True
 
     async def run(request: Request) -> Response:
         try:
+            _refuse_other_sites(request, state.api_key)
             if auth:
                 _authorize(request, state.api_key)
             return await endpoint(request, state)
@@ -153,6 +156,17 @@ def _guarded(state: ServerState, endpoint: Callable[..., Any], auth: bool = True
             return ApiError(500, internal_error(exc), "internal_error", "server_error").response()
 
     return run
+
+
+def _refuse_other_sites(request: Request, api_key: str | None) -> None:
+    """A server without a key trusts whoever reaches it, and a web page in the user's browser reaches a loopback
+    port too (a form POST needs no preflight): a request a browser sends for a page of another host is refused."""
+    origin = request.headers.get("origin")
+    if api_key or origin is None:
+        return
+    host = urlsplit(origin).hostname
+    if host is None or not is_loopback(host):
+        raise ApiError(403, f"requests from web pages of other sites are refused (Origin {origin})", "cross_origin")
 
 
 def _authorize(request: Request, api_key: str | None) -> None:
