@@ -271,6 +271,31 @@ def test_bad_requests_get_openai_shaped_4xx(server, photo, changes, status, code
 
 
 @pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"n": 0}, "n"),
+        ({"extra_body": {"steps": "many"}}, "steps"),
+        ({"extra_body": {"guidance": -1}}, "guidance"),
+        ({"size": "512x512"}, "size"),
+        ({"model": "dall-e-2"}, "model"),
+        ({"prompt": " "}, "prompt"),
+        ({"output_compression": 0}, "output_compression"),
+        ({"extra_body": {"crop_to_mask": "maybe"}}, "crop_to_mask"),
+        ({"extra_body": {"nonsense": 1}}, "nonsense"),
+        ({"image": ("a.png", b"not an image", "image/png")}, "image"),
+        ({"mask": ("m.png", b"not a mask", "image/png")}, "mask"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_an_error_names_its_field_as_param(server, photo, changes, param):
+    """OpenAI's error object names the offending field in ``param``; the SDK hands it on as ``error.param``."""
+    request = {"image": ("street.png", photo.read_bytes(), "image/png"), "prompt": "make it winter", **changes}
+    with pytest.raises(openai.APIStatusError) as caught:
+        server.client().images.edit(**request)
+    assert caught.value.param == param, caught.value.body
+
+
+@pytest.mark.parametrize(
     ("body", "content_type"),
     [
         (

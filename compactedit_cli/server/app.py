@@ -3,9 +3,9 @@ server's own ``GET /status`` and ``POST /shutdown``.
 
 Every value a client sends goes through :mod:`compactedit_cli.options` and the image through
 :func:`~compactedit_cli.files.imaging.open_image`, so a request fails exactly as the same edit on the command line
-would, and with the same limits. Failures are OpenAI-shaped JSON (``{"error": {"message", "type", "code"}}``) with
-a 4xx status for anything the client can fix; no response ever carries a traceback. The server reads and writes
-no path a client names: images travel in the request and the response.
+would, and with the same limits. Failures are OpenAI-shaped JSON (``{"error": {"message", "type", "code",
+"param"}}``) with a 4xx status for anything the client can fix; no response ever carries a traceback. The server
+reads and writes no path a client names: images travel in the request and the response.
 """
 
 from __future__ import annotations
@@ -75,12 +75,14 @@ class ApiError(Exception):
         code: str,
         kind: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.kind, self.headers = status, message, code, kind, headers
+        self.param = param  # the request field at fault, which OpenAI's clients hand on as ``error.param``
 
     def body(self) -> dict[str, Any]:
-        return {"message": self.message, "type": self.kind, "code": self.code, "param": None}
+        return {"message": self.message, "type": self.kind, "code": self.code, "param": self.param}
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
@@ -441,10 +443,36 @@ def _text(form: FormData, name: str) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise ApiError(400, f"{name} is given {len(values)} times", "invalid_value")
+        raise ApiError(400, f"{name} is given {len(values)} times", "invalid_value", param=name)
     if not isinstance(values[0], str):
-        raise ApiError(400, f"{name} must be a form field, not a file", "invalid_value")
+        raise ApiError(400, f"{name} must be a form field, not a file", "invalid_value", param=name)
     return values[0]
+
+
+def _field(form: FormData, name: str, check: Callable[[Any, str], Any], default: Any = None) -> Any:
+    """Form field ``name`` (``default`` if it is absent or empty and there is one) through ``check``, an
+    :mod:`~compactedit_cli.options` function or one of its kind; a bad value is a 400 naming the field."""
+    value = _text(form, name)
+    try:
+        return check(default if not value and default is not None else value, name)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "invalid_value", param=name) from None
+
+
+def _only(allowed: tuple[str, ...], why: str) -> Callable[[str | None, str], None]:
+    """The check of an OpenAI field this server takes one value of (or none): ``why`` says why not another."""
+
+    def check(value: str | None, name: str) -> None:
+        if value is not None and value.strip().lower() not in allowed:
+            raise UsageError(f"{name} must be {allowed[0]}: {why} (got {value!r})")
+
+    return check
+
+
+def _prompt(value: str | None, name: str) -> str:
+    if value is None:
+        raise UsageError(f"{name} is required")
+    return options.instruction(value, name)
 
 
 @dataclass
@@ -463,62 +491,48 @@ def _edit_request(form: FormData, state: ServerState) -> EditRequest:
     """The checked parameters of an edit request (the upload still unopened), or an ApiError."""
     unknown = sorted(set(form.keys()) - FIELDS - IGNORED_FIELDS - {"image[]"})
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}", "unknown_parameter")
+        raise ApiError(400, f"unknown field {unknown[0]!r}", "unknown_parameter", param=unknown[0])
     uploads = form.getlist("image") + form.getlist("image[]")
     if not uploads:
-        raise ApiError(400, "image is required (a file field)", "missing_image")
+        raise ApiError(400, "image is required (a file field)", "missing_image", param="image")
     if len(uploads) > 1:
-        raise ApiError(400, "send one image per request", "invalid_value")
+        raise ApiError(400, "send one image per request", "invalid_value", param="image")
     if not isinstance(uploads[0], UploadFile):
-        raise ApiError(400, "image must be a file, not a text field", "invalid_image")
+        raise ApiError(400, "image must be a file, not a text field", "invalid_image", param="image")
     masks = form.getlist("mask")
     if len(masks) > 1 or not all(isinstance(m, UploadFile) for m in masks):
-        raise ApiError(400, "mask must be one file", "invalid_value")
-    try:
-        model = _text(form, "model")
-        if model is not None and model not in state.model_names():
-            raise ApiError(
-                404, f"model {model!r} is not served here (this server serves {state.model_id!r})", "model_not_found"
-            )
-        prompt = _text(form, "prompt")
-        if prompt is None:
-            raise UsageError("prompt is required")
-        size = _text(form, "size")
-        if size is not None and size.strip().lower() != "auto":
-            raise UsageError(f"size must be auto: the output always has the input's size (got {size!r})")
-        response_format = _text(form, "response_format")
-        if response_format is not None and response_format.strip().lower() != "b64_json":
-            raise UsageError(f"response_format must be b64_json: this server returns no URLs (got {response_format!r})")
-        stream = _text(form, "stream")
-        if stream is not None and stream.strip().lower() not in ("false", "0", ""):
-            raise UsageError("stream is not supported: the response comes when the edit is done")
-        fmt = _text(form, "output_format") or options.DEFAULT_FORMAT
-        chosen = options.EditOptions(
-            steps=options.steps(_text(form, "steps") or options.DEFAULT_STEPS, "steps"),
-            guidance=options.scale(_text(form, "guidance"), "guidance"),
-            image_guidance=options.scale(_text(form, "image_guidance"), "image_guidance"),
-            seed=options.seed(_text(form, "seed") or options.DEFAULT_SEED, "seed"),
-            num_images=options.num_images(_text(form, "n") or options.DEFAULT_NUM_IMAGES, "n"),
-            mask_mode=options.mask_mode(_text(form, "mask_mode") or options.DEFAULT_MASK_MODE, "mask_mode"),
-            feather=options.feather(_text(form, "feather") or options.DEFAULT_FEATHER, "feather"),
-            crop_to_mask=_flag(form, "crop_to_mask"),
-            color_match=_flag(form, "color_match"),
-        )
-        return EditRequest(
-            upload=uploads[0],
-            mask=masks[0] if masks else None,
-            prompt=options.instruction(prompt, "prompt"),
-            chosen=chosen,
-            format=options.output_format_name(fmt, "output_format"),
-            quality=options.quality(_text(form, "output_compression"), "output_compression"),
-        )
-    except UsageError as exc:
-        raise ApiError(400, str(exc), "invalid_value") from None
+        raise ApiError(400, "mask must be one file", "invalid_value", param="mask")
+    model = _text(form, "model")
+    if model is not None and model not in state.model_names():
+        message = f"model {model!r} is not served here (this server serves {state.model_id!r})"
+        raise ApiError(404, message, "model_not_found", param="model")
+    _field(form, "size", _only(("auto",), "the output always has the input's size"))
+    _field(form, "response_format", _only(("b64_json",), "this server returns no URLs"))
+    _field(form, "stream", _only(("false", "0", ""), "the response comes when the edit is done"))
+    chosen = options.EditOptions(
+        steps=_field(form, "steps", options.steps, options.DEFAULT_STEPS),
+        guidance=_field(form, "guidance", options.scale),
+        image_guidance=_field(form, "image_guidance", options.scale),
+        seed=_field(form, "seed", options.seed, options.DEFAULT_SEED),
+        num_images=_field(form, "n", options.num_images, options.DEFAULT_NUM_IMAGES),
+        mask_mode=_field(form, "mask_mode", options.mask_mode, options.DEFAULT_MASK_MODE),
+        feather=_field(form, "feather", options.feather, options.DEFAULT_FEATHER),
+        crop_to_mask=_field(form, "crop_to_mask", _flag, "false"),
+        color_match=_field(form, "color_match", _flag, "false"),
+    )
+    return EditRequest(
+        upload=uploads[0],
+        mask=masks[0] if masks else None,
+        prompt=_field(form, "prompt", _prompt),
+        chosen=chosen,
+        format=_field(form, "output_format", options.output_format_name, options.DEFAULT_FORMAT),
+        quality=_field(form, "output_compression", options.quality),
+    )
 
 
-def _flag(form: FormData, name: str) -> bool:
-    """A true/false form field (absent: false)."""
-    value = (_text(form, name) or "false").strip().lower()
+def _flag(value: str, name: str) -> bool:
+    """A true/false form field."""
+    value = value.strip().lower()
     if value not in ("true", "false", "1", "0"):
         raise UsageError(f"{name} must be true or false (got {value!r})")
     return value in ("true", "1")
@@ -528,27 +542,33 @@ def _open_mask(upload: UploadFile, source: SourceImage, state: ServerState) -> M
     """The uploaded mask, read under the image's limits, at the image's size (OpenAI's: transparent is editable)."""
     if upload.size is not None and upload.size > state.max_bytes:
         raise ApiError(
-            413, f"the mask is {upload.size:,} bytes, over the limit of {state.max_bytes:,}", "mask_too_large"
+            413,
+            f"the mask is {upload.size:,} bytes, over the limit of {state.max_bytes:,}",
+            "mask_too_large",
+            param="mask",
         )
     upload.file.seek(0)
     data = upload.file.read(state.max_bytes + 1)
     try:
         return open_mask(data, source.size, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
     except InputImageError as exc:
-        raise ApiError(400, str(exc).replace("<stdin>", "the mask"), "invalid_mask") from None
+        raise ApiError(400, str(exc).replace("<stdin>", "the mask"), "invalid_mask", param="mask") from None
 
 
 def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
     """The uploaded image decoded under the CLI's limits (its size checked before a byte of it is decoded)."""
     if upload.size is not None and upload.size > state.max_bytes:
         raise ApiError(
-            413, f"the image is {upload.size:,} bytes, over the limit of {state.max_bytes:,}", "image_too_large"
+            413,
+            f"the image is {upload.size:,} bytes, over the limit of {state.max_bytes:,}",
+            "image_too_large",
+            param="image",
         )
     upload.file.seek(0)
     try:
         return open_image(upload.file, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
     except InputImageError as exc:
-        raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image") from None
+        raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image", param="image") from None
 
 
 def _encoded(computed: Any, source: SourceImage, fmt: str, quality: int | None) -> list[tuple[bytes, int | None]]:
