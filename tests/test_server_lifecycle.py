@@ -138,6 +138,25 @@ def test_full_queue_is_429_and_sigterm_drains(tiny_checkpoint, photo):
         server.close()
 
 
+def test_a_client_that_gave_up_holds_no_place_in_the_queue(tiny_checkpoint, photo):
+    server = Server(tiny_checkpoint, "--max-queue", "1")
+    try:
+        server.wait_ready()
+        running = Request(server, photo, LONG_STEPS, n=3)
+        wait_for(lambda: server.status()["queue"]["running"] == 1, what="the first edit to start")
+        gave_up = Request(server, photo, 1, timeout=0.5)
+        gave_up.join(30)
+        assert isinstance(gave_up.error, openai.APITimeoutError)
+        wait_for(lambda: server.status()["queue"]["waiting"] == 0, timeout=3, what="the gone client to leave")
+        assert server.status()["queue"]["running"] == 1  # while the live edit still runs, its place is free
+        after = Request(server, photo, 1)
+        for request in (running, after):
+            request.join(120)
+            assert request.error is None
+    finally:
+        server.close()
+
+
 def test_a_stalled_upload_does_not_hold_up_a_stop(tiny_checkpoint):
     server = Server(tiny_checkpoint)
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -356,8 +356,7 @@ async def _stream(job: Job, events: asyncio.Queue, state: ServerState) -> AsyncI
         log.info("edit done in %.2fs", time.perf_counter() - started)
     finally:
         if not job.future.done():
-            job.cancelled.set()
-            job.future.add_done_callback(lambda done: done.exception())  # its outcome has no one to go to
+            state.queue.drop(job)
             log.info("edit cancelled: the client went away")
 
 

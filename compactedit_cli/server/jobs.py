@@ -107,9 +107,20 @@ class EditQueue:
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
-            job.cancelled.set()
-            job.future.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody will ask
+            self.drop(job)
             raise
+
+    def drop(self, job: Job) -> None:
+        """``job``'s client is gone (call on its event loop): a waiting job leaves the queue at once, so it holds no
+        place there until the worker reaches it; a running one stops at its next step."""
+        job.cancelled.set()
+        job.future.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody will ask
+        with self._lock:
+            if job not in self._waiting:
+                return
+            self._waiting.remove(job)
+            self.cancelled += 1
+        _settle(job.future, EditCancelledError())
 
     def enqueue(self, job: Job) -> None:
         """Queue ``job`` (whose ``future`` and ``loop`` are set), or raise :class:`QueueFullError`."""
