@@ -102,6 +102,32 @@ def test_keep_keeps_everything_but_what_the_edit_made_false(source, tmp_path):
     assert b"GPSLatitude" in xmp and b"London" in xmp
 
 
+# XMP as Lightroom and phones write it: the orientation and sizes of the stored (sideways) pixels, also as elements.
+SIDEWAYS_XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+    b'xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/" '
+    b'tiff:Orientation="6" tiff:ImageWidth="60" exif:PixelXDimension="60" photoshop:City="London">'
+    b"<tiff:ImageLength>40</tiff:ImageLength><exif:PixelYDimension>40</exif:PixelYDimension>"
+    b"</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+def test_keep_drops_the_xmp_orientation_and_sizes_too(tmp_path, fmt):
+    """Pillow (and so compactedit, on a second edit), Lightroom and exiftool read tiff:Orientation from XMP when
+    EXIF has none: kept, it would turn the upright output sideways again."""
+    photo = camera_photo(tmp_path / "camera.jpg")
+    with Image.open(photo) as image:
+        image.save(photo, quality=95, exif=image.info["exif"], xmp=SIDEWAYS_XMP)
+    written = _written(open_image(photo), tmp_path, fmt, "keep")
+    *_, xmp = _tags(written)
+    assert open_image(written).size == (40, 60)  # still upright when read again
+    for stale in (b"Orientation", b"ImageWidth", b"ImageLength", b"PixelXDimension", b"PixelYDimension"):
+        assert stale not in xmp
+    assert b"London" in xmp  # everything else is kept
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
 def test_none_keeps_nothing(source, tmp_path, fmt):
     ifd0, exif, gps, xmp = _tags(_written(source, tmp_path, fmt, "none"))
