@@ -28,6 +28,7 @@ from ..loading.refs import recorded_adapter
 from ..record import METADATA_FIELDS, RETOUCH_FIELDS
 from . import exif
 from .exif import CameraMetadata
+from .imaging import decode_input
 
 if TYPE_CHECKING:
     from ..editor import EditJob
@@ -155,15 +156,20 @@ def save_options(
     return extra
 
 
+def _recorded(image: Image.Image, _name: str) -> tuple[dict[str, Any], str | None]:
+    """A decoded image's info (its text chunks, after the pixels too) and its A1111 ``parameters`` text."""
+    info = dict(image.info)
+    text = info.get("parameters") if isinstance(info.get("parameters"), str) else _exif_parameters(image)
+    return info, text
+
+
 def read(path: Path) -> dict[str, Any]:
     """The edit recorded in an image: compactedit's JSON (PNG chunk or XMP), else the A1111 ``parameters``
-    (PNG text chunk, or the EXIF UserComment of a JPEG or WebP); a UsageError if it has neither."""
-    try:
-        with Image.open(path) as image:
-            info = dict(image.info)
-            text = info.get("parameters") if isinstance(info.get("parameters"), str) else _exif_parameters(image)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read metadata from {path}: {exc}") from None
+    (PNG text chunk, or the EXIF UserComment of a JPEG or WebP); a UsageError if it has neither.
+
+    The file is read as an input image is (a FIFO, a bomb header, oversized text: InputImageError), since a file to
+    replay is as untrusted as one to edit."""
+    (info, text), _ = decode_input(path, _recorded)
     raw: str | None = info.get("compactedit")
     if raw is None and isinstance(info.get("xmp"), (bytes, str)):
         xmp = info["xmp"] if isinstance(info["xmp"], bytes) else info["xmp"].encode()
