@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from compactedit_cli.files import outputs
+from compactedit_cli.files import metadata, outputs
 from compactedit_cli.files.imaging import open_image
 from compactedit_cli.options import OutputOptions
 
@@ -149,6 +150,30 @@ def test_compactedit_metadata_sits_beside_the_kept_exif(cli, tiny_checkpoint, tm
     assert b"compactedit:params" in xmp and b"(c) 2024 Ada Lovelace" in xmp
     with Image.open(out) as image:
         assert image.size == (40, 60)
+
+
+def test_keep_into_a_jpeg_falls_back_to_safe_where_a_segment_would_overflow(cli, tiny_checkpoint, tmp_path):
+    """A JPEG segment holds 64 KB; a PNG, TIFF or WebP's EXIF and XMP need not fit one (a large maker note,
+    Photoshop's DocumentAncestors). Such a part keeps what ``safe`` keeps; the edit used to fail after its run."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    for tag, value in IFD0.items():
+        exif[tag] = value
+    exif.get_ifd(0x8769).update({**EXIF, 0x927C: bytes(70_000)})  # MakerNote
+    ancestors = b"".join(b"<rdf:li>xmp.did:%032d</rdf:li>" % i for i in range(3000))
+    xmp = XMP.replace(b"</rdf:Description>", b"<photoshop:DocumentAncestors><rdf:Bag>" + ancestors
+                      + b"</rdf:Bag></photoshop:DocumentAncestors></rdf:Description>")  # fmt: skip
+    photo = tmp_path / "layered.png"
+    text = PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(photo, exif=exif.tobytes(), pnginfo=text)
+    out = tmp_path / "out.jpg"
+    result = cli("edit", photo, "add a hat", "-o", out, "-m", tiny_checkpoint, "--steps", "1", "--exif", "keep")
+    assert result.exit_code == 0, result.stderr
+    ifd0, exif_ifd, gps, xmp_out = _tags(out)
+    assert ifd0[0x010F] == "Canon" and exif_ifd[0x9003] == EXIF[0x9003] and gps == {} and 0x927C not in exif_ifd
+    assert b"(c) 2024 Ada Lovelace" in xmp_out and b"DocumentAncestors" not in xmp_out
+    assert metadata.read(out)["instruction"] == "add a hat"
 
 
 def test_config_and_flag_choose_the_policy(cli, tiny_checkpoint, tmp_path):
