@@ -187,7 +187,7 @@ class Editor:
         if mask is not None and not isinstance(mask, Mask):
             read += [Path(mask)] if isinstance(mask, (str, Path)) else []
             mask = open_mask(mask, image.size, invert=invert_mask)
-        outputs.check_outputs(paths, inputs=read, overwrite=out.overwrite)
+        outputs.check_outputs(outputs.written_files(paths, out), inputs=read, overwrite=out.overwrite)
         computed = self.compute(image, text, chosen, progress, mask)
         name = source_name if source_name is not None else (outputs.source_label(source) if inputs else None)
         seconds = round(time.perf_counter() - started, 3)

@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from corpus import encoded, noise, png_chunk, png_head
+from corpus import IMAGE_CASES, bomb_png, encoded, fifo, noise, png_chunk, png_head, ztxt_bomb
 
 from compactedit_cli.errors import InputImageError
 from compactedit_cli.files.imaging import max_bytes_limit, open_image
@@ -222,3 +222,21 @@ def test_bad_byte_limit_setting_is_a_usage_error(cli, tiny_checkpoint, tmp_path,
                  env={"COMPACTEDIT_MAX_BYTES": value})  # fmt: skip
     assert result.exit_code == 2 and "COMPACTEDIT_MAX_BYTES" in result.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+# ---- --replay -----------------------------------------------------------------------------------------------------
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    "case", [case for case in IMAGE_CASES if case.make in (fifo, bomb_png, ztxt_bomb)], ids=lambda case: case.name
+)
+def test_a_file_to_replay_is_read_as_an_image_is(tiny_checkpoint, tmp_path, case):
+    """``--replay`` reads a file as untrusted as the one to edit, under the same rules: a FIFO is refused at once
+    (it used to wait for a writer for ever), a bomb header by the pixel limit (it was an internal error)."""
+    photo = tmp_path / "p.png"
+    photo.write_bytes(encoded(noise((16, 16)), "PNG"))
+    out = tmp_path / "o.png"
+    run = measured(["edit", photo, "x", "--replay", case.make(tmp_path / "replay"), "-o", out, "-m", tiny_checkpoint])
+    assert run.code == 3 and case.outcome.message in run.error()
+    assert not run.torch and not out.exists()

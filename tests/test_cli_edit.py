@@ -151,6 +151,24 @@ def test_no_metadata_and_sidecar(cli, tiny_checkpoint, photo, tmp_path):
     assert sidecar == meta_io.read(side)
 
 
+def test_a_sidecar_is_an_output_like_the_image(cli, tiny_checkpoint, photo, tmp_path):
+    """OUT.json is checked before any work, as OUT is: an existing one is kept without --overwrite, and an input
+    that happens to be named OUT.json is never replaced (it used to be, even without --overwrite)."""
+    notes = tmp_path / "side.png.json"
+    notes.write_text("my notes")
+    result = cli("edit", photo, "x", "-o", tmp_path / "side.png", "-m", tiny_checkpoint, *FAST, "--sidecar")
+    assert result.exit_code == 5 and result.stderr.strip().startswith(f"error: {notes} already exists")
+    assert notes.read_text() == "my notes" and not (tmp_path / "side.png").exists()
+    named = make_photo(tmp_path / "scan-source.png").rename(tmp_path / "scan.png.json")  # a PNG, whatever its name
+    before = named.read_bytes()
+    again = ["-m", tiny_checkpoint, *FAST, "--sidecar", "--overwrite"]
+    result = cli("edit", named, "x", "-o", tmp_path / "scan.png", *again)
+    assert result.exit_code == 5 and "is the input image" in result.stderr
+    assert named.read_bytes() == before and not (tmp_path / "scan.png").exists()
+    result = cli("edit", photo, "x", "-o", tmp_path / "side.png", *again)
+    assert result.exit_code == 0 and json.loads(notes.read_text())["instruction"] == "x"
+
+
 def test_quality_changes_jpeg_size(cli, tiny_checkpoint, photo, tmp_path):
     low, high = tmp_path / "low.jpg", tmp_path / "high.jpg"
     assert cli("edit", photo, "x", "-o", low, "--quality", "10", "-m", tiny_checkpoint, *FAST).exit_code == 0

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from compactedit_cli.files import outputs
+from compactedit_cli.files import metadata, outputs
 from compactedit_cli.files.imaging import open_image
 from compactedit_cli.options import OutputOptions
 
@@ -102,6 +103,32 @@ def test_keep_keeps_everything_but_what_the_edit_made_false(source, tmp_path):
     assert b"GPSLatitude" in xmp and b"London" in xmp
 
 
+# XMP as Lightroom and phones write it: the orientation and sizes of the stored (sideways) pixels, also as elements.
+SIDEWAYS_XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+    b'xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/" '
+    b'tiff:Orientation="6" tiff:ImageWidth="60" exif:PixelXDimension="60" photoshop:City="London">'
+    b"<tiff:ImageLength>40</tiff:ImageLength><exif:PixelYDimension>40</exif:PixelYDimension>"
+    b"</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+def test_keep_drops_the_xmp_orientation_and_sizes_too(tmp_path, fmt):
+    """Pillow (and so compactedit, on a second edit), Lightroom and exiftool read tiff:Orientation from XMP when
+    EXIF has none: kept, it would turn the upright output sideways again."""
+    photo = camera_photo(tmp_path / "camera.jpg")
+    with Image.open(photo) as image:
+        image.save(photo, quality=95, exif=image.info["exif"], xmp=SIDEWAYS_XMP)
+    written = _written(open_image(photo), tmp_path, fmt, "keep")
+    *_, xmp = _tags(written)
+    assert open_image(written).size == (40, 60)  # still upright when read again
+    for stale in (b"Orientation", b"ImageWidth", b"ImageLength", b"PixelXDimension", b"PixelYDimension"):
+        assert stale not in xmp
+    assert b"London" in xmp  # everything else is kept
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
 def test_none_keeps_nothing(source, tmp_path, fmt):
     ifd0, exif, gps, xmp = _tags(_written(source, tmp_path, fmt, "none"))
@@ -123,6 +150,30 @@ def test_compactedit_metadata_sits_beside_the_kept_exif(cli, tiny_checkpoint, tm
     assert b"compactedit:params" in xmp and b"(c) 2024 Ada Lovelace" in xmp
     with Image.open(out) as image:
         assert image.size == (40, 60)
+
+
+def test_keep_into_a_jpeg_falls_back_to_safe_where_a_segment_would_overflow(cli, tiny_checkpoint, tmp_path):
+    """A JPEG segment holds 64 KB; a PNG, TIFF or WebP's EXIF and XMP need not fit one (a large maker note,
+    Photoshop's DocumentAncestors). Such a part keeps what ``safe`` keeps; the edit used to fail after its run."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    for tag, value in IFD0.items():
+        exif[tag] = value
+    exif.get_ifd(0x8769).update({**EXIF, 0x927C: bytes(70_000)})  # MakerNote
+    ancestors = b"".join(b"<rdf:li>xmp.did:%032d</rdf:li>" % i for i in range(3000))
+    xmp = XMP.replace(b"</rdf:Description>", b"<photoshop:DocumentAncestors><rdf:Bag>" + ancestors
+                      + b"</rdf:Bag></photoshop:DocumentAncestors></rdf:Description>")  # fmt: skip
+    photo = tmp_path / "layered.png"
+    text = PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(photo, exif=exif.tobytes(), pnginfo=text)
+    out = tmp_path / "out.jpg"
+    result = cli("edit", photo, "add a hat", "-o", out, "-m", tiny_checkpoint, "--steps", "1", "--exif", "keep")
+    assert result.exit_code == 0, result.stderr
+    ifd0, exif_ifd, gps, xmp_out = _tags(out)
+    assert ifd0[0x010F] == "Canon" and exif_ifd[0x9003] == EXIF[0x9003] and gps == {} and 0x927C not in exif_ifd
+    assert b"(c) 2024 Ada Lovelace" in xmp_out and b"DocumentAncestors" not in xmp_out
+    assert metadata.read(out)["instruction"] == "add a hat"
 
 
 def test_config_and_flag_choose_the_policy(cli, tiny_checkpoint, tmp_path):

@@ -87,6 +87,17 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     assert np.array_equal(grey.reshape(-1), np.arange(256))
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_dark_sixteen_bit_greyscale_stays_dark(fmt):
+    """A 16-bit file's levels are out of 65535 however dark it is (a night sky, a dark frame): its values all
+    under 256 must not be read as 8-bit levels, 257 times brighter."""
+    values = np.array([[0, 128, 255], [129, 200, 100]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format=fmt)
+    grey = np.asarray(open_image(buffer.getvalue()).rgb)[..., 0]
+    assert grey.tolist() == [[0, 0, 1], [1, 1, 0]]
+
+
 def test_cmyk_and_greyscale_become_rgb():
     cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
     rgb = normalise(cmyk).rgb

@@ -103,7 +103,7 @@ def edit(
     from .. import options
     from ..errors import UsageError
     from ..files.imaging import open_image
-    from ..files.outputs import check_outputs, default_output, numbered
+    from ..files.outputs import check_outputs, default_output, numbered, written_files
 
     # An explicit --model replaces the recorded model and its revision, which are then not read at all.
     recorded = _replayed(replay, model is not None) if replay is not None else {}
@@ -174,7 +174,8 @@ def edit(
              "reproduce it (this edit changes the whole image)")  # fmt: skip
     paths = [] if out_path is None else numbered(out_path, chosen.num_images)
     inputs = [] if image == "-" else [Path(image)]
-    check_outputs(paths, inputs=inputs + ([Path(mask)] if mask is not None else []), overwrite=overwrite)
+    read = inputs + ([Path(mask)] if mask is not None else [])
+    check_outputs(written_files(paths, written), inputs=read, overwrite=overwrite)
 
     from ..server.remote import open_editor
 

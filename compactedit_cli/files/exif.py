@@ -5,7 +5,8 @@
   GPS, serial numbers, owner names, unique ids, maker notes, thumbnails, free-text descriptions and comments are
   dropped.
 * ``keep`` keeps every tag but those that would be false for the edited file (:data:`STALE_TAGS`: orientation,
-  which is applied to the pixels, the thumbnail of the unedited image, sizes, colour space and file layout).
+  which is applied to the pixels, the thumbnail of the unedited image, sizes, colour space and file layout; and
+  their XMP twins, :data:`STALE_XMP`).
 * ``none`` keeps nothing of the input.
 
 The orientation is always normalised: pixels are written upright and no Orientation tag is written. The same policy
@@ -138,6 +139,25 @@ SAFE_XMP: dict[str, set[str]] = {
     _NS["tiff"]: {"Make", "Model", "Artist", "Copyright"},
     _NS["aux"]: {"Lens", "LensInfo"},
 }
+# The XMP twins of STALE_TAGS, which ``keep`` drops for the same reason: Pillow, Lightroom and exiftool read
+# tiff:Orientation from XMP when EXIF has none, so a kept one would turn the upright output again.
+STALE_XMP: dict[str, set[str]] = {
+    _NS["tiff"]: {
+        "Orientation",
+        "ImageWidth",
+        "ImageLength",
+        "BitsPerSample",
+        "Compression",
+        "PhotometricInterpretation",
+        "SamplesPerPixel",
+        "PlanarConfiguration",
+        "YCbCrSubSampling",
+        "YCbCrPositioning",
+    },
+    _NS["exif"]: {"PixelXDimension", "PixelYDimension", "ColorSpace"},
+    _NS["xmp"]: {"Thumbnails"},
+    _NS["photoshop"]: {"ICCProfile"},
+}
 _RDF = "{" + _NS["rdf"] + "}"
 _COMPACTEDIT_NS = "https://github.com/compactedit/compactedit/ns/1.0/"
 
@@ -252,8 +272,13 @@ def _qualified(name: str) -> tuple[str, str]:
     return uri, local
 
 
-def _safe(name: str) -> bool:
+def _kept(name: str, policy: str) -> bool:
+    """Whether ``policy`` keeps the XMP property ``name`` (``{uri}local``) of the input."""
     uri, local = _qualified(name)
+    if uri == _COMPACTEDIT_NS:
+        return False
+    if policy == "keep":
+        return local not in STALE_XMP.get(uri, set())
     return local in SAFE_XMP.get(uri, set())
 
 
@@ -269,14 +294,10 @@ def kept_xmp(camera: CameraMetadata | None, policy: str) -> list[ET.Element]:
     for description in root.iter(f"{_RDF}Description"):
         copy = ET.Element(description.tag, {f"{_RDF}about": ""})
         for attr, value in description.attrib.items():
-            uri, _ = _qualified(attr)
-            if uri in (_NS["rdf"], _COMPACTEDIT_NS):
-                continue
-            if policy == "keep" or _safe(attr):
+            if _qualified(attr)[0] != _NS["rdf"] and _kept(attr, policy):
                 copy.set(attr, value)
         for child in description:
-            uri, _ = _qualified(child.tag)
-            if uri != _COMPACTEDIT_NS and (policy == "keep" or _safe(child.tag)):
+            if _kept(child.tag, policy):
                 copy.append(child)
         if len(copy.attrib) > 1 or len(copy):
             kept.append(copy)

@@ -92,12 +92,20 @@ class SourceImage:
         return self.rgb.size
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+HIGH_BIT_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
-    """High-bit-depth greyscale ("I;16", "I", "F") scaled to 8 bits; Pillow's own convert would clip at 255."""
+    """High-bit-depth greyscale ("I;16", "I", "F") scaled to 8 bits; Pillow's own convert would clip at 255.
+
+    A 16-bit mode's levels are out of 65535 however dark the picture; "I" and "F" have no range of their own (an
+    8-bit picture converted to them keeps levels up to 255), so theirs is told by the values.
+    """
     import numpy as np  # here, not at the top: a call that fails on its arguments never pays numpy's import
 
     values = np.asarray(image, dtype=np.float64)
-    peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+    peak = 65535.0 if image.mode in SIXTEEN_BIT_MODES or values.max(initial=0) > 255 else 255.0
     return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -111,7 +119,7 @@ def normalise(image: Image.Image, name: str = "the image") -> SourceImage:
     icc = image.info.get("icc_profile")
     camera = exif.read(image)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in HIGH_BIT_MODES:
         image = to_8bit(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

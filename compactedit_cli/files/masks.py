@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from ..errors import InputImageError
 from ..options import MASK_THRESHOLD
-from .imaging import decode_input, to_8bit
+from .imaging import HIGH_BIT_MODES, decode_input, to_8bit
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,7 +71,7 @@ def editable_pixels(image: Image.Image) -> np.ndarray:
         if alpha.min(initial=255) < 255:
             return alpha < MASK_THRESHOLD
         image = image.convert("L")  # an alpha channel with no transparency says nothing: read the grey levels
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in HIGH_BIT_MODES:
         image = to_8bit(image)
     return np.asarray(image.convert("L")) >= MASK_THRESHOLD
 

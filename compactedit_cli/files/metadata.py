@@ -28,6 +28,7 @@ from ..loading.refs import recorded_adapter
 from ..record import METADATA_FIELDS, RETOUCH_FIELDS
 from . import exif
 from .exif import CameraMetadata
+from .imaging import decode_input
 
 if TYPE_CHECKING:
     from ..editor import EditJob
@@ -125,29 +126,44 @@ def user_comment(text: str) -> bytes:
     return b"UNICODE\0" + text.encode("utf-16-be")
 
 
+# The most EXIF and XMP bytes a JPEG's APP1 segment holds (Pillow refuses more): the XMP less its namespace prefix.
+_JPEG_SEGMENT = {"exif": 65533, "xmp": 65533 - len(b"http://ns.adobe.com/xap/1.0/\0")}
+
+
+def _fitted(fmt: str, part: str, policy: str, build: Callable[[str], bytes | None]) -> bytes | None:
+    """``build(policy)``; in a JPEG, where that overflows its segment, ``build`` of the next stricter policy (keep,
+    safe, none): a PNG, TIFF or WebP input's metadata need not fit 64 KB (a maker note, Photoshop's history)."""
+    limit = _JPEG_SEGMENT[part] if fmt == "jpeg" else None
+    for candidate in options.EXIF_POLICIES[options.EXIF_POLICIES.index(policy) :]:
+        made = build(candidate)
+        if made is None or limit is None or len(made) <= limit:
+            break
+    return made  # under "none" only compactedit's own record: a few KB, always within the segment
+
+
 def save_options(
     fmt: str, meta: dict[str, Any] | None, camera: CameraMetadata | None = None, policy: str = options.DEFAULT_EXIF
 ) -> dict[str, Any]:
     """Extra ``Image.save`` keyword arguments: ``meta`` embedded where readers look for it in ``fmt``, and the
-    input's ``camera`` EXIF and XMP as far as the EXIF ``policy`` keeps them."""
-    kept = exif.kept_tags(camera, policy)
-    kept_xmp = exif.xmp_descriptions(exif.kept_xmp(camera, policy))
+    input's ``camera`` EXIF and XMP as far as the EXIF ``policy`` keeps them (and a JPEG's segments hold)."""
     extra: dict[str, Any] = {}
     if fmt == "png":
         info = PngInfo()
         if meta is not None:
             info.add_text("parameters", parameters_text(meta))  # tEXt (iTXt only if the text is not Latin-1)
             info.add_itxt("compactedit", json.dumps(meta, ensure_ascii=False))
-        packet = _xmp_packet(None, kept_xmp)
+        packet = _xmp_packet(None, exif.xmp_descriptions(exif.kept_xmp(camera, policy)))
         if packet is not None:
             info.add_itxt("XML:com.adobe.xmp", packet.decode())
         extra["pnginfo"] = info
-        block = exif.build_exif(kept, {}, {})
+        block = exif.build_exif(exif.kept_tags(camera, policy), {}, {})
     else:
         ours = {} if meta is None else {exif.SOFTWARE: meta["software"]}
         comment = {} if meta is None else {exif.USER_COMMENT: user_comment(parameters_text(meta))}
-        block = exif.build_exif(kept, ours, comment)
-        packet = _xmp_packet(meta, kept_xmp)
+        block = _fitted(fmt, "exif", policy, lambda p: exif.build_exif(exif.kept_tags(camera, p), ours, comment))
+        packet = _fitted(
+            fmt, "xmp", policy, lambda p: _xmp_packet(meta, exif.xmp_descriptions(exif.kept_xmp(camera, p)))
+        )
         if packet is not None:
             extra["xmp"] = packet
     if block is not None:
@@ -155,15 +171,20 @@ def save_options(
     return extra
 
 
+def _recorded(image: Image.Image, _name: str) -> tuple[dict[str, Any], str | None]:
+    """A decoded image's info (its text chunks, after the pixels too) and its A1111 ``parameters`` text."""
+    info = dict(image.info)
+    text = info.get("parameters") if isinstance(info.get("parameters"), str) else _exif_parameters(image)
+    return info, text
+
+
 def read(path: Path) -> dict[str, Any]:
     """The edit recorded in an image: compactedit's JSON (PNG chunk or XMP), else the A1111 ``parameters``
-    (PNG text chunk, or the EXIF UserComment of a JPEG or WebP); a UsageError if it has neither."""
-    try:
-        with Image.open(path) as image:
-            info = dict(image.info)
-            text = info.get("parameters") if isinstance(info.get("parameters"), str) else _exif_parameters(image)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read metadata from {path}: {exc}") from None
+    (PNG text chunk, or the EXIF UserComment of a JPEG or WebP); a UsageError if it has neither.
+
+    The file is read as an input image is (a FIFO, a bomb header, oversized text: InputImageError), since a file to
+    replay is as untrusted as one to edit."""
+    (info, text), _ = decode_input(path, _recorded)
     raw: str | None = info.get("compactedit")
     if raw is None and isinstance(info.get("xmp"), (bytes, str)):
         xmp = info["xmp"] if isinstance(info["xmp"], bytes) else info["xmp"].encode()

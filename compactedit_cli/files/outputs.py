@@ -22,6 +22,16 @@ def numbered(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, count + 1)]
 
 
+def sidecar_path(path: Path) -> Path:
+    """``out.png.json``: where ``--sidecar`` writes the record of ``out.png``."""
+    return path.with_name(path.name + ".json")
+
+
+def written_files(paths: list[Path], options: OutputOptions) -> list[Path]:
+    """Every file writing the outputs ``paths`` makes (their sidecars too), for :func:`check_outputs`."""
+    return [*paths, *map(sidecar_path, paths)] if options.sidecar else list(paths)
+
+
 def default_output(image: Path, fmt: str) -> Path:
     """``photo_edited.png`` beside ``photo.jpg`` when no output is given."""
     return image.with_name(f"{image.stem}_edited{FORMAT_EXTENSIONS[fmt]}")
@@ -79,7 +89,7 @@ def save(
     write_atomic(path, file_bytes(image, record, fmt, options, source), overwrite=options.overwrite)
     if options.sidecar:
         body = json.dumps(record.metadata(), indent=2, ensure_ascii=False) + "\n"
-        write_atomic(path.with_name(path.name + ".json"), body.encode("utf-8"), overwrite=True)
+        write_atomic(sidecar_path(path), body.encode("utf-8"), overwrite=options.overwrite)
 
 
 def source_label(name: str | Path | None) -> str | None:
