@@ -112,6 +112,21 @@ def test_a_lock_left_by_a_killed_batch_does_not_block_the_next(cli, tiny_checkpo
     assert [r["status"] for r in results(out)] == ["ok"]
 
 
+def test_results_lines_holding_other_line_breaks_survive_the_report(cli, tiny_checkpoint, tmp_path):
+    """results.jsonl keeps U+2028 and NEL raw (ensure_ascii=False), as a file name may hold them: its readers end
+    lines only at LF, so ``batch report`` keeps such an item instead of dropping it from the merged file."""
+    src = tmp_path / "src"
+    make_photo(src / "a\u2028b\x85c.png")
+    make_photo(src / "plain.png", seed=1)
+    out = tmp_path / "out"
+    assert cli("batch", src, "-i", "x", "-o", out, "-m", tiny_checkpoint, *FAST).exit_code == 0
+    report = cli("batch", "report", out, "--json")
+    assert report.exit_code == 0, report.stderr
+    assert json.loads(report.stdout)["items"] == 2
+    lines = (out / "results.jsonl").read_text().split("\n")[:-1]
+    assert sorted(json.loads(line)["source"] for line in lines) == ["a\u2028b\x85c.png", "plain.png"]
+
+
 @pytest.mark.parametrize(
     "instruction",
     ["\x01\x02\x7f", "\u200b\u200c\u200d\ufeff", "\u2060 \t", "\x00"],

@@ -145,6 +145,34 @@ def test_bad_manifest_lines_name_the_line(cli, tiny_checkpoint, tmp_path, line, 
     assert not (tmp_path / "escape.png").exists() and not (out / "p.png").exists()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_manifest_lines_end_only_at_line_breaks(cli, tiny_checkpoint, tmp_path, suffix):
+    """U+2028 and NEL are text inside a JSON string or a CSV cell, not line ends (as str.splitlines has them);
+    a CSV line number is the line its row starts on, past a quoted cell that spans lines."""
+    make_photo(tmp_path / "p.png")
+    manifest = tmp_path / f"m{suffix}"
+    if suffix == ".jsonl":
+        manifest.write_text(
+            '{"image": "p.png", "instruction": "a\u2028b\x85c", "output": "x.png"}\r\n'
+            '{"image": "p.png", "instruction": "x", "steps": 0}\n',
+            newline="",
+        )
+    else:
+        manifest.write_text(
+            'image,instruction,output\np.png,a\u2028b\x85c,x.png\np.png,"two\nlines",y.png\np.png,x,,0\n',
+            newline="",
+        )
+    result = cli("batch", "--manifest", manifest, "-o", tmp_path / "out", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 2, result.stderr
+    assert f"m{suffix}:{2 if suffix == '.jsonl' else 5}:" in result.stderr
+    manifest.write_text(manifest.read_text().rsplit("\n", 2)[0] + "\n", newline="")  # without the bad line
+    result = cli("batch", "--manifest", manifest, "-o", tmp_path / "out", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 0, result.stderr
+    from compactedit_cli.files import metadata
+
+    assert metadata.read(tmp_path / "out" / "x.png")["instruction"] == "a\u2028bc"
+
+
 def test_non_utf8_manifest(cli, tiny_checkpoint, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes(b'{"image": "p.png", "instruction": "caf\xe9"}\n')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .. import options
 from ..editor import EditJob
 from ..errors import OutputError, UsageError
 from ..options import FORMAT_EXTENSIONS, OUTPUT_EXTENSIONS, EditOptions
+from .results import json_lines
 
 DEFAULT_GLOB = "*"
 INPUT_SUFFIXES = frozenset(
@@ -171,6 +173,8 @@ def _adapters(value: Any, base: Path, where: str) -> tuple[tuple[str, float], ..
 
 
 def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A manifest's records and the line each starts on: lines end only at LF, CR or CRLF, never at the other
+    breaks ``str.splitlines`` knows (U+2028, NEL, form feed), which may stand in a JSON string or a CSV cell."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
@@ -178,15 +182,9 @@ def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"manifest {path} is not UTF-8 text (byte {exc.start})") from None
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames:
-            raise UsageError(f"manifest {path} has no header row")
-        for number, row in enumerate(reader, start=2):
-            if None in row:
-                raise UsageError(f"{path}:{number}: more cells than header columns")
-            yield number, dict(row)
+        yield from _csv_records(path, text)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(json_lines(text), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
@@ -196,6 +194,23 @@ def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(record, dict):
             raise UsageError(f"{path}:{number}: each line must be a JSON object")
         yield number, record
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A CSV manifest's rows under its header row, numbered by the line a row starts on (a quoted cell may span
+    lines); blank rows are skipped."""
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if not header:
+        raise UsageError(f"manifest {path} has no header row")
+    start = rows.line_num + 1
+    for row in rows:
+        number, start = start, rows.line_num + 1
+        if not row:
+            continue
+        if len(row) > len(header):
+            raise UsageError(f"{path}:{number}: more cells than header columns")
+        yield number, dict(zip(header, row))
 
 
 def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditOptions) -> list[BatchItem]:

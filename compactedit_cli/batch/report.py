@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..files.imaging import write_atomic
-from .results import RESULTS_NAME
+from .results import RESULTS_NAME, json_lines
 from .shard import SHARD_RESULTS_GLOB
 
 
@@ -44,7 +44,7 @@ class Report:
 def _read(path: Path) -> list[dict[str, Any]]:
     """A results file's whole lines (a torn last line, from a killed shard, is left out)."""
     lines = []
-    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for text in json_lines(path.read_text(encoding="utf-8", errors="replace")):
         with contextlib.suppress(ValueError):
             line = json.loads(text)
             if isinstance(line, dict) and "output" in line:

@@ -7,6 +7,7 @@ done, leaves exactly one line per item.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,13 @@ from typing import Any
 from ..files.imaging import output_error, write_atomic
 
 RESULTS_NAME = "results.jsonl"
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of JSONL text, ended only by LF, CR or CRLF (which JSON never holds raw), never by the other
+    breaks ``str.splitlines`` knows: U+2028, NEL and the like stand raw in a JSON string (a file name, an
+    instruction) where it is written with ``ensure_ascii=False``, as results are."""
+    return io.StringIO(text, newline=None).readlines()
 
 
 class ResultsLog:
@@ -48,7 +56,7 @@ class ResultsLog:
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
             write_atomic(self.path, data, overwrite=True)
-        for line in data.decode("utf-8", "replace").splitlines():
+        for line in json_lines(data.decode("utf-8", "replace")):
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 record = json.loads(line)
                 self.previous[str(record["output"])] = record
