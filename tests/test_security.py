@@ -29,7 +29,7 @@ def outside(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("form", ["manifest", "folder"])
+@pytest.mark.parametrize("form", ["manifest", "manifest-default", "folder"])
 @pytest.mark.parametrize("dangling", [False, True], ids=["to-a-file", "dangling"])
 def test_batch_refuses_an_output_that_is_a_symlink_out(cli, tiny_checkpoint, tmp_path, outside, form, dangling):
     src, out = tmp_path / "src", tmp_path / "out"
@@ -37,8 +37,9 @@ def test_batch_refuses_an_output_that_is_a_symlink_out(cli, tiny_checkpoint, tmp
     out.mkdir()
     target = outside.with_name("new.png") if dangling else outside
     (out / "p.png").symlink_to(target)
-    if form == "manifest":
-        (src / "m.jsonl").write_text('{"image": "p.png", "instruction": "x", "output": "p.png"}\n')
+    if form.startswith("manifest"):
+        output = "" if form == "manifest-default" else ', "output": "p.png"'  # the default is OUT_DIR/p.png
+        (src / "m.jsonl").write_text('{"image": "p.png", "instruction": "x"%s}\n' % output)
         result = cli("batch", "--manifest", src / "m.jsonl", "-o", out, "--overwrite", "-m", tiny_checkpoint, *FAST)
     else:
         result = cli("batch", src, "-i", "x", "-o", out, "--overwrite", "-m", tiny_checkpoint, *FAST)

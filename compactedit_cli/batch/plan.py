@@ -56,20 +56,17 @@ class BatchItem(EditJob):
         return str(self.output.absolute())
 
 
-def confined(out_dir: Path, relative: str | Path, where: str) -> Path:
-    """``out_dir / relative``, refused unless it stays inside ``out_dir`` (after resolving symlinks)."""
+def confined(out_dir: Path, relative: str | Path, where: str, suffix: str | None = None) -> Path:
+    """``out_dir / relative`` (its extension replaced by ``suffix`` when given), refused unless the file written
+    stays inside ``out_dir`` (after resolving symlinks)."""
     rel = Path(relative)
     if rel.is_absolute() or ".." in rel.parts or str(relative).strip() in ("", "."):
         raise UsageError(f"{where}: output {str(relative)!r} must be a relative path inside the output folder")
-    target = out_dir / rel
+    target = out_dir / (rel.with_suffix(suffix) if suffix else rel)
     root = out_dir.resolve()
     if not target.resolve().is_relative_to(root):
         raise UsageError(f"{where}: output {str(relative)!r} escapes the output folder (through a symlink)")
     return target
-
-
-def _output_name(relative: Path, fmt: str) -> Path:
-    return relative.with_suffix(FORMAT_EXTENSIONS[fmt])
 
 
 def _dedupe(items: list[BatchItem]) -> list[BatchItem]:
@@ -118,7 +115,7 @@ def items_from_folder(
             continue
         if path.suffix.lower() not in INPUT_SUFFIXES or path.resolve().is_relative_to(out_root):
             continue
-        output = confined(out_dir, _output_name(rel, fmt), str(path))
+        output = confined(out_dir, rel, str(path), FORMAT_EXTENSIONS[fmt])
         items.append(BatchItem(source=path, instruction=instruction, output=output, options=defaults))
     return _dedupe(items)
 
@@ -227,14 +224,14 @@ def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditO
         mask = Path(clean["mask"]).expanduser() if "mask" in clean else None
         mask = mask if mask is None or mask.is_absolute() else base / mask
         if "output" in clean:
-            output = confined(out_dir, clean["output"], where)
             suffix = Path(clean["output"]).suffix.lower()
             if suffix and suffix not in OUTPUT_EXTENSIONS:
                 raise UsageError(f"{where}: unknown output extension {suffix!r} (use .png, .jpg or .webp)")
-            if not suffix:
-                output = output.with_suffix(FORMAT_EXTENSIONS[fmt])
+            output = confined(out_dir, clean["output"], where, None if suffix else FORMAT_EXTENSIONS[fmt])
+        elif image.name in ("", ".."):
+            raise UsageError(f"{where}: image {clean['image']!r} names no file")
         else:
-            output = out_dir / _output_name(Path(image.name), fmt)
+            output = confined(out_dir, image.name, where, FORMAT_EXTENSIONS[fmt])
         if output.resolve() == image.resolve():
             raise OutputError(f"{where}: the output {output} is the input image; refusing to overwrite an input")
         items.append(
