@@ -38,8 +38,8 @@ def test_batch_refuses_an_output_that_is_a_symlink_out(cli, tiny_checkpoint, tmp
     target = outside.with_name("new.png") if dangling else outside
     (out / "p.png").symlink_to(target)
     if form.startswith("manifest"):
-        output = "" if form == "manifest-default" else ', "output": "p.png"'  # the default is OUT_DIR/p.png
-        (src / "m.jsonl").write_text('{"image": "p.png", "instruction": "x"%s}\n' % output)
+        line = {"image": "p.png", "instruction": "x"} | ({} if form == "manifest-default" else {"output": "p.png"})
+        (src / "m.jsonl").write_text(json.dumps(line) + "\n")  # the default output is OUT_DIR/p.png
         result = cli("batch", "--manifest", src / "m.jsonl", "-o", out, "--overwrite", "-m", tiny_checkpoint, *FAST)
     else:
         result = cli("batch", src, "-i", "x", "-o", out, "--overwrite", "-m", tiny_checkpoint, *FAST)

@@ -207,7 +207,7 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             continue
         if len(row) > len(header):
             raise UsageError(f"{path}:{number}: more cells than header columns")
-        yield number, dict(zip(header, row))
+        yield number, dict(zip(header, row, strict=False))  # a short row leaves its last fields unset
 
 
 def items_from_manifest(manifest: Path, out_dir: Path, fmt: str, defaults: EditOptions) -> list[BatchItem]:
