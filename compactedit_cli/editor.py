@@ -183,6 +183,9 @@ class Editor:
             options.output_format(path, out.format)
         inputs = [Path(source)] if isinstance(source, (str, Path)) else []
         image = source if isinstance(source, SourceImage) else open_image(source)
+        first = paths[0] if paths else None  # the numbered outputs share one extension
+        fmt = options.output_format(first, out.format)
+        options.check_output_fits(fmt, image.size, "the output" if first is None else str(first))
         read = list(inputs)  # files no output may replace: the image and the mask
         if mask is not None and not isinstance(mask, Mask):
             read += [Path(mask)] if isinstance(mask, (str, Path)) else []
@@ -293,7 +296,9 @@ class Editor:
         the culprit fails) or whose output cannot be written fails alone.
         """
         out = output_options or OutputOptions()
-        for done in self.compute_many((self.prepare(job) for job in jobs), batch_size=batch_size):
+        for done in self.compute_many(
+            (self.prepare(job, output_format=out.format) for job in jobs), batch_size=batch_size
+        ):
             outcome = done if isinstance(done, JobOutcome) else self.save(done, out)
             yield outcome
             if outcome.fatal is not None:
@@ -302,11 +307,14 @@ class Editor:
     # The three stages of edit_many, public so a batch can run them on different threads or processes: open
     # (decode ahead), compute (the device), save (encode and write behind).
 
-    def prepare(self, job: EditJob, image: SourceImage | None = None) -> Prepared | JobOutcome:
-        """Open a job's image (unless opened already, elsewhere) and find its group key; a bad image is the job's
-        failure."""
+    def prepare(
+        self, job: EditJob, image: SourceImage | None = None, output_format: str | None = None
+    ) -> Prepared | JobOutcome:
+        """Open a job's image (unless opened already, elsewhere) and find its group key; a bad image, or one its
+        output's format (``output_format``, else the output's extension) cannot store, is the job's failure."""
         try:
             image = image if image is not None else open_image(job.source)
+            options.check_output_fits(options.output_format(job.output, output_format), image.size, str(job.output))
             mask = None if job.mask is None else open_mask(job.mask, image.size, invert=job.invert_mask)
             # A masked or colour-matched job runs alone: its retouch is its own.
             alone = mask is not None or job.options.color_match

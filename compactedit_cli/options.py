@@ -387,6 +387,21 @@ def output_format(path: Path | None, explicit: str | None = None) -> str:
     return from_ext
 
 
+# The longest side each format can store (PNG's, 2^31 - 1, is past any image the pixel limit lets in).
+FORMAT_MAX_SIDE = {"jpeg": 65_535, "webp": 16_383}
+
+
+def check_output_fits(fmt: str, size: tuple[int, int], where: str) -> None:
+    """Refuse, before any work, an output its format cannot store: an output has its input's size, and the
+    encoder would fail only once the edit is done."""
+    limit = FORMAT_MAX_SIDE.get(fmt)
+    if limit is not None and max(size) > limit:
+        raise UsageError(
+            f"{where} would be {size[0]}x{size[1]}, and {fmt.upper()} stores at most {limit:,} pixels a side",
+            hint="write a .png instead",
+        )
+
+
 def draw(value: Any, chosen_seed: int | None, count: int, name: str = "the recorded index") -> tuple[int, int] | None:
     """``(index, of)``: which output of a ``-n of`` draw to make. It needs a seed and makes one image."""
     if value is None:

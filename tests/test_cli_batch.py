@@ -221,3 +221,17 @@ def test_random_seeds_are_recorded(cli, tiny_checkpoint, tmp_path):
     from compactedit_cli.files import metadata
 
     assert metadata.read(out / "p.png")["seed"] == seeds[0]
+
+
+def test_an_item_its_output_format_cannot_store_fails_alone(cli, tiny_checkpoint, tmp_path):
+    root = tmp_path / "photos"
+    make_photo(root / "a.png", (90, 60), seed=1)
+    Image.new("RGB", (16_400, 82), (40, 90, 160)).save(root / "wide.png")  # past WebP's 16,383 a side
+    out = tmp_path / "out"
+    result = cli("batch", root, "-i", "x", "-o", out, "--format", "webp", "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 1, result.stderr
+    records = {r["input"]: r for r in results(out)}
+    assert records[str(root / "a.png")]["status"] == "ok"
+    failed = records[str(root / "wide.png")]
+    assert failed["status"] == "failed" and "WEBP stores at most 16,383 pixels a side" in failed["error"]
+    assert (out / "a.webp").is_file() and not (out / "wide.webp").exists()

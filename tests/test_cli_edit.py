@@ -293,3 +293,38 @@ def test_cuda_graphs_flag(cli, tiny_checkpoint, photo, tmp_path):
     mixed = tmp_path / "mixed.png"
     refused = cli("edit", photo, "x", "-o", mixed, "--cuda-graphs", "--offload", "model", "-m", tiny_checkpoint)
     assert refused.exit_code == 2 and "--offload" in refused.stderr and not mixed.exists()
+
+
+@pytest.fixture
+def wide(tmp_path):
+    """16,400 pixels wide: past WebP's 16,383 (within the pixel and aspect limits)."""
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (16_400, 82), (40, 90, 160)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["file", "stdout"])
+def test_an_output_its_format_cannot_store_is_refused_before_the_model_loads(cli, wide, tmp_path, target):
+    """No model is given (the default is not in the offline cache): the refusal comes before any loading."""
+    out = tmp_path / "o.webp"
+    args = ["-o", out] if target == "file" else ["-o", "-", "--format", "webp"]
+    result = cli("edit", wide, "make it winter", *args)
+    assert result.exit_code == 2, result.stderr
+    where = out if target == "file" else "stdout"
+    assert result.stderr.strip() == (
+        f"error: {where} would be 16400x82, and WEBP stores at most 16,383 pixels a side (write a .png instead)"
+    )
+    assert not out.exists() and result.stdout_bytes == b""
+
+
+def test_the_library_refuses_an_output_its_format_cannot_store(tiny_checkpoint, wide, tmp_path):
+    from compactedit_cli.editor import Editor
+    from compactedit_cli.errors import UsageError
+    from compactedit_cli.options import OutputOptions
+
+    editor = Editor(str(tiny_checkpoint), device="cpu", offline=True)
+    with pytest.raises(UsageError, match="WEBP stores at most 16,383"):
+        editor.edit(wide, "x", tmp_path / "o.webp", steps=1)
+    with pytest.raises(UsageError, match="the output would be 16400x82, and WEBP"):
+        editor.edit(wide, "x", io.BytesIO(), output_options=OutputOptions(format="webp"), steps=1)
+    assert list(tmp_path.iterdir()) == [wide]

@@ -256,6 +256,12 @@ def png(width: int, height: int) -> bytes:
         ({"size": "512x512"}, 400, "invalid_value", "size must be auto"),
         ({"response_format": "url"}, 400, "invalid_value", "b64_json"),
         ({"output_format": "gif"}, 400, "invalid_value", "output_format must be png, jpg or webp"),
+        (
+            {"image": ("wide.png", png(16_400, 82), "image/png"), "output_format": "webp"},
+            400,
+            "invalid_value",
+            "the output would be 16400x82, and WEBP stores at most 16,383 pixels a side: ask for png",
+        ),
         ({"mask": ("mask.png", b"\x89PNG", "image/png")}, 400, "invalid_mask", "the mask is not a recognised image"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
@@ -284,6 +290,7 @@ def test_bad_requests_get_openai_shaped_4xx(server, photo, changes, status, code
         ({"extra_body": {"nonsense": 1}}, "nonsense"),
         ({"image": ("a.png", b"not an image", "image/png")}, "image"),
         ({"mask": ("m.png", b"not a mask", "image/png")}, "mask"),
+        ({"image": ("wide.png", png(16_400, 82), "image/png"), "output_format": "webp"}, "output_format"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

@@ -163,6 +163,7 @@ def edit(
 
     # Everything the user can get wrong is checked before the engine is imported.
     source = open_image(sys.stdin.buffer if image == "-" else Path(image))
+    options.check_output_fits(out_fmt, source.size, "stdout" if out_path is None else str(out_path))
     opened = None
     if mask is not None:
         from ..files.masks import open_mask  # numpy: only an edit with a mask pays for it this early

@@ -232,6 +232,7 @@ async def edit_image(request: Request, state: ServerState) -> JSONResponse:
     try:
         asked = _edit_request(form, state)
         source = await run_in_threadpool(_open_upload, asked.upload, state)
+        _check_fits(asked.format, source)
         mask = None if asked.mask is None else await run_in_threadpool(_open_mask, asked.mask, source, state)
     finally:
         await form.close()
@@ -568,6 +569,14 @@ def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
         return open_image(upload.file, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
     except InputImageError as exc:
         raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image", param="image") from None
+
+
+def _check_fits(fmt: str, source: SourceImage) -> None:
+    """Refuse, before the edit queues, an output its format cannot store (it has the input's size)."""
+    try:
+        options.check_output_fits(fmt, source.size, "the output")
+    except UsageError as exc:
+        raise ApiError(400, f"{exc.message}: ask for png", "invalid_value", param="output_format") from None
 
 
 def _encoded(computed: Any, source: SourceImage, fmt: str, quality: int | None) -> list[tuple[bytes, int | None]]:
