@@ -338,20 +338,26 @@ def idle_timeout(value: Any, name: str = "--idle-timeout") -> float | None:
 
 # Zero-width and other invisible format characters that make an instruction look non-empty.
 _INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn"}
+# Far past what an edit reads (it keeps the first few hundred tokens, warning when it cuts): a longer text is a
+# mistake (a file where an instruction belongs), and every path, the server's form fields too, takes this much.
+MAX_INSTRUCTION_BYTES = 64 * 1024
 
 
 def instruction(value: Any, name: str = "the instruction") -> str:
     """An instruction made ready to use: control and zero-width characters removed (tabs and line breaks become
     spaces), surrounding whitespace trimmed; the rest of the text is kept as given.
 
-    Empty (or only invisible characters), not text, or not encodable as UTF-8 (bad bytes in argv) is a UsageError.
+    Empty (or only invisible characters), not text, not encodable as UTF-8 (bad bytes in argv) or over
+    ``MAX_INSTRUCTION_BYTES`` is a UsageError.
     """
     if not isinstance(value, str):
         raise UsageError(f"{name} must be text (got {type(value).__name__})")
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         raise UsageError(f"{name} is not valid UTF-8 text") from None
+    if size > MAX_INSTRUCTION_BYTES:
+        raise UsageError(f"{name} is {size:,} bytes long, over the limit of {MAX_INSTRUCTION_BYTES:,}")
     kept = (" " if ch in "\t\n\r" else ch for ch in value)
     cleaned = "".join(ch for ch in kept if unicodedata.category(ch) not in _INVISIBLE).strip()
     if not cleaned:

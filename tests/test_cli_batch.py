@@ -128,6 +128,9 @@ def test_manifest_csv(cli, tiny_checkpoint, tmp_path):
         ('{"image": "p.png", "instruction": "x", "seed": 1180591620717411303424}', "seed must be between 0 and"),
         ('{"image": "p.png", "instruction": "x", "guidance": "nan"}', "guidance must be a finite number"),
         ('{"image": "p.png", "instruction": "   "}', "instruction is empty"),
+        pytest.param(
+            json.dumps({"image": "p.png", "instruction": "a" * 65_537}), "instruction is 65,537 bytes", id="long"
+        ),
         ('{"image": "p.png", "instruction": "x", "colour": "red"}', "unknown field"),
         ('["p.png", "x"]', "JSON object"),
     ],

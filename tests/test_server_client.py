@@ -105,6 +105,21 @@ def test_batch_through_a_server_matches_in_process(server, tiny_checkpoint, tmp_
     assert [line["status"] for line in lines] == ["ok"] * 3
 
 
+def test_an_instruction_is_taken_through_a_server_as_in_process(server, tiny_checkpoint, photo, tmp_path):
+    """The longest instruction (65,536 bytes of emoji, whose JSON escapes triple it) is cut, with the same
+    warning, through a server as in-process; one byte more is the same one-line refusal from both."""
+    model = ["-m", tiny_checkpoint, "--device", "cpu", "--steps", "1", "--seed", "3"]
+    longest = "\U0001f305" * 16_384
+    for index, where in enumerate((server.socket, "never")):
+        done = compactedit("edit", photo, longest, "-o", tmp_path / f"{index}.png", *model, "--server", where)
+        assert done.returncode == 0, done.stderr
+        assert "only the first 256 are used" in done.stderr
+        refused = compactedit("edit", photo, longest + "a", "-o", tmp_path / "no.png", *model, "--server", where)
+        assert refused.returncode == 2
+        assert refused.stderr == "error: the instruction is 65,537 bytes long, over the limit of 65,536\n"
+    assert not (tmp_path / "no.png").exists()
+
+
 def test_auto_finds_a_matching_server_on_the_default_socket(tiny_checkpoint, photo, tmp_path):
     running = Server(tiny_checkpoint, default_socket=True).wait_ready()
     try:

@@ -45,6 +45,12 @@ def test_edit_flag_errors_are_one_line(cli, photo, tmp_path, flags, line):
     assert _one_error_line(cli("edit", photo, "x", "-o", tmp_path / "o.png", *flags)) == line
 
 
+def test_an_instruction_over_the_limit_is_one_line(cli, photo, tmp_path):
+    result = cli("edit", photo, "a" * 65_537, "-o", tmp_path / "o.png")
+    assert _one_error_line(result) == "error: the instruction is 65,537 bytes long, over the limit of 65,536"
+    assert not (tmp_path / "o.png").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "line"),
     [

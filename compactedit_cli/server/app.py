@@ -44,7 +44,8 @@ log = logging.getLogger("compactedit.serve")
 
 # Room for the form's text fields and multipart framing on top of the image's own byte limit.
 FORM_ALLOWANCE = 1024 * 1024
-MAX_FIELD_BYTES = 64 * 1024
+# A text field holds at most an instruction, or compactedit's own request, whose JSON escapes can triple it.
+MAX_FIELD_BYTES = 4 * options.MAX_INSTRUCTION_BYTES
 # How often a waiting client hears its place in the queue (which is also how a gone client is noticed).
 QUEUE_NOTICE_SECONDS = 0.5
 # Once the server is stopping, an upload that sends nothing for this long is dropped rather than waited for.
@@ -422,6 +423,11 @@ async def _read_form(request: Request, max_bytes: int, stopping: Callable[[], bo
     try:
         return await parser.parse()
     except MultiPartException as exc:
+        # The parser's message names no field; the part it was reading does (starlette keeps it as _current_part).
+        field = getattr(getattr(parser, "_current_part", None), "field_name", None)
+        if exc.message.startswith(("Part exceeded", "Field exceeded")) and field:
+            message = f"{field} is over the limit of {MAX_FIELD_BYTES:,} bytes for a form field"
+            raise ApiError(400, message, "invalid_value", param=field) from None
         raise ApiError(400, f"malformed multipart body: {exc.message}", "invalid_multipart") from None
     except ClientDisconnect:  # the client's doing, not the server's failure: one info line, no 500
         raise ApiError(499, "the client went away during its upload", "cancelled") from None
