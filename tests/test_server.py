@@ -176,6 +176,21 @@ def test_unix_socket_is_private_and_edits_match_the_library(server, editor, phot
     assert not np.array_equal(pixels(decode(answer.data[0])), pixels(decode(answer.data[1])))
 
 
+def test_models_retrieve_finds_the_served_model_by_either_name(server, tiny_checkpoint):
+    """The served id here is a path: its slashes come percent-encoded from the openai client."""
+    client = server.client()
+    [listed] = client.models.list().data
+    for name in {listed.id, str(tiny_checkpoint)}:
+        found = client.models.retrieve(name)
+        assert (found.id, found.object, found.owned_by, found.created) == (
+            listed.id, "model", "compactedit", listed.created
+        )  # fmt: skip
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("dall-e-2")
+    assert caught.value.body["code"] == "model_not_found" and caught.value.param == "model"
+    assert "'dall-e-2' is not served here" in caught.value.body["message"]
+
+
 def test_output_format_and_guidance_extras(server, editor, photo, tmp_path):
     with photo.open("rb") as image:
         answer = server.client().images.edit(

@@ -1,5 +1,5 @@
-"""The HTTP API: OpenAI's ``POST /v1/images/edits`` (multipart), ``GET /v1/models``, ``GET /health``, and the
-server's own ``GET /status`` and ``POST /shutdown``.
+"""The HTTP API: OpenAI's ``POST /v1/images/edits`` (multipart), ``GET /v1/models`` and ``/v1/models/{model}``,
+``GET /health``, and the server's own ``GET /status`` and ``POST /shutdown``.
 
 Every value a client sends goes through :mod:`compactedit_cli.options` and the image through
 :func:`~compactedit_cli.files.imaging.open_image`, so a request fails exactly as the same edit on the command line
@@ -131,6 +131,7 @@ def build_app(state: ServerState) -> Starlette:
         routes=[
             Route("/health", _guarded(state, health, auth=False), methods=["GET"]),
             Route("/v1/models", _guarded(state, list_models), methods=["GET"]),
+            Route("/v1/models/{model:path}", _guarded(state, retrieve_model), methods=["GET"]),
             Route("/v1/images/edits", _guarded(state, edit_image), methods=["POST"]),
             Route(wire.EDIT_PATH, _guarded(state, compactedit_edit), methods=["POST"]),
             Route("/status", _guarded(state, status), methods=["GET"]),
@@ -189,9 +190,26 @@ async def health(_request: Request, _state: ServerState) -> JSONResponse:
 
 
 async def list_models(_request: Request, state: ServerState) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_entry(state)]})
+
+
+async def retrieve_model(request: Request, state: ServerState) -> JSONResponse:
+    """OpenAI's ``GET /v1/models/{model}``: the served model by either of its names (a hub id's slash may come
+    percent-encoded, as the openai client sends it), else 404."""
+    model = request.path_params["model"]
+    if model not in state.model_names():
+        raise _not_served(state, model)
+    return JSONResponse(_model_entry(state))
+
+
+def _model_entry(state: ServerState) -> dict[str, Any]:
     created = int(time.time() - (time.monotonic() - state.started))
-    entry = {"id": state.model_id, "object": "model", "created": created, "owned_by": "compactedit"}
-    return JSONResponse({"object": "list", "data": [entry]})
+    return {"id": state.model_id, "object": "model", "created": created, "owned_by": "compactedit"}
+
+
+def _not_served(state: ServerState, model: str) -> ApiError:
+    message = f"model {model!r} is not served here (this server serves {state.model_id!r})"
+    return ApiError(404, message, "model_not_found", param="model")
 
 
 async def status(_request: Request, state: ServerState) -> JSONResponse:
@@ -510,8 +528,7 @@ def _edit_request(form: FormData, state: ServerState) -> EditRequest:
         raise ApiError(400, "mask must be one file", "invalid_value", param="mask")
     model = _text(form, "model")
     if model is not None and model not in state.model_names():
-        message = f"model {model!r} is not served here (this server serves {state.model_id!r})"
-        raise ApiError(404, message, "model_not_found", param="model")
+        raise _not_served(state, model)
     _field(form, "size", _only(("auto",), "the output always has the input's size"))
     _field(form, "response_format", _only(("b64_json",), "this server returns no URLs"))
     _field(form, "stream", _only(("false", "0", ""), "the response comes when the edit is done"))
