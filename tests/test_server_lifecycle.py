@@ -138,6 +138,32 @@ def test_full_queue_is_429_and_sigterm_drains(tiny_checkpoint, photo):
         server.close()
 
 
+def test_a_second_ctrl_c_drops_the_edits_and_exits_130_without_tracebacks(tiny_checkpoint, photo):
+    """The first Ctrl-C drains; the second gives up the running edit (at its next step) and the waiting one, each
+    answered 503, and the drain goes on to a clean exit."""
+    server = Server(tiny_checkpoint)
+    try:
+        server.wait_ready()
+        running = Request(server, photo, LONG_STEPS, n=3)
+        wait_for(lambda: server.status()["queue"]["running"] == 1, what="the first edit to start")
+        waiting = Request(server, photo, LONG_STEPS)
+        wait_for(lambda: server.status()["queue"]["waiting"] == 1, what="the second edit to queue")
+        server.process.send_signal(signal.SIGINT)
+        wait_for(lambda: "Shutting down" in server.output(), what="the drain to start")
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(60) == 128 + signal.SIGINT
+        for request in (running, waiting):
+            request.join(10)
+            assert isinstance(request.error, openai.InternalServerError), request.error
+            assert request.error.status_code == 503 and request.error.body["code"] == "server_stopping"
+        log = server.output()
+        assert "interrupted again: 2 edits dropped" in log and "stopped after 0 edits" in log
+        assert "Traceback" not in log and "ERROR" not in log, log
+        assert log.rstrip().endswith("error: interrupted") and not server.socket.exists()
+    finally:
+        server.close()
+
+
 def test_a_client_that_gave_up_holds_no_place_in_the_queue(tiny_checkpoint, photo):
     server = Server(tiny_checkpoint, "--max-queue", "1")
     try:

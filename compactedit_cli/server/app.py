@@ -38,7 +38,7 @@ from ..files.imaging import SourceImage, max_bytes_limit, max_pixels_limit, open
 from ..files.masks import Mask, open_mask
 from . import remote, wire
 from .address import is_loopback
-from .jobs import EditCancelledError, EditQueue, Job, QueueFullError
+from .jobs import EditCancelledError, EditQueue, Job, QueueFullError, ServerStoppedError
 
 log = logging.getLogger("compactedit.serve")
 
@@ -625,6 +625,8 @@ def _edit_failure(exc: BaseException) -> ApiError:
     """The response for an edit that raised ``exc``: the client's fault is 4xx, the server's 5xx."""
     if isinstance(exc, EditCancelledError):
         return ApiError(499, "the edit was cancelled", "cancelled")
+    if isinstance(exc, ServerStoppedError):
+        return ApiError(503, "the server was stopped before this edit was done", "server_stopping", "server_error")
     if isinstance(exc, OutOfMemoryError) or is_out_of_memory(exc):
         return ApiError(503, str(OutOfMemoryError()), "out_of_memory", "server_error")
     if isinstance(exc, InputImageError):  # an image the model cannot read: the client's exit 3, as in-process

@@ -26,6 +26,10 @@ class EditCancelledError(Exception):
     """The client that asked for this edit is gone."""
 
 
+class ServerStoppedError(Exception):
+    """The server was made to stop (a second Ctrl-C) before this edit was done."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request's work. ``run(job)`` does it alone; jobs with the same ``key`` may instead be handed together to
@@ -65,6 +69,7 @@ class EditQueue:
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
         self._running = 0
+        self._current: list[Job] = []  # the group the worker runs
         self._closed = False
         self._last_seconds: float | None = None
         self.done = 0
@@ -122,6 +127,18 @@ class EditQueue:
             self.cancelled += 1
         _settle(job.future, EditCancelledError())
 
+    def abandon(self) -> int:
+        """Give up every edit (call on the event loop): waiting ones leave the queue, running ones stop at their
+        next step, and each request gets :class:`ServerStoppedError` now. How many there were."""
+        with self._lock:
+            waiting, running = list(self._waiting), list(self._current)
+            self._waiting.clear()
+            self.cancelled += len(waiting)  # the running ones are counted as they stop
+        for job in (*waiting, *running):
+            job.cancelled.set()
+            _settle(job.future, ServerStoppedError())
+        return len(waiting) + len(running)
+
     def enqueue(self, job: Job) -> None:
         """Queue ``job`` (whose ``future`` and ``loop`` are set), or raise :class:`QueueFullError`."""
         with self._lock:
@@ -155,6 +172,7 @@ class EditQueue:
                         self._waiting.remove(job)
                         group.append(job)
             self._running = len(group)
+            self._current = group
             return group
 
     def _loop(self) -> None:
@@ -164,6 +182,7 @@ class EditQueue:
             outcomes = self._work(live) if live else []
             with self._lock:
                 self._running = 0
+                self._current = []
                 if live:
                     self._last_seconds = (time.monotonic() - started) / len(live)
                 self.done += sum(not isinstance(o, EditCancelledError) for o in outcomes)

@@ -1,7 +1,8 @@
 """Serve a loaded Editor in the foreground until SIGTERM, Ctrl-C, ``serve stop`` or the idle timeout.
 
 Stopping drains: the listening socket closes first, then every accepted request (queued edits included) finishes
-and is answered, then the worker thread ends and a Unix socket file is removed.
+and is answered, then the worker thread ends and a Unix socket file is removed. A second Ctrl-C drops the edits
+instead (the running one at its next step; each is answered 503), and the drain goes on from there.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -37,7 +40,7 @@ def serve(
 ) -> None:
     """Listen on ``address`` and answer requests with ``editor`` until told to stop."""
     _configure_logging(verbose, quiet)
-    server: uvicorn.Server | None = None
+    server: _Server | None = None
 
     def stop() -> None:
         if server is not None:
@@ -79,7 +82,7 @@ def serve(
         timeout_graceful_shutdown=None,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, on_second_interrupt=queue.abandon)
     try:
         server.run(sockets=[sock])
     finally:
@@ -88,6 +91,36 @@ def serve(
             with contextlib.suppress(FileNotFoundError):
                 address.socket_path.unlink()
         log.info("stopped after %d edits", queue.done)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a second Ctrl-C gives up the edits rather than uvicorn's force-quit, which cancels
+    every request's task mid-await (a traceback each, and a bare 500) and leaves the edit running; a third one is
+    uvicorn's force-quit."""
+
+    def __init__(self, config: uvicorn.Config, on_second_interrupt: Callable[[], int]) -> None:
+        super().__init__(config)
+        self.on_second_interrupt = on_second_interrupt
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.interrupts = 0
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts == 2 and self.loop is not None:
+                # A signal handler may interrupt the loop's thread holding the queue's lock: run it on the loop.
+                self.loop.call_soon_threadsafe(self._give_up)
+                return
+        super().handle_exit(sig, frame)
+
+    def _give_up(self) -> None:
+        dropped = self.on_second_interrupt()
+        plural = "" if dropped == 1 else "s"
+        log.info("interrupted again: %d edit%s dropped (Ctrl-C once more quits at once)", dropped, plural)
 
 
 async def _watch_idle(state: ServerState, stop: Any) -> None:
