@@ -138,9 +138,10 @@ def test_full_queue_is_429_and_sigterm_drains(tiny_checkpoint, photo):
         server.close()
 
 
-def test_a_second_ctrl_c_drops_the_edits_and_exits_130_without_tracebacks(tiny_checkpoint, photo):
-    """The first Ctrl-C drains; the second gives up the running edit (at its next step) and the waiting one, each
-    answered 503, and the drain goes on to a clean exit."""
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_ctrl_c_while_draining_drops_the_edits_without_tracebacks(tiny_checkpoint, photo, first):
+    """The first Ctrl-C (or SIGTERM) drains; a Ctrl-C then gives up the running edit (at its next step) and the
+    waiting one, each answered 503, and the drain goes on to a clean exit with the first signal's code."""
     server = Server(tiny_checkpoint)
     try:
         server.wait_ready()
@@ -148,10 +149,10 @@ def test_a_second_ctrl_c_drops_the_edits_and_exits_130_without_tracebacks(tiny_c
         wait_for(lambda: server.status()["queue"]["running"] == 1, what="the first edit to start")
         waiting = Request(server, photo, LONG_STEPS)
         wait_for(lambda: server.status()["queue"]["waiting"] == 1, what="the second edit to queue")
-        server.process.send_signal(signal.SIGINT)
+        server.process.send_signal(first)
         wait_for(lambda: "Shutting down" in server.output(), what="the drain to start")
         server.process.send_signal(signal.SIGINT)
-        assert server.process.wait(60) == 128 + signal.SIGINT
+        assert server.process.wait(60) == 128 + first
         for request in (running, waiting):
             request.join(10)
             assert isinstance(request.error, openai.InternalServerError), request.error
@@ -159,7 +160,8 @@ def test_a_second_ctrl_c_drops_the_edits_and_exits_130_without_tracebacks(tiny_c
         log = server.output()
         assert "interrupted again: 2 edits dropped" in log and "stopped after 0 edits" in log
         assert "Traceback" not in log and "ERROR" not in log, log
-        assert log.rstrip().endswith("error: interrupted") and not server.socket.exists()
+        said = "interrupted" if first == signal.SIGINT else "terminated"
+        assert log.rstrip().endswith(f"error: {said}") and not server.socket.exists()
     finally:
         server.close()
 

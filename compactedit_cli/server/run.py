@@ -94,27 +94,26 @@ def serve(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, but a second Ctrl-C gives up the edits rather than uvicorn's force-quit, which cancels
-    every request's task mid-await (a traceback each, and a bare 500) and leaves the edit running; a third one is
-    uvicorn's force-quit."""
+    """uvicorn's server, but a Ctrl-C once it is stopping (after a Ctrl-C, SIGTERM or ``serve stop``) gives up
+    the edits rather than uvicorn's force-quit, which cancels every request's task mid-await (a traceback each,
+    and a bare 500) and leaves the edit running; one more Ctrl-C is uvicorn's force-quit."""
 
     def __init__(self, config: uvicorn.Config, on_second_interrupt: Callable[[], int]) -> None:
         super().__init__(config)
         self.on_second_interrupt = on_second_interrupt
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.interrupts = 0
+        self.gave_up = False
 
     async def serve(self, sockets: list[Any] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts == 2 and self.loop is not None:
-                # A signal handler may interrupt the loop's thread holding the queue's lock: run it on the loop.
-                self.loop.call_soon_threadsafe(self._give_up)
-                return
+        if sig == signal.SIGINT and self.should_exit and not self.gave_up and self.loop is not None:
+            self.gave_up = True
+            # A signal handler may interrupt the loop's thread holding the queue's lock: run it on the loop.
+            self.loop.call_soon_threadsafe(self._give_up)
+            return
         super().handle_exit(sig, frame)
 
     def _give_up(self) -> None:
