@@ -321,3 +321,18 @@ def test_train_cli_json_summary_and_validation(tiny_checkpoint, cli, tmp_path):
     assert isinstance(summary["first_loss"], float) and summary["seconds"] > 0
     assert sorted(p.name for p in (tmp_path / "val" / "step-000002").iterdir()) == ["t0.png", "t1.png"]
     assert read_adapter(out).rank == 2
+
+
+def test_an_adapter_that_cannot_be_written_is_refused_before_training(tiny_checkpoint, cli, tmp_path):
+    """Its folder is checked, as an edit's is, before the data is read or the model loads (it used to fail only at
+    the save, after the training, with an internal error)."""
+    manifest = tint_set(tmp_path, 2)
+    (tmp_path / "a-file").write_text("not a folder")
+    result = cli("train", manifest, "-o", tmp_path / "a-file" / "x.safetensors", "-m", tiny_checkpoint, "--steps", "1")
+    assert result.exit_code == 5, result.stderr
+    assert result.stderr.strip() == f"error: the output folder {tmp_path / 'a-file'} is a file, not a folder"
+    (tmp_path / "a.safetensors").write_bytes(b"kept")
+    result = cli("train", manifest, "-o", tmp_path / "a.safetensors", "-m", tiny_checkpoint, "--steps", "1")
+    assert result.exit_code == 5 and "already exists (use --overwrite to replace it)" in result.stderr
+    assert (tmp_path / "a.safetensors").read_bytes() == b"kept"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

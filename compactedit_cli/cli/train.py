@@ -93,7 +93,8 @@ def train(
     verbose: opt.Verbose = False,
 ) -> None:
     """Train a LoRA adapter of the DiT on your before/after pairs; apply it with --lora."""
-    from ..errors import OutputError, UsageError
+    from ..errors import UsageError
+    from ..files import outputs
 
     settings = tc.TrainOptions(
         rank=rank,
@@ -113,10 +114,9 @@ def train(
     )
     if output.suffix.lower() != ".safetensors":
         raise UsageError(f"-o {output}: an adapter is a .safetensors file")
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output} exists (use --overwrite to replace it)")
     if resume is not None and not resume.is_file():
         raise UsageError(f"--resume {resume}: no such checkpoint")
+    outputs.check_outputs([output], inputs=[resume] if resume is not None else [], overwrite=overwrite)
     model_options = opt.model_options(model, revision, device, dtype, offline, None, False)
 
     from ..training.data import load_pairs

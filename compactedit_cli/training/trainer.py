@@ -75,12 +75,14 @@ def checkpoint_path(adapter: Path) -> Path:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    """Through the outputs' atomic writer: a folder that cannot be written is its one-line OutputError, and a
+    failure or Ctrl-C leaves no partial file."""
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    partial.replace(path)
+    from ..files.imaging import write_atomic
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_atomic(path, data, overwrite=True)  # the CLI refused an existing adapter before training began
 
 
 class Trainer:
