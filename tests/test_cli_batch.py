@@ -238,3 +238,14 @@ def test_an_item_its_output_format_cannot_store_fails_alone(cli, tiny_checkpoint
     failed = records[str(root / "wide.png")]
     assert failed["status"] == "failed" and "WEBP stores at most 16,383 pixels a side" in failed["error"]
     assert (out / "a.webp").is_file() and not (out / "wide.webp").exists()
+
+
+def test_an_image_given_as_the_manifest_is_named_so(cli, tiny_checkpoint, tmp_path):
+    photo = make_photo(tmp_path / "p.png")
+    for args in (
+        ["batch", "--manifest", photo, "-o", tmp_path / "out"],
+        ["train", photo, "-o", tmp_path / "a.safetensors"],
+    ):
+        result = cli(*args, "-m", tiny_checkpoint)
+        assert result.exit_code == 2, result.stderr
+        assert result.stderr.strip() == f"error: {photo} is an image, not a manifest (a .jsonl or .csv file)"

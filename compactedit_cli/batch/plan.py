@@ -172,6 +172,8 @@ def _adapters(value: Any, base: Path, where: str) -> tuple[tuple[str, float], ..
 def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """A manifest's records and the line each starts on: lines end only at LF, CR or CRLF, never at the other
     breaks ``str.splitlines`` knows (U+2028, NEL, form feed), which may stand in a JSON string or a CSV cell."""
+    if path.suffix.lower() in INPUT_SUFFIXES:  # an image given where its manifest belongs
+        raise UsageError(f"{path} is an image, not a manifest (a .jsonl or .csv file)")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
