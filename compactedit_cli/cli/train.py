@@ -122,7 +122,7 @@ def train(
     from ..training.data import load_pairs
 
     pairs = load_pairs(data)
-    info(f"{len(pairs)} training pairs")
+    info(f"{len(pairs)} training pair{'' if len(pairs) == 1 else 's'}")
 
     from ..training.trainer import train as run_training
 
