@@ -97,6 +97,18 @@ def test_disk_full_stops_the_batch_cleanly_and_a_rerun_finishes(cli, tiny_checkp
     assert not temporaries(out)
 
 
+def test_a_stopped_batch_with_json_prints_one_document(cli, tiny_checkpoint, tmp_path, disk_fills_after):
+    """The summary so far and the error that stopped the run, together: a script reads one JSON document."""
+    src, out = photos(tmp_path / "src", 3), tmp_path / "out"
+    disk_fills_after(1)
+    full = cli("batch", src, "-i", "x", "-o", out, "-m", tiny_checkpoint, *FAST, "--json")
+    assert full.exit_code == 5
+    document = json.loads(full.stdout)  # one document, or this raises
+    assert (document["ok"], document["failed"], document["items"]) == (1, 1, 2)
+    assert document["error"]["code"] == 5 and document["error"]["type"] == "DiskFullError"
+    assert document["stopped"] == document["error"]["message"] and "disk full while writing" in document["stopped"]
+
+
 def test_disk_full_in_edit(cli, tiny_checkpoint, tmp_path, disk_fills_after):
     source = make_photo(tmp_path / "p.png", (64, 64))
     disk_fills_after(0)

@@ -219,12 +219,16 @@ def batch(
             raise
         log.close(final=summary.records if summary.stopped is None else None)
 
+    described = _summary_object(summary, log.path, chosen_engine, part)
+    if summary.stopped is not None:
+        if summary.records:
+            _print_summary(summary, log.path)
+        summary.stopped.json_summary = described  # --json: one document, the summary with the error
+        raise summary.stopped
     if json_output:
-        emit_json(_summary_object(summary, log.path, chosen_engine, part))
+        emit_json(described)
     else:
         _print_summary(summary, log.path)
-    if summary.stopped is not None:
-        raise summary.stopped
     raise typer.Exit(ExitCode.FAILED if summary.count("failed") else ExitCode.OK)
 
 

@@ -119,8 +119,8 @@ def _report(exc: BaseException, message: str, code: int, kind: str) -> None:
     if Verbosity.verbose and not isinstance(exc, (KeyboardInterrupt, Terminated)):
         traceback.print_exception(exc, file=sys.stderr)
     fail(message)
-    if Verbosity.json:
-        emit_json(error_object(message, code, kind))
+    if Verbosity.json:  # with what the command had done before it failed, where it says (a batch's summary)
+        emit_json({**getattr(exc, "json_summary", {}), **error_object(message, code, kind)})
 
 
 def error_object(message: str, code: int, kind: str) -> dict[str, Any]:
