@@ -249,3 +249,15 @@ def test_an_image_given_as_the_manifest_is_named_so(cli, tiny_checkpoint, tmp_pa
         result = cli(*args, "-m", tiny_checkpoint)
         assert result.exit_code == 2, result.stderr
         assert result.stderr.strip() == f"error: {photo} is an image, not a manifest (a .jsonl or .csv file)"
+
+
+def test_an_output_folder_that_is_a_file_is_named_so(cli, tiny_checkpoint, tmp_path):
+    """Even an image of the input folder (planning leaves the output folder out of the inputs)."""
+    root = tmp_path / "photos"
+    first = make_photo(root / "a.png")
+    make_photo(root / "b.png")
+    before = first.read_bytes()
+    result = cli("batch", root, "-i", "x", "-o", first, "-m", tiny_checkpoint, *FAST)
+    assert result.exit_code == 5, result.stderr
+    assert result.stderr.strip() == f"error: the output folder {first} is a file, not a folder"
+    assert first.read_bytes() == before

@@ -130,7 +130,7 @@ def batch(
     from ..batch.plan import DEFAULT_GLOB, items_from_folder, items_from_manifest
     from ..errors import ExitCode, UsageError
     from ..files.imaging import max_bytes_limit, remove_stale_temporaries
-    from ..files.outputs import ensure_folder
+    from ..files.outputs import check_folder, ensure_folder
 
     if (input_dir is None) == (manifest is None):
         raise UsageError("give either INPUT_DIR (with -i) or --manifest")
@@ -163,6 +163,7 @@ def batch(
     )
     default_fmt = opt.default_format(fmt)
     max_bytes_limit()  # a bad COMPACTEDIT_MAX_PIXELS / _MAX_BYTES is a usage error now, not every item's failure
+    check_folder(output_dir)  # before planning, which never takes the output folder for an input
     if input_dir is not None:
         items = items_from_folder(
             input_dir, instruction, output_dir, default_fmt, defaults, glob=glob, recursive=recursive

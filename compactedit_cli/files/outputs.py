@@ -57,10 +57,15 @@ def check_outputs(paths: list[Path], *, inputs: list[Path], overwrite: bool) -> 
         ensure_folder(path.parent)
 
 
-def ensure_folder(folder: Path) -> None:
-    """An output folder that exists (created if missing) and can be written, else a one-line OutputError."""
+def check_folder(folder: Path) -> None:
+    """Refuse an output folder that is a file, before any work (:func:`ensure_folder` creates it later)."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"the output folder {folder} is a file, not a folder")
+
+
+def ensure_folder(folder: Path) -> None:
+    """An output folder that exists (created if missing) and can be written, else a one-line OutputError."""
+    check_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
