@@ -6,16 +6,16 @@ from typing import Annotated
 
 import typer
 
+from ..config_file import KEYS
 from .common import command_group, emit_json, handle_errors, info
 
-app = command_group("Show or change default settings (model, device, dtype, offload, output format); flags always win.")
+app = command_group(f"Show or change default settings ({', '.join(KEYS)}); flags always win.")
 
-Key = Annotated[str, typer.Argument(help="model, device, dtype, offload or output_format.", metavar="KEY")]
+Key = Annotated[str, typer.Argument(help=f"One of {', '.join(KEYS)}.", metavar="KEY")]
 Value = Annotated[
     str,
     typer.Argument(
-        help="model: alias, hub id or folder; device: auto, cpu, cuda, cuda:N or mps; dtype: auto, bf16, fp16 or "
-        "fp32; offload: none, model or sequential; output_format: png, jpg or webp. Checked as the flag is.",
+        help="; ".join(f"{key}: {what}" for key, what in KEYS.items()) + ". Checked as the flag is.",
         metavar="VALUE",
     ),
 ]
