@@ -80,7 +80,9 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     from safetensors.torch import save
 
     from ..files.imaging import write_atomic
+    from ..files.outputs import ensure_folder
 
+    ensure_folder(path.parent)  # a library caller's folder is created, as it was before the atomic writer
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     write_atomic(path, data, overwrite=True)  # the CLI refused an existing adapter before training began
 
