@@ -82,7 +82,7 @@ def serve(
         timeout_graceful_shutdown=None,
         lifespan="on",
     )
-    server = _Server(config, on_second_interrupt=queue.abandon)
+    server = _Server(config, give_up_edits=queue.abandon)
     try:
         server.run(sockets=[sock])
     finally:
@@ -98,9 +98,9 @@ class _Server(uvicorn.Server):
     the edits rather than uvicorn's force-quit, which cancels every request's task mid-await (a traceback each,
     and a bare 500) and leaves the edit running; one more Ctrl-C is uvicorn's force-quit."""
 
-    def __init__(self, config: uvicorn.Config, on_second_interrupt: Callable[[], int]) -> None:
+    def __init__(self, config: uvicorn.Config, give_up_edits: Callable[[], int]) -> None:
         super().__init__(config)
-        self.on_second_interrupt = on_second_interrupt
+        self.give_up_edits = give_up_edits
         self.loop: asyncio.AbstractEventLoop | None = None
         self.gave_up = False
 
@@ -117,7 +117,7 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _give_up(self) -> None:
-        dropped = self.on_second_interrupt()
+        dropped = self.give_up_edits()
         plural = "" if dropped == 1 else "s"
         log.info("interrupted again: %d edit%s dropped (Ctrl-C once more quits at once)", dropped, plural)
 
