@@ -321,3 +321,29 @@ def test_train_cli_json_summary_and_validation(tiny_checkpoint, cli, tmp_path):
     assert isinstance(summary["first_loss"], float) and summary["seconds"] > 0
     assert sorted(p.name for p in (tmp_path / "val" / "step-000002").iterdir()) == ["t0.png", "t1.png"]
     assert read_adapter(out).rank == 2
+
+
+def test_train_outputs_are_checked_before_any_work(tiny_checkpoint, cli, tmp_path):
+    """A bad output path is exit 5 at once (not an internal error after the whole run), and nothing is clobbered:
+    not the checkpoint beside the adapter, not the manifest, not a file where validation edits would go."""
+    manifest = tint_set(tmp_path, 2)
+
+    def run(data: Path, out: Path, *extra: str):
+        result = cli("train", data, "-o", out, "-m", tiny_checkpoint, "--device", "cpu", "--steps", "1", *extra)
+        assert result.exit_code == 5 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "internal" not in result.stderr
+        return result
+
+    assert "s0.png" in run(manifest, tmp_path / "s0.png" / "a.safetensors").stderr
+    (tmp_path / "dir.safetensors").mkdir()
+    assert "directory" in run(manifest, tmp_path / "dir.safetensors", "--overwrite").stderr
+    (tmp_path / "b.checkpoint.safetensors").write_bytes(b"an earlier run's state")
+    assert "b.checkpoint.safetensors" in run(manifest, tmp_path / "b.safetensors").stderr
+    assert (tmp_path / "b.checkpoint.safetensors").read_bytes() == b"an earlier run's state"
+    named = tmp_path / "pairs.safetensors"
+    named.write_bytes(manifest.read_bytes())
+    assert "input" in run(named, named, "--overwrite").stderr
+    assert named.read_bytes() == manifest.read_bytes()
+    assert "s1.png" in run(manifest, tmp_path / "c.safetensors", "--validate-every", "1",
+                           "--validation-dir", tmp_path / "s1.png").stderr  # fmt: skip
+    assert not any((tmp_path / f"{name}.safetensors").exists() for name in "abc")

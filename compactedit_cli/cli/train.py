@@ -93,7 +93,7 @@ def train(
     verbose: opt.Verbose = False,
 ) -> None:
     """Train a LoRA adapter of the DiT on your before/after pairs; apply it with --lora."""
-    from ..errors import OutputError, UsageError
+    from ..errors import UsageError
 
     settings = tc.TrainOptions(
         rank=rank,
@@ -113,16 +113,22 @@ def train(
     )
     if output.suffix.lower() != ".safetensors":
         raise UsageError(f"-o {output}: an adapter is a .safetensors file")
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output} exists (use --overwrite to replace it)")
     if resume is not None and not resume.is_file():
         raise UsageError(f"--resume {resume}: no such checkpoint")
     model_options = opt.model_options(model, revision, device, dtype, offline, None, False)
 
+    from ..files.outputs import check_outputs, ensure_folder
     from ..training.data import load_pairs
 
     pairs = load_pairs(data)
     info(f"{len(pairs)} training pairs")
+    # Every file the run writes is checked now, not after hours of training: the checkpoint may be the one resumed
+    # (the run continues it), the adapter may not.
+    inputs = [data, *(path for pair in pairs for path in pair.files)]
+    check_outputs([output], inputs=[*inputs, *([resume] if resume else [])], overwrite=overwrite)
+    check_outputs([tc.checkpoint_path(output)], inputs=inputs, overwrite=overwrite)
+    if settings.validate_every:
+        ensure_folder(tc.validation_folder(output, settings))
 
     from ..training.trainer import train as run_training
 

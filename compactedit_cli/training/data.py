@@ -32,6 +32,7 @@ class TrainingPair:
     instruction: str
     where: str
     name: str
+    files: tuple[Path, Path]  # (source, target): inputs no output may replace
 
 
 def _open(path: Path, where: str, role: str) -> SourceImage:
@@ -48,7 +49,7 @@ def _pair(source: Path, target: Path, instruction: str, where: str) -> TrainingP
             f"{where}: source {source.name} is {src.size[0]}x{src.size[1]} but target {target.name} is "
             f"{tgt.size[0]}x{tgt.size[1]}; an edit keeps the size"
         )
-    return TrainingPair(src, tgt, text, where, target.stem)
+    return TrainingPair(src, tgt, text, where, target.stem, (source, target))
 
 
 def pairs_from_manifest(manifest: Path) -> list[TrainingPair]:

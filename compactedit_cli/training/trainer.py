@@ -33,7 +33,7 @@ from ..engine.binning import closest_bin
 from ..errors import CheckpointError, UsageError
 from ..loading.lora import PREFIX, adapter_metadata
 from ..options import ModelOptions
-from .config import VALIDATION_IMAGES, TrainOptions
+from .config import VALIDATION_IMAGES, TrainOptions, checkpoint_path, validation_folder
 from .data import TrainingPair
 from .objective import FlowObjective
 
@@ -67,11 +67,6 @@ class TrainResult:
         """What ``train --json`` prints."""
         keys = ("steps", "first_loss", "last_loss", "seconds", "adapter", "checkpoint")
         return {key: getattr(self, key) for key in keys}
-
-
-def checkpoint_path(adapter: Path) -> Path:
-    """Where a run's resumable state goes: beside the adapter."""
-    return adapter.with_name(adapter.stem + ".checkpoint.safetensors")
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -314,7 +309,7 @@ def train(
         if trainer.step >= settings.steps:
             raise UsageError(f"--resume {resume}: it is at step {trainer.step} already; ask for more --steps")
     checkpoint = checkpoint_path(output)
-    validation = settings.validation_dir or output.with_name(output.stem + "_validation")
+    validation = validation_folder(output, settings)
     losses = []
     while trainer.step < settings.steps:
         loss = trainer.train_step()
