@@ -347,3 +347,15 @@ def test_train_outputs_are_checked_before_any_work(tiny_checkpoint, cli, tmp_pat
     assert "s1.png" in run(manifest, tmp_path / "c.safetensors", "--validate-every", "1",
                            "--validation-dir", tmp_path / "s1.png").stderr  # fmt: skip
     assert not any((tmp_path / f"{name}.safetensors").exists() for name in "abc")
+
+
+def test_an_instruction_file_that_is_not_text_is_a_usage_error(tiny_checkpoint, cli, tmp_path):
+    """A dataset folder's caption that is not UTF-8 is exit 2 naming the file, not an internal error."""
+    folder = tmp_path / "set"
+    for side in ("target", "control"):
+        (folder / side).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(folder / side / "a.png")
+    (folder / "target" / "a.txt").write_bytes(b"\xff\xfe\x00make it red")
+    result = cli("train", folder, "-o", tmp_path / "a.safetensors", "-m", tiny_checkpoint, "--device", "cpu")
+    assert result.exit_code == 2 and "a.txt" in result.stderr and "UTF-8" in result.stderr, result.stderr
+    assert "internal" not in result.stderr and not (tmp_path / "a.safetensors").exists()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import options
-from ..batch.plan import INPUT_SUFFIXES, _manifest_records
+from ..batch.plan import INPUT_SUFFIXES, _manifest_records, read_text
 from ..errors import InputImageError, UsageError
 from ..files.imaging import SourceImage, open_image
 
@@ -81,7 +81,7 @@ def pairs_from_folder(root: Path) -> list[TrainingPair]:
         sources = [p for p in controls.glob(f"{target.stem}.*") if p.suffix.lower() in INPUT_SUFFIXES]
         if not sources:
             raise InputImageError(f"{target}: no source image control/{target.stem}.* for it")
-        text = caption.read_text(encoding="utf-8-sig")
+        text = read_text(caption, "instruction file")
         pairs.append(_pair(sorted(sources)[0], target, text, str(caption)))
     return pairs
 
