@@ -359,3 +359,28 @@ def test_an_instruction_file_that_is_not_text_is_a_usage_error(tiny_checkpoint, 
     result = cli("train", folder, "-o", tmp_path / "a.safetensors", "-m", tiny_checkpoint, "--device", "cpu")
     assert result.exit_code == 2 and "a.txt" in result.stderr and "UTF-8" in result.stderr, result.stderr
     assert "internal" not in result.stderr and not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_write_that_fails_after_training_is_an_output_error(tiny_checkpoint, tmp_path):
+    """A file-size limit (as a full disk or quota would) refuses the checkpoint's write: exit 5, one line naming the
+    file, and nothing left in the output folder (no partial file)."""
+    resource = pytest.importorskip("resource")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    manifest = tint_set(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "compactedit_cli", "train", str(manifest), "-o", str(out / "a.safetensors"),
+               "-m", str(tiny_checkpoint), "--device", "cpu", "--steps", "1", "--rank", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+    assert run.returncode == 5, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: cannot write") and "Traceback" not in run.stderr
+    assert "a.checkpoint.safetensors" in run.stderr and list(out.iterdir()) == []

@@ -18,7 +18,10 @@ The objective is :mod:`.objective`'s; the adapter format is :mod:`compactedit_cl
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..engine.binning import closest_bin
 from ..errors import CheckpointError, UsageError
+from ..files.imaging import output_error
 from ..loading.lora import PREFIX, adapter_metadata
 from ..options import ModelOptions
 from .config import VALIDATION_IMAGES, TrainOptions, checkpoint_path, validation_folder
@@ -69,13 +73,30 @@ class TrainResult:
         return {key: getattr(self, key) for key in keys}
 
 
+def _os_error(exc: Exception) -> OSError:
+    """The OSError behind a failed write: safetensors reports one as ``SafetensorError("… (os error N)")``."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write all or nothing, so a run that fails at the end (a full disk, a quota, Ctrl-C) leaves no partial file;
+    a failed write is an OutputError naming ``path`` (a full disk a DiskFullError), not an internal error."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
+        partial.replace(path)
+    except (OSError, SafetensorError) as exc:
+        raise output_error(_os_error(exc), str(path)) from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class Trainer:
