@@ -14,9 +14,9 @@ from PIL import Image
 
 from compactedit_cli.loading.lora import PREFIX, apply_loras, read_adapter
 from compactedit_cli.options import ModelOptions
-from compactedit_cli.training.config import TrainOptions
+from compactedit_cli.training.config import TrainOptions, checkpoint_path
 from compactedit_cli.training.data import load_pairs
-from compactedit_cli.training.trainer import checkpoint_path, train
+from compactedit_cli.training.trainer import train
 
 FAST = {"rank": 4, "lr": 1e-2, "seed": 0, "batch_size": 2, "gradient_checkpointing": False}
 
@@ -324,8 +324,8 @@ def test_train_cli_json_summary_and_validation(tiny_checkpoint, cli, tmp_path):
 
 
 def test_an_adapter_that_cannot_be_written_is_refused_before_training(tiny_checkpoint, cli, tmp_path):
-    """Its folder is checked, as an edit's is, before the data is read or the model loads (it used to fail only at
-    the save, after the training, with an internal error)."""
+    """Its folder is checked, as an edit's is, before the model loads (it used to fail only at the save, after the
+    training, with an internal error)."""
     manifest = tint_set(tmp_path, 2)
     (tmp_path / "a-file").write_text("not a folder")
     result = cli("train", manifest, "-o", tmp_path / "a-file" / "x.safetensors", "-m", tiny_checkpoint, "--steps", "1")
@@ -336,3 +336,113 @@ def test_an_adapter_that_cannot_be_written_is_refused_before_training(tiny_check
     assert result.exit_code == 5 and "already exists (use --overwrite to replace it)" in result.stderr
     assert (tmp_path / "a.safetensors").read_bytes() == b"kept"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_train_outputs_are_checked_before_any_work(tiny_checkpoint, cli, tmp_path):
+    """A bad output path is exit 5 at once (not an internal error after the whole run), and nothing is clobbered:
+    not the checkpoint beside the adapter, not the manifest, not a file where validation edits would go."""
+    manifest = tint_set(tmp_path, 2)
+
+    def run(data: Path, out: Path, *extra: str):
+        result = cli("train", data, "-o", out, "-m", tiny_checkpoint, "--device", "cpu", "--steps", "1", *extra)
+        assert result.exit_code == 5 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "internal" not in result.stderr
+        return result
+
+    assert "s0.png" in run(manifest, tmp_path / "s0.png" / "a.safetensors").stderr
+    (tmp_path / "dir.safetensors").mkdir()
+    assert "directory" in run(manifest, tmp_path / "dir.safetensors", "--overwrite").stderr
+    (tmp_path / "b.checkpoint.safetensors").write_bytes(b"an earlier run's state")
+    assert "b.checkpoint.safetensors" in run(manifest, tmp_path / "b.safetensors").stderr
+    assert (tmp_path / "b.checkpoint.safetensors").read_bytes() == b"an earlier run's state"
+    named = tmp_path / "pairs.safetensors"
+    named.write_bytes(manifest.read_bytes())
+    assert "input" in run(named, named, "--overwrite").stderr
+    assert named.read_bytes() == manifest.read_bytes()
+    assert "s1.png" in run(manifest, tmp_path / "c.safetensors", "--validate-every", "1",
+                           "--validation-dir", tmp_path / "s1.png").stderr  # fmt: skip
+    assert not any((tmp_path / f"{name}.safetensors").exists() for name in "abc")
+
+
+def test_an_instruction_file_that_is_not_text_is_a_usage_error(tiny_checkpoint, cli, tmp_path):
+    """A dataset folder's caption that is not UTF-8 is exit 2 naming the file, not an internal error."""
+    folder = tmp_path / "set"
+    for side in ("target", "control"):
+        (folder / side).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(folder / side / "a.png")
+    (folder / "target" / "a.txt").write_bytes(b"\xff\xfe\x00make it red")
+    result = cli("train", folder, "-o", tmp_path / "a.safetensors", "-m", tiny_checkpoint, "--device", "cpu")
+    assert result.exit_code == 2 and "a.txt" in result.stderr and "UTF-8" in result.stderr, result.stderr
+    assert "internal" not in result.stderr and not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_write_that_fails_after_training_is_an_output_error(tiny_checkpoint, tmp_path):
+    """A file-size limit (as a full disk or quota would) refuses the checkpoint's write: exit 5, one line naming the
+    file, and nothing left in the output folder (no partial file)."""
+    resource = pytest.importorskip("resource")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    manifest = tint_set(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "compactedit_cli", "train", str(manifest), "-o", str(out / "a.safetensors"),
+               "-m", str(tiny_checkpoint), "--device", "cpu", "--steps", "1", "--rank", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+    assert run.returncode == 5, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: cannot write") and "Traceback" not in run.stderr
+    assert "a.checkpoint.safetensors" in run.stderr and list(out.iterdir()) == []
+
+
+def test_resuming_its_own_checkpoint_continues_the_run(tiny_checkpoint, cli, tmp_path):
+    """The --help example: continuing ADAPTER.checkpoint.safetensors replaces that run's files without --overwrite."""
+    manifest = tint_set(tmp_path, 2)
+    out = tmp_path / "a.safetensors"
+    common = ("-m", tiny_checkpoint, "--device", "cpu", "--rank", "2", "--json")
+    assert cli("train", manifest, "-o", out, "--steps", "1", *common).exit_code == 0
+    result = cli("train", manifest, "-o", out, "--steps", "2", "--resume", checkpoint_path(out), *common)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 2 and read_adapter(out).rank == 2
+    other = tmp_path / "b.safetensors"
+    other.write_bytes(b"kept")  # another adapter is still not replaced by a resumed run
+    result = cli("train", manifest, "-o", other, "--steps", "3", "--resume", checkpoint_path(out), *common)
+    assert result.exit_code == 5 and other.read_bytes() == b"kept", result.stderr
+
+
+def test_a_wrong_resume_is_refused_before_the_model_loads(tiny_checkpoint, cli, tmp_path):
+    """A checkpoint of other settings, or one whose record is malformed, is named at once: with a model that does
+    not exist, the checkpoint's error still comes first, so the model never loaded."""
+    from safetensors.torch import save_file
+
+    manifest = tint_set(tmp_path, 2)
+    out = tmp_path / "a.safetensors"
+    assert cli("train", manifest, "-o", out, "--steps", "1", "--rank", "2", "-m", tiny_checkpoint).exit_code == 0
+
+    def resume(checkpoint: Path, *extra: str):
+        result = cli("train", manifest, "-o", tmp_path / "b.safetensors", "--resume", checkpoint,
+                     "-m", tmp_path / "no-such-model", "--device", "cpu", *extra)  # fmt: skip
+        assert "Traceback" not in result.stderr and "internal" not in result.stderr, result.stderr
+        return result
+
+    result = resume(checkpoint_path(out), "--rank", "4", "--steps", "2")
+    assert result.exit_code == 2 and "trained with rank 2, not 4" in result.stderr, result.stderr
+    result = resume(checkpoint_path(out), "--rank", "2", "--steps", "1")
+    assert result.exit_code == 2 and "at step 1 already" in result.stderr, result.stderr
+    for record in ('{"step": 1}', '{"step": "1", "settings": {}}', "[1]", '{"step": -1, "settings": {}}'):
+        bad = tmp_path / "bad.safetensors"
+        save_file({"x": torch.zeros(1)}, str(bad), metadata={"compactedit.checkpoint": record})
+        result = resume(bad, "--rank", "2", "--steps", "2")
+        assert result.exit_code == 4 and "not a compactedit training checkpoint" in result.stderr, (record, result)
+
+
+def test_alpha_must_be_above_zero(cli, tmp_path):
+    result = cli("train", tint_set(tmp_path, 1), "-o", tmp_path / "a.safetensors", "--alpha", "0")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --alpha must be a number above 0 (got 0.0)", result.stderr

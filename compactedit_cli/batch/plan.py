@@ -169,17 +169,22 @@ def _adapters(value: Any, base: Path, where: str) -> tuple[tuple[str, float], ..
     return tuple(adapters)
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file the user gave (a BOM is dropped); unreadable or not text is a usage error naming it."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+
+
 def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """A manifest's records and the line each starts on: lines end only at LF, CR or CRLF, never at the other
     breaks ``str.splitlines`` knows (U+2028, NEL, form feed), which may stand in a JSON string or a CSV cell."""
     if path.suffix.lower() in INPUT_SUFFIXES:  # an image given where its manifest belongs
         raise UsageError(f"{path} is an image, not a manifest (a .jsonl or .csv file)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise UsageError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"manifest {path} is not UTF-8 text (byte {exc.start})") from None
+    text = read_text(path, "manifest")
     if path.suffix.lower() == ".csv":
         yield from _csv_records(path, text)
         return

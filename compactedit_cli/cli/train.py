@@ -80,7 +80,12 @@ def train(
     ] = 0,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="Continue from a checkpoint (ADAPTER.checkpoint.safetensors).", dir_okay=False),
+        typer.Option(
+            "--resume",
+            help="Continue from a checkpoint; continuing -o's own (ADAPTER.checkpoint.safetensors) replaces that"
+            " run's adapter and checkpoint without --overwrite.",
+            dir_okay=False,
+        ),
     ] = None,
     model: opt.Model = None,
     revision: opt.Revision = None,
@@ -116,12 +121,20 @@ def train(
         raise UsageError(f"-o {output}: an adapter is a .safetensors file")
     if resume is not None and not resume.is_file():
         raise UsageError(f"--resume {resume}: no such checkpoint")
-    outputs.check_outputs([output], inputs=[resume] if resume is not None else [], overwrite=overwrite)
     model_options = opt.model_options(model, revision, device, dtype, offline, None, False)
 
     from ..training.data import load_pairs
 
     pairs = load_pairs(data)
+    # Every file the run writes is checked now, not after hours of training. Resuming the adapter's own checkpoint
+    # continues that run, so it replaces the run's adapter and checkpoint without --overwrite.
+    checkpoint = tc.checkpoint_path(output)
+    replace = overwrite or (resume is not None and outputs.same_file(resume, checkpoint))
+    inputs = [data, *(path for pair in pairs for path in pair.files)]
+    outputs.check_outputs([output], inputs=[*inputs, *([resume] if resume else [])], overwrite=replace)
+    outputs.check_outputs([checkpoint], inputs=inputs, overwrite=replace)
+    if settings.validate_every:
+        outputs.ensure_folder(tc.validation_folder(output, settings))
     info(f"{len(pairs)} training pair{'' if len(pairs) == 1 else 's'}")
 
     from ..training.trainer import train as run_training

@@ -37,7 +37,7 @@ def default_output(image: Path, fmt: str) -> Path:
     return image.with_name(f"{image.stem}_edited{FORMAT_EXTENSIONS[fmt]}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
     except OSError:
@@ -48,7 +48,7 @@ def check_outputs(paths: list[Path], *, inputs: list[Path], overwrite: bool) -> 
     """Check output paths before any work: never an input, no clobbering, a writable folder (created if missing)."""
     for path in paths:
         for source in inputs:
-            if _same_file(path, source):
+            if same_file(path, source):
                 raise OutputError(f"output {path} is the input image; refusing to overwrite an input")
         if path.is_dir():
             raise OutputError(f"output {path} is a directory")

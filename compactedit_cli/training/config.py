@@ -47,10 +47,21 @@ def resolution(value: Any, name: str = "--resolution") -> int | None:
     return number
 
 
+def checkpoint_path(adapter: Path) -> Path:
+    """Where a run's resumable state goes: beside the adapter."""
+    return adapter.with_name(adapter.stem + ".checkpoint.safetensors")
+
+
+def validation_folder(adapter: Path, settings: TrainOptions) -> Path:
+    """Where validation edits go: ``--validation-dir``, else ``ADAPTER_validation/`` beside the adapter."""
+    return settings.validation_dir or adapter.with_name(adapter.stem + "_validation")
+
+
 def _positive(value: Any, name: str, high: float = math.inf) -> float:
     number = options.scale(value, name)
     if number is None or not 0 < number <= high:
-        raise UsageError(f"{name} must be a number above 0 and at most {high} (got {value!r})")
+        limit = "" if high == math.inf else f" and at most {high:g}"
+        raise UsageError(f"{name} must be a number above 0{limit} (got {value!r})")
     return number
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import options
-from ..batch.plan import INPUT_SUFFIXES, _manifest_records
+from ..batch.plan import INPUT_SUFFIXES, _manifest_records, read_text
 from ..errors import InputImageError, UsageError
 from ..files.imaging import SourceImage, open_image
 
@@ -32,6 +32,7 @@ class TrainingPair:
     instruction: str
     where: str
     name: str
+    files: tuple[Path, Path]  # (source, target): inputs no output may replace
 
 
 def _open(path: Path, where: str, role: str) -> SourceImage:
@@ -48,7 +49,7 @@ def _pair(source: Path, target: Path, instruction: str, where: str) -> TrainingP
             f"{where}: source {source.name} is {src.size[0]}x{src.size[1]} but target {target.name} is "
             f"{tgt.size[0]}x{tgt.size[1]}; an edit keeps the size"
         )
-    return TrainingPair(src, tgt, text, where, target.stem)
+    return TrainingPair(src, tgt, text, where, target.stem, (source, target))
 
 
 def pairs_from_manifest(manifest: Path) -> list[TrainingPair]:
@@ -80,7 +81,7 @@ def pairs_from_folder(root: Path) -> list[TrainingPair]:
         sources = [p for p in controls.glob(f"{target.stem}.*") if p.suffix.lower() in INPUT_SUFFIXES]
         if not sources:
             raise InputImageError(f"{target}: no source image control/{target.stem}.* for it")
-        text = caption.read_text(encoding="utf-8-sig")
+        text = read_text(caption, "instruction file")
         pairs.append(_pair(sorted(sources)[0], target, text, str(caption)))
     return pairs
 

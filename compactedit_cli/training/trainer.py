@@ -33,7 +33,7 @@ from ..engine.binning import closest_bin
 from ..errors import CheckpointError, UsageError
 from ..loading.lora import PREFIX, adapter_metadata
 from ..options import ModelOptions
-from .config import VALIDATION_IMAGES, TrainOptions
+from .config import VALIDATION_IMAGES, TrainOptions, checkpoint_path, validation_folder
 from .data import TrainingPair
 from .objective import FlowObjective
 
@@ -67,11 +67,6 @@ class TrainResult:
         """What ``train --json`` prints."""
         keys = ("steps", "first_loss", "last_loss", "seconds", "adapter", "checkpoint")
         return {key: getattr(self, key) for key in keys}
-
-
-def checkpoint_path(adapter: Path) -> Path:
-    """Where a run's resumable state goes: beside the adapter."""
-    return adapter.with_name(adapter.stem + ".checkpoint.safetensors")
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -206,11 +201,12 @@ class Trainer:
     def validate(self, folder: Path) -> list[Path]:
         """Edit the first pairs' sources with the adapter as it is now: ``folder/step-NNNNNN/NAME.png``."""
         from ..engine.pixels import to_pil
-        from ..files.imaging import restore_geometry
+        from ..files.imaging import encode, restore_geometry, write_atomic
+        from ..files.outputs import ensure_folder
 
         self.transformer.eval()
         out = folder / f"step-{self.step:06d}"
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_folder(out)
         written = []
         for example in self.examples[:VALIDATION_IMAGES]:
             height, width = example.size
@@ -225,7 +221,7 @@ class Trainer:
             )
             image = restore_geometry(to_pil(self.pipe.decode(final))[0], example.pair.source)
             path = out / f"{example.pair.name}.png"
-            image.save(path)
+            write_atomic(path, encode(image, "png"), overwrite=True)  # a step's edits replace a rerun's
             written.append(path)
         return written
 
@@ -263,24 +259,16 @@ class Trainer:
         meta = adapter_metadata(settings.rank, settings.alpha, settings.target_modules, self._info())
         _save_atomic(tensors, path, {**meta, CHECKPOINT_KEY: json.dumps(record, sort_keys=True)})
 
-    def resume(self, path: Path) -> None:
-        """Continue from a checkpoint of a run with the same settings; anything else is refused, naming it."""
+    def resume(self, path: Path, record: dict[str, Any]) -> None:
+        """Continue from a checkpoint whose ``record`` :func:`checkpoint_record` has checked."""
         from peft.utils import set_peft_model_state_dict
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:
-                record = json.loads((handle.metadata() or {}).get(CHECKPOINT_KEY, "null"))
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint {path} ({exc})") from exc
-        if not isinstance(record, dict):
-            raise CheckpointError(f"{path} is not a compactedit training checkpoint")
-        for key, value in self.settings.resumable().items():
-            if record["settings"].get(key) != value:
-                raise UsageError(
-                    f"--resume {path}: it was trained with {key} {record['settings'].get(key)!r}, not {value!r}"
-                )
         weights = {k[len(PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREFIX)}
         try:
             result = set_peft_model_state_dict(self.transformer, weights)
@@ -296,8 +284,33 @@ class Trainer:
             if name.startswith("optimizer."):
                 _, index, key = name.split(".", 2)
                 state["state"].setdefault(int(index), {})[key] = tensor.to(self.device) if key != "step" else tensor
-        self.optimizer.load_state_dict(state)
-        self.step = int(record["step"])
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as exc:  # moments that do not fit the adapter's parameters
+            raise CheckpointError(f"checkpoint {path} does not fit this model's optimizer ({exc})") from exc
+        self.step = record["step"]
+
+
+def checkpoint_record(path: Path, settings: TrainOptions) -> dict[str, Any]:
+    """A checkpoint's record (its step and settings), read from the header alone and checked against this run's
+    settings, so a wrong ``--resume`` is refused before the model loads and the pairs are encoded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            record = json.loads((handle.metadata() or {}).get(CHECKPOINT_KEY, "null"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({exc})") from exc
+    step = record.get("step") if isinstance(record, dict) else None
+    trained = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(trained, dict) or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path} is not a compactedit training checkpoint")
+    for key, value in settings.resumable().items():
+        if trained.get(key) != value:
+            raise UsageError(f"--resume {path}: it was trained with {key} {trained.get(key)!r}, not {value!r}")
+    if step >= settings.steps:
+        raise UsageError(f"--resume {path}: it is at step {step} already; ask for more --steps")
+    return record
 
 
 def train(
@@ -312,13 +325,12 @@ def train(
 ) -> TrainResult:
     """Train an adapter to ``output`` (and its checkpoint beside it); validation edits as the settings ask."""
     started = time.perf_counter()
+    record = checkpoint_record(resume, settings) if resume is not None else None
     trainer = Trainer(model, pairs, settings, status)
-    if resume is not None:
-        trainer.resume(resume)
-        if trainer.step >= settings.steps:
-            raise UsageError(f"--resume {resume}: it is at step {trainer.step} already; ask for more --steps")
+    if resume is not None and record is not None:
+        trainer.resume(resume, record)
     checkpoint = checkpoint_path(output)
-    validation = settings.validation_dir or output.with_name(output.stem + "_validation")
+    validation = validation_folder(output, settings)
     losses = []
     while trainer.step < settings.steps:
         loss = trainer.train_step()
