@@ -127,7 +127,7 @@ def _jpeg_with_corrupt_exif() -> bytes:
 def test_pillow_warnings_become_one_line_notes(recwarn):
     source = open_image(_jpeg_with_corrupt_exif())
     assert source.size == (16, 12)
-    assert len(source.warnings) == 1 and source.warnings[0].startswith("<stdin>: Corrupt EXIF data")
+    assert len(source.warnings) == 1 and source.warnings[0].startswith("<bytes>: Corrupt EXIF data")
     assert not [w for w in recwarn.list if "EXIF" in str(w.message)]  # not also a Python warning
 
 
@@ -191,7 +191,22 @@ def test_any_decoder_failure_is_one_input_image_error(name):
         try:
             open_image(bytes(data))
         except InputImageError as exc:
-            assert str(exc).startswith("<stdin> ") and "\n" not in str(exc)
+            assert str(exc).startswith("<bytes> ") and "\n" not in str(exc)
+
+
+def test_an_input_without_a_path_is_named_as_the_caller_says():
+    """Bytes are "<bytes>" and a stream "<stdin>" unless the caller (the server: "the image") names them."""
+    from compactedit_cli.files.masks import open_mask
+
+    for source, default in ((b"not an image", "<bytes>"), (io.BytesIO(b"not an image"), "<stdin>")):
+        with pytest.raises(InputImageError, match=f"^{default} is not a recognised image file"):
+            open_image(source)
+    with pytest.raises(InputImageError, match=r"^the upload is not a recognised image file"):
+        open_image(io.BytesIO(b"not an image"), label="the upload")
+    with pytest.raises(InputImageError, match=r"^the upload is over the limit of 10 bytes"):
+        open_image(io.BytesIO(b"x" * 11), max_bytes=10, label="the upload")
+    with pytest.raises(InputImageError, match=r"^the sketch is not a recognised image file"):
+        open_mask(b"not an image", label="the sketch")
 
 
 def test_a_stream_opens_like_its_bytes():

@@ -37,7 +37,7 @@ DEFAULT_MAX_PIXELS = 120_000_000
 BYTES_PER_PIXEL = 4
 METADATA_ALLOWANCE = PngImagePlugin.MAX_TEXT_MEMORY
 
-STDIN = "<stdin>"
+STDIN = "<stdin>"  # what errors call a stream input, and bytes input "<bytes>", unless the caller names it
 _CHUNK = 64 * 1024  # stdin is read this much at a time, only as far as Pillow asks
 _SPOOL_IN_MEMORY = 8 * 1024 * 1024  # stdin kept past this goes to a temporary file, so memory stays bounded
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
@@ -136,7 +136,11 @@ def normalise(image: Image.Image, name: str = "the image") -> SourceImage:
 
 
 def open_image(
-    source: str | Path | bytes | BinaryIO, max_pixels: int | None = None, max_bytes: int | None = None
+    source: str | Path | bytes | BinaryIO,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    *,
+    label: str | None = None,
 ) -> SourceImage:
     """Decode a file, bytes or a one-way stream (stdin) into a :class:`SourceImage`.
 
@@ -145,7 +149,7 @@ def open_image(
     limit. Every failure, whatever Pillow or the system raised, is a one-line InputImageError naming the input.
     """
     caught: list[warnings.WarningMessage] = []
-    image, name = decode_input(source, normalise, max_pixels, max_bytes, caught)
+    image, name = decode_input(source, normalise, max_pixels, max_bytes, caught, label=label)
     notes = (str(w.message).strip().splitlines() for w in caught)
     image.warnings.extend(dict.fromkeys(f"{name}: {lines[0]}" for lines in notes if lines))
     return image
@@ -157,13 +161,15 @@ def decode_input(
     max_pixels: int | None = None,
     max_bytes: int | None = None,
     caught: list[warnings.WarningMessage] | None = None,
+    *,
+    label: str | None = None,
 ) -> tuple[T, str]:
     """``finish(decoded image, name)`` under :func:`open_image`'s bounded-read rules (masks share them), and the
-    name errors give the input; Pillow's warnings go to ``caught``."""
+    name errors give the input (a path, else ``label``); Pillow's warnings go to ``caught``."""
     pixels = max_pixels or max_pixels_limit()
     limit = max_bytes or max_bytes_limit(pixels)
     # Pillow's own warnings ("Corrupt EXIF data") become one-line notes on the image instead of stderr noise.
-    with _opened(source, limit) as (handle, name), warnings.catch_warnings(record=True) as recorded:
+    with _opened(source, limit, label) as (handle, name), warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         result = _decode(handle, name, pixels, finish)
     if caught is not None:
@@ -172,24 +178,26 @@ def decode_input(
 
 
 @contextlib.contextmanager
-def _opened(source: str | Path | bytes | BinaryIO, limit: int) -> Iterator[tuple[BinaryIO, str]]:
+def _opened(source: str | Path | bytes | BinaryIO, limit: int, label: str | None) -> Iterator[tuple[BinaryIO, str]]:
     """A seekable handle on ``source`` for Pillow, and the name errors give it."""
     if isinstance(source, bytes):
-        _check_size(len(source), limit, STDIN)
-        yield io.BytesIO(source), STDIN
+        name = label or "<bytes>"
+        _check_size(len(source), limit, name)
+        yield io.BytesIO(source), name
     elif isinstance(source, (str, Path)):
         with _open_file(Path(source), limit) as handle:
             yield handle, str(source)
     else:
-        with _Spool(source, limit) as handle:
+        name = label or STDIN
+        with _Spool(source, limit, name) as handle:
             try:
                 empty = not handle.read(1)
-            except OSError as exc:  # a read error on stdin itself (EIO, a closed terminal)
-                raise _failure(exc, STDIN, "cannot be read") from None
+            except OSError as exc:  # a read error on the stream itself (EIO, a closed terminal)
+                raise _failure(exc, name, "cannot be read") from None
             if empty:
-                raise InputImageError(f"{STDIN} is empty")
+                raise InputImageError(f"{name} is empty")
             handle.seek(0)
-            yield handle, STDIN  # type: ignore[misc]
+            yield handle, name  # type: ignore[misc]
 
 
 def _kind(mode: int) -> str | None:
@@ -252,10 +260,11 @@ class _Spool(io.RawIOBase):
     raises the byte-limit error at once.
     """
 
-    def __init__(self, stream: BinaryIO, limit: int) -> None:
+    def __init__(self, stream: BinaryIO, limit: int, name: str) -> None:
         super().__init__()
         self._stream = stream
         self._limit = limit
+        self._name = name
         self._kept = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 (closed by close)
         self._size = 0  # bytes read from the stream so far (all kept)
         self._ended = False
@@ -299,7 +308,7 @@ class _Spool(io.RawIOBase):
             self._kept.write(data)
             self._size += len(data)
             if self._size > self._limit:
-                raise InputImageError(f"{STDIN} is over the limit of {self._limit:,} bytes", hint=_BYTES_HINT)
+                raise InputImageError(f"{self._name} is over the limit of {self._limit:,} bytes", hint=_BYTES_HINT)
 
     def close(self) -> None:
         self._kept.close()

@@ -90,9 +90,13 @@ def open_mask(
     invert: bool = False,
     max_pixels: int | None = None,
     max_bytes: int | None = None,
+    label: str | None = None,
 ) -> Mask:
-    """Read a mask file (or its bytes) and, given the photo's upright ``size``, check it matches."""
-    editable, label = decode_input(source, lambda image, _name: editable_pixels(image), max_pixels, max_bytes)
+    """Read a mask file (or its bytes, which errors call ``label``) and, given the photo's upright ``size``, check
+    it matches."""
+    editable, label = decode_input(
+        source, lambda image, _name: editable_pixels(image), max_pixels, max_bytes, label=label
+    )
     # Hashed once decoded: the kind and size checks have run, so a FIFO or a huge file is never read here.
     digest = file_sha256(Path(source)) if isinstance(source, (str, Path)) else hashlib.sha256(source).hexdigest()
     if invert:

@@ -573,9 +573,9 @@ def _open_mask(upload: UploadFile, source: SourceImage, state: ServerState) -> M
     upload.file.seek(0)
     data = upload.file.read(state.max_bytes + 1)
     try:
-        return open_mask(data, source.size, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
+        return open_mask(data, source.size, max_pixels=state.max_pixels, max_bytes=state.max_bytes, label="the mask")
     except InputImageError as exc:
-        raise ApiError(400, str(exc).replace("<stdin>", "the mask"), "invalid_mask", param="mask") from None
+        raise ApiError(400, str(exc), "invalid_mask", param="mask") from None
 
 
 def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
@@ -589,9 +589,9 @@ def _open_upload(upload: UploadFile, state: ServerState) -> SourceImage:
         )
     upload.file.seek(0)
     try:
-        return open_image(upload.file, max_pixels=state.max_pixels, max_bytes=state.max_bytes)
+        return open_image(upload.file, max_pixels=state.max_pixels, max_bytes=state.max_bytes, label="the image")
     except InputImageError as exc:
-        raise ApiError(400, str(exc).replace("<stdin>", "the image"), "invalid_image", param="image") from None
+        raise ApiError(400, str(exc), "invalid_image", param="image") from None
 
 
 def _check_fits(fmt: str, source: SourceImage) -> None:
