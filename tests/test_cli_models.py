@@ -207,3 +207,16 @@ def test_unreachable_hub_is_one_line(cli, online, monkeypatch):
     last = result.stderr.strip().splitlines()[-1]  # the error is the last line, whole
     assert last.startswith("error: cannot reach the Hugging Face Hub") and "Connection refused" in last
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_local_path_that_is_not_a_model_folder_is_named_so(cli, tiny_checkpoint, tmp_path):
+    """A file is "a file, not a model folder" (not "not found"); downloading a local folder is one error line."""
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    result = cli("models", "info", tmp_path / "weights.bin")
+    assert (
+        result.exit_code == 4
+        and result.stderr.strip() == f"error: model {tmp_path / 'weights.bin'} is a file, not a model folder"
+    )
+    result = cli("models", "download", tiny_checkpoint, "--offline")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip() == f"error: {tiny_checkpoint} is a local folder; only hub models are downloaded"

@@ -62,8 +62,9 @@ def download(
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     ref = parse_model(model, revision)
     offline = is_offline(offline)
-    action = "verifying the cached" if offline else "downloading"
-    info(f"{action} {ref.repo_id or ref.spec}" + (f" at {revision}" if revision else ""))
+    if ref.repo_id is not None:  # a local folder is refused by the download, with no line before its error
+        action = "verifying the cached" if offline else "downloading"
+        info(f"{action} {ref.repo_id}" + (f" at {revision}" if revision else ""))
     resolved = fetch(ref, force=force, offline=offline)
     info(f"verified {resolved.label()}")
     print(resolved.path)

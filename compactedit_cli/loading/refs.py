@@ -48,6 +48,8 @@ def parse_model(spec: str, revision: str | None = None) -> ModelRef:
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "") or Path(spec).is_dir()
     if looks_local and spec not in ALIASES:
         path = Path(spec).expanduser()
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"model {spec} is a file, not a model folder")
         if not path.is_dir():
             raise CheckpointError(f"model folder not found: {spec}")
         if revision:
