@@ -220,8 +220,9 @@ def test_an_all_black_mask_returns_the_input_without_running_the_model(editor, t
         def step(self, state) -> None:
             stages.append("step")
 
-    editor.edit(photo, "x", tmp_path / "out.png", mask=black, progress=Seen(), steps=2)
+    records = editor.edit(photo, "x", tmp_path / "out.png", mask=black, progress=Seen(), steps=2)
     assert stages == []
+    assert "the mask marks nothing editable" in records[0].warnings[-1]  # said, not silent
     out = Image.open(tmp_path / "out.png")
     assert np.array_equal(np.asarray(out), np.asarray(Image.open(photo)))
 
@@ -415,3 +416,17 @@ def test_edit_mask_through_the_server_writes_the_same_bytes(server, editor, tiny
         chosen = EditOptions(steps=2, mask_mode="blend", color_match=True)
         editor.edit(photo, "x", tmp_path / "local.png", mask=mask, edit_options=chosen)
     assert (tmp_path / "remote.png").read_bytes() == (tmp_path / "local.png").read_bytes()
+
+
+def test_a_float_mask_within_0_to_1_reads_1_as_white(tmp_path):
+    """A float TIFF mask as numpy writes one (1.0 editable) is not read as all black; one with 0..255 levels is
+    read as 8-bit levels."""
+    from compactedit_cli.files.masks import open_mask
+
+    values = np.zeros((12, 16), dtype=np.float32)
+    values[:, 8:] = 1.0
+    Image.fromarray(values, mode="F").save(tmp_path / "unit.tiff")
+    Image.fromarray(values * 255, mode="F").save(tmp_path / "levels.tiff")
+    for name in ("unit.tiff", "levels.tiff"):
+        editable = open_mask(tmp_path / name, (16, 12)).editable
+        assert editable[:, 8:].all() and not editable[:, :8].any(), name

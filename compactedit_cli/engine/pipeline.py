@@ -26,7 +26,7 @@ from PIL import Image
 
 from .. import options
 from ..errors import UsageError
-from ..files.compositing import Retouch
+from ..files.compositing import NOTHING_EDITABLE, Retouch
 from ..files.imaging import SourceImage, as_source, restore_geometry
 from ..loading.checkpoint import Components, load_components
 from ..options import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, random_seed
@@ -433,6 +433,7 @@ class EditPipeline:
         if retouch is not None:
             records = [r.but(**retouch.record_fields()) for r in records]
             if retouch.untouched:
+                records = [r.but(warnings=[*r.warnings, NOTHING_EDITABLE]) for r in records]
                 return EditResult([retouch.unchanged(source) for _ in records], None, records)
             editable = retouch.editable_in_work()
         rows = [(work, text) for text in instructions]

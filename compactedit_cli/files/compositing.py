@@ -157,6 +157,9 @@ def color_match(
 # ---- one edit's plan -----------------------------------------------------------------------------------------------
 
 
+NOTHING_EDITABLE = "the mask marks nothing editable: the output is the input, unchanged"
+
+
 @dataclass(frozen=True)
 class Retouch:
     """What an edit does around the model: which part of the photo it edits (``box``, the whole photo unless

@@ -100,12 +100,17 @@ def to_8bit(image: Image.Image) -> Image.Image:
     """High-bit-depth greyscale ("I;16", "I", "F") scaled to 8 bits; Pillow's own convert would clip at 255.
 
     A 16-bit mode's levels are out of 65535 however dark the picture; "I" and "F" have no range of their own (an
-    8-bit picture converted to them keeps levels up to 255), so theirs is told by the values.
+    8-bit picture converted to them keeps levels up to 255), so theirs is told by the values: a float picture
+    whose values stay within 0..1 (as numpy and OpenCV write masks and linear images) is out of 1.
     """
     import numpy as np  # here, not at the top: a call that fails on its arguments never pays numpy's import
 
     values = np.asarray(image, dtype=np.float64)
-    peak = 65535.0 if image.mode in SIXTEEN_BIT_MODES or values.max(initial=0) > 255 else 255.0
+    top = values.max(initial=0)
+    if image.mode in SIXTEEN_BIT_MODES or top > 255:
+        peak = 65535.0
+    else:
+        peak = 1.0 if image.mode == "F" and top <= 1.0 else 255.0
     return Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8), mode="L")
 
 
