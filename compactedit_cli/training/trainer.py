@@ -259,8 +259,8 @@ class Trainer:
         meta = adapter_metadata(settings.rank, settings.alpha, settings.target_modules, self._info())
         _save_atomic(tensors, path, {**meta, CHECKPOINT_KEY: json.dumps(record, sort_keys=True)})
 
-    def resume(self, path: Path, record: dict[str, Any]) -> None:
-        """Continue from a checkpoint whose ``record`` :func:`checkpoint_record` has checked."""
+    def resume(self, path: Path, step: int) -> None:
+        """Continue from a checkpoint at ``step``, which :func:`checkpoint_step` has checked."""
         from peft.utils import set_peft_model_state_dict
         from safetensors import SafetensorError, safe_open
 
@@ -284,16 +284,13 @@ class Trainer:
             if name.startswith("optimizer."):
                 _, index, key = name.split(".", 2)
                 state["state"].setdefault(int(index), {})[key] = tensor.to(self.device) if key != "step" else tensor
-        try:
-            self.optimizer.load_state_dict(state)
-        except (ValueError, KeyError) as exc:  # moments that do not fit the adapter's parameters
-            raise CheckpointError(f"checkpoint {path} does not fit this model's optimizer ({exc})") from exc
-        self.step = record["step"]
+        self.optimizer.load_state_dict(state)
+        self.step = step
 
 
-def checkpoint_record(path: Path, settings: TrainOptions) -> dict[str, Any]:
-    """A checkpoint's record (its step and settings), read from the header alone and checked against this run's
-    settings, so a wrong ``--resume`` is refused before the model loads and the pairs are encoded."""
+def checkpoint_step(path: Path, settings: TrainOptions) -> int:
+    """The step a checkpoint is at, read from its header alone and its settings checked against this run's, so a
+    wrong ``--resume`` is refused before the model loads and the pairs are encoded."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -310,7 +307,7 @@ def checkpoint_record(path: Path, settings: TrainOptions) -> dict[str, Any]:
             raise UsageError(f"--resume {path}: it was trained with {key} {trained.get(key)!r}, not {value!r}")
     if step >= settings.steps:
         raise UsageError(f"--resume {path}: it is at step {step} already; ask for more --steps")
-    return record
+    return step
 
 
 def train(
@@ -325,10 +322,10 @@ def train(
 ) -> TrainResult:
     """Train an adapter to ``output`` (and its checkpoint beside it); validation edits as the settings ask."""
     started = time.perf_counter()
-    record = checkpoint_record(resume, settings) if resume is not None else None
+    start = checkpoint_step(resume, settings) if resume is not None else 0
     trainer = Trainer(model, pairs, settings, status)
-    if resume is not None and record is not None:
-        trainer.resume(resume, record)
+    if resume is not None:
+        trainer.resume(resume, start)
     checkpoint = checkpoint_path(output)
     validation = validation_folder(output, settings)
     losses = []
